@@ -1,0 +1,253 @@
+//! The in-process token cache: which requests share a token (the key), how long a token may be
+//! handed out (the expiry policy), and dropping a caller's tokens on demand.
+//!
+//! The key is the SHA-256 of a length-prefixed canonical encoding of the caller's id and every
+//! forwarded field, so field order does not matter, no two distinct requests collide by delimiter
+//! tricks, different callers never share an entry, and no raw user data is held as a key.
+//! An entry keeps the response bytes ready, so a hit re-serialises nothing.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
+
+use crate::request::{Field, TokenRequest};
+
+/// A cache key: SHA-256 over the caller and the canonical request.
+pub type CacheKey = [u8; 32];
+
+/// Builds the cache key of a caller's request.
+pub fn key(caller: &str, req: &TokenRequest<'_>) -> CacheKey {
+    fn put(h: &mut Sha256, bytes: &[u8]) {
+        h.update((bytes.len() as u32).to_be_bytes());
+        h.update(bytes);
+    }
+    let mut h = Sha256::new();
+    h.update(b"token-broker/cache-key/v1\0");
+    put(&mut h, caller.as_bytes());
+    req.visit(|field| match field {
+        Field::One(name, value) => {
+            h.update([1]);
+            put(&mut h, name.as_bytes());
+            put(&mut h, value.as_bytes());
+        }
+        Field::List(name, values) => {
+            h.update([2]);
+            put(&mut h, name.as_bytes());
+            h.update((values.len() as u32).to_be_bytes());
+            for v in values {
+                put(&mut h, v.as_bytes());
+            }
+        }
+        Field::Metadata(name, value) => {
+            h.update([3]);
+            put(&mut h, name.as_bytes());
+            put(&mut h, value.as_bytes());
+        }
+    });
+    h.finalize().into()
+}
+
+/// A minted token with everything needed to answer with it again.
+pub struct Entry {
+    /// The caller it was minted for.
+    pub caller: Arc<str>,
+    /// The flow it was minted for (for invalidation).
+    pub flow_id: Box<str>,
+    /// The user it was minted for, when named by account_id (for invalidation).
+    pub account_id: Option<Box<str>>,
+    /// When the token dies, on the local monotonic clock.
+    pub expires: Instant,
+    /// The last moment it may be handed out (`expires - min_remaining`).
+    pub serve_until: Instant,
+    /// When the token dies, on the wall clock (for `expires_at`).
+    pub expires_at: SystemTime,
+    /// `POST /v1/tokens` answer up to the cache status: `{"api_key":..,..,"cache":"`.
+    pub tokens_prefix: Zeroizing<Vec<u8>>,
+    /// The whole `POST /v1/api-keys` answer.
+    pub dropin_body: Zeroizing<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Entry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Entry")
+            .field("caller", &self.caller)
+            .field("expires", &self.expires)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Entry {
+    /// Life left at `now`.
+    pub fn remaining(&self, now: Instant) -> Duration {
+        self.expires.saturating_duration_since(now)
+    }
+}
+
+struct ServeUntil;
+
+impl moka::Expiry<CacheKey, Arc<Entry>> for ServeUntil {
+    fn expire_after_create(
+        &self,
+        _key: &CacheKey,
+        value: &Arc<Entry>,
+        created_at: Instant,
+    ) -> Option<Duration> {
+        Some(value.serve_until.saturating_duration_since(created_at))
+    }
+
+    fn expire_after_update(
+        &self,
+        _key: &CacheKey,
+        value: &Arc<Entry>,
+        updated_at: Instant,
+        _current: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(value.serve_until.saturating_duration_since(updated_at))
+    }
+}
+
+/// Tokens by key, bounded by `cache.max_entries`, each gone once it is inside `min_remaining`.
+#[derive(Clone)]
+pub struct TokenCache {
+    inner: moka::sync::Cache<CacheKey, Arc<Entry>>,
+}
+
+impl TokenCache {
+    /// A cache of at most `max_entries` tokens.
+    pub fn new(max_entries: u64) -> Self {
+        Self {
+            inner: moka::sync::Cache::builder()
+                .max_capacity(max_entries)
+                .expire_after(ServeUntil)
+                .build(),
+        }
+    }
+
+    /// The entry for `key` if it may still be handed out at `now`.
+    pub fn get(&self, key: &CacheKey, now: Instant) -> Option<Arc<Entry>> {
+        self.inner.get(key).filter(|e| e.serve_until > now)
+    }
+
+    /// Stores an entry (replacing any older one for the key).
+    pub fn insert(&self, key: CacheKey, entry: Arc<Entry>) {
+        self.inner.insert(key, entry);
+    }
+
+    /// Drops the caller's entries for the flow and/or account given; returns how many.
+    pub fn invalidate(&self, caller: &str, flow_id: Option<&str>, account_id: Option<&str>) -> u64 {
+        let mut dropped = 0;
+        for (key, entry) in self.inner.iter() {
+            let matches = &*entry.caller == caller
+                && flow_id.is_none_or(|f| &*entry.flow_id == f)
+                && account_id.is_none_or(|a| entry.account_id.as_deref() == Some(a));
+            if matches && self.inner.remove(&*key).is_some() {
+                dropped += 1;
+            }
+        }
+        dropped
+    }
+
+    /// Entries held now (after pending evictions are applied).
+    pub fn len(&self) -> u64 {
+        self.inner.run_pending_tasks();
+        self.inner.entry_count()
+    }
+
+    /// True when no entry is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(body: &str) -> TokenRequest<'static> {
+        TokenRequest::from_form(body.as_bytes())
+            .unwrap()
+            .into_owned()
+    }
+
+    const BASE: &str = "country=CO&flow_id=IPF1&redirect_url=https://a.example&account_id=u1";
+
+    fn entry(caller: &str, flow: &str, account: Option<&str>, life: Duration) -> Arc<Entry> {
+        let now = Instant::now();
+        Arc::new(Entry {
+            caller: caller.into(),
+            flow_id: flow.into(),
+            account_id: account.map(Into::into),
+            expires: now + life,
+            serve_until: now + life,
+            expires_at: SystemTime::now() + life,
+            tokens_prefix: Zeroizing::new(Vec::new()),
+            dropin_body: Zeroizing::new(Vec::new()),
+        })
+    }
+
+    #[test]
+    fn field_order_does_not_change_the_key() {
+        let a = req(BASE);
+        let b = req("account_id=u1&redirect_url=https://a.example&flow_id=IPF1&country=CO");
+        assert_eq!(key("c", &a), key("c", &b));
+    }
+
+    #[test]
+    fn another_caller_user_or_field_changes_the_key() {
+        let base = key("c", &req(BASE));
+        assert_ne!(base, key("d", &req(BASE)));
+        assert_ne!(base, key("c", &req(&BASE.replace("u1", "u2"))));
+        assert_ne!(base, key("c", &req(&BASE.replace("IPF1", "IPF2"))));
+        assert_ne!(base, key("c", &req(&BASE.replace("CO", "BR"))));
+        assert_ne!(base, key("c", &req(&format!("{BASE}&document_type=passport"))));
+    }
+
+    #[test]
+    fn delimiter_tricks_do_not_collide() {
+        // The same bytes split differently between two metadata fields.
+        let a = req(&format!("{BASE}&start_variables.metadata.a=1b&start_variables.metadata.c=2"));
+        let b = req(&format!("{BASE}&start_variables.metadata.a=1&start_variables.metadata.bc=2"));
+        assert_ne!(key("c", &a), key("c", &b));
+        // One email with a comma-like join versus two emails.
+        let one = req(&format!("{BASE}&emails=a@x.com"));
+        let two = req(&format!("{BASE}&emails=a@x.com&emails=b@x.com"));
+        assert_ne!(key("c", &one), key("c", &two));
+    }
+
+    #[test]
+    fn a_hit_returns_the_entry_until_serve_until() {
+        let cache = TokenCache::new(10);
+        cache.insert([1; 32], entry("c", "f", None, Duration::from_secs(60)));
+        assert!(cache.get(&[1; 32], Instant::now()).is_some());
+        assert!(cache
+            .get(&[1; 32], Instant::now() + Duration::from_secs(61))
+            .is_none());
+        assert!(cache.get(&[2; 32], Instant::now()).is_none());
+    }
+
+    #[test]
+    fn invalidation_drops_only_the_callers_matching_entries() {
+        let cache = TokenCache::new(10);
+        let life = Duration::from_secs(60);
+        cache.insert([1; 32], entry("c", "f1", Some("u1"), life));
+        cache.insert([2; 32], entry("c", "f2", Some("u1"), life));
+        cache.insert([3; 32], entry("c", "f1", Some("u2"), life));
+        cache.insert([4; 32], entry("other", "f1", Some("u1"), life));
+        assert_eq!(cache.invalidate("c", Some("f1"), Some("u1")), 1);
+        assert_eq!(cache.invalidate("c", None, Some("u1")), 1);
+        assert_eq!(cache.invalidate("c", Some("f1"), None), 1);
+        assert_eq!(cache.len(), 1);
+        assert!(cache.get(&[4; 32], Instant::now()).is_some());
+    }
+
+    #[test]
+    fn max_entries_bounds_the_cache() {
+        let cache = TokenCache::new(5);
+        for i in 0..50u8 {
+            cache.insert([i; 32], entry("c", "f", None, Duration::from_secs(60)));
+        }
+        assert!(cache.len() <= 5, "{}", cache.len());
+    }
+}

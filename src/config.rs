@@ -1,0 +1,523 @@
+//! The configuration file: TOML read into serde structs, then validated as a whole before any
+//! socket is bound. Every error names the key at fault (`clients[1].token_sha256`, ...), and the
+//! command line turns it into exit status 64.
+//!
+//! Durations are written as humantime strings (`"5s"`, `"15m"`). Unknown keys are an error, so a
+//! typo cannot silently fall back to a default.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::secret::{MasterKey, SecretDigest};
+
+/// The environment variable read for the master key when `upstream.api_key_file` is not set.
+pub const API_KEY_ENV: &str = "TRUORA_API_KEY";
+
+/// Truora's tokens live two hours by default; a `min_remaining` at or above that caches nothing.
+pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(2 * 60 * 60);
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where the broker listens.
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// How the broker reaches Truora.
+    #[serde(default)]
+    pub upstream: UpstreamConfig,
+    /// The token cache.
+    #[serde(default)]
+    pub cache: CacheConfig,
+    /// The internal callers allowed to ask for tokens.
+    #[serde(default)]
+    pub clients: Vec<ClientConfig>,
+}
+
+/// `[server]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address of the caller API (`POST /v1/tokens`, `POST /v1/api-keys`, `DELETE /v1/tokens`).
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Address of the admin endpoints (`/metrics`, `/healthz`, `/readyz`); never the token API.
+    #[serde(default = "default_admin_listen")]
+    pub admin_listen: SocketAddr,
+    /// Largest request body accepted, in bytes; larger bodies get 413.
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
+    /// How long in-flight requests may run after SIGTERM or Ctrl-C before the broker exits anyway.
+    #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+/// `[upstream]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Base URL of Truora's account API, where `POST /v1/api-keys` mints tokens.
+    #[serde(default = "default_account_url")]
+    pub account_url: String,
+    /// Base URL of Truora's identity web page; responses carry `<web_url>/?token=<api_key>`.
+    #[serde(default = "default_web_url")]
+    pub web_url: String,
+    /// File holding the master API key. When absent the key comes from `TRUORA_API_KEY`.
+    #[serde(default)]
+    pub api_key_file: Option<PathBuf>,
+    /// The longest a mint may take, connection and answer included; past it callers get 504.
+    #[serde(default = "default_upstream_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// How list fields (`emails`, `phones`) are sent to Truora: `"repeat"` (`emails=a&emails=b`,
+    /// what integrators send) or `"comma"` (`emails=a,b`). Truora's docs do not settle it.
+    #[serde(default)]
+    pub array_encoding: ArrayEncoding,
+}
+
+/// How a list field is written into the form sent upstream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ArrayEncoding {
+    /// One `name=value` pair per element.
+    #[default]
+    Repeat,
+    /// One pair, the elements joined with commas.
+    Comma,
+}
+
+/// `[cache]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Most tokens held at once; the least recently used go first beyond it.
+    #[serde(default = "default_max_entries")]
+    pub max_entries: u64,
+    /// A cached token is handed out only while it has at least this much life left.
+    #[serde(default = "default_min_remaining", with = "humantime_serde")]
+    pub min_remaining: Duration,
+}
+
+/// One `[[clients]]` entry: an internal caller.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientConfig {
+    /// The caller's name: in metrics labels, logs and the cache key. `[a-z0-9_.-]`, at most 64.
+    pub id: String,
+    /// Hex SHA-256 of the caller's bearer secret (`token-broker hash-secret` prints it).
+    pub token_sha256: String,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9090))
+}
+fn default_max_body_bytes() -> usize {
+    16 * 1024
+}
+fn default_shutdown_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_account_url() -> String {
+    "https://api.account.truora.com".into()
+}
+fn default_web_url() -> String {
+    "https://identity.truora.com".into()
+}
+fn default_upstream_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_max_entries() -> u64 {
+    100_000
+}
+fn default_min_remaining() -> Duration {
+    Duration::from_secs(15 * 60)
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            admin_listen: default_admin_listen(),
+            max_body_bytes: default_max_body_bytes(),
+            shutdown_timeout: default_shutdown_timeout(),
+        }
+    }
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            account_url: default_account_url(),
+            web_url: default_web_url(),
+            api_key_file: None,
+            timeout: default_upstream_timeout(),
+            array_encoding: ArrayEncoding::default(),
+        }
+    }
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            max_entries: default_max_entries(),
+            min_remaining: default_min_remaining(),
+        }
+    }
+}
+
+/// A configuration that cannot be used, naming the key and what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {reason}")]
+    Read { path: PathBuf, reason: String },
+    /// The TOML does not parse, has an unknown key, or a value of the wrong type.
+    #[error("config file {path}: {reason}")]
+    Parse { path: PathBuf, reason: String },
+    /// A value parses but breaks a rule.
+    #[error("{key}: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        reason: reason.into(),
+    }
+}
+
+/// A caller as the broker uses it: its name and the digest of its secret.
+#[derive(Debug, Clone)]
+pub struct Client {
+    /// From `[[clients]] id`.
+    pub id: std::sync::Arc<str>,
+    /// From `[[clients]] token_sha256`.
+    pub digest: SecretDigest,
+}
+
+impl Config {
+    /// Reads and parses a file, then validates it.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+        let config = Self::parse(&text).map_err(|reason| ConfigError::Parse {
+            path: path.to_owned(),
+            reason,
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses TOML text without validating it.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())
+    }
+
+    /// Checks every rule that the types alone do not.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        if s.listen == s.admin_listen {
+            return Err(invalid(
+                "server.admin_listen",
+                "must differ from server.listen: the admin endpoints never share the token API's port",
+            ));
+        }
+        if !(256..=1024 * 1024).contains(&s.max_body_bytes) {
+            return Err(invalid(
+                "server.max_body_bytes",
+                "must be between 256 and 1048576",
+            ));
+        }
+        if s.shutdown_timeout > Duration::from_secs(300) {
+            return Err(invalid("server.shutdown_timeout", "must be at most 5m"));
+        }
+
+        let u = &self.upstream;
+        check_base_url("upstream.account_url", &u.account_url)?;
+        check_base_url("upstream.web_url", &u.web_url)?;
+        if u.timeout.is_zero() || u.timeout > Duration::from_secs(120) {
+            return Err(invalid(
+                "upstream.timeout",
+                "must be more than 0s and at most 2m",
+            ));
+        }
+
+        let c = &self.cache;
+        if c.max_entries == 0 {
+            return Err(invalid("cache.max_entries", "must be at least 1"));
+        }
+        if c.min_remaining >= DEFAULT_TOKEN_LIFETIME {
+            return Err(invalid(
+                "cache.min_remaining",
+                "must be less than 2h, the lifetime of Truora's tokens, or nothing could be reused",
+            ));
+        }
+
+        if self.clients.is_empty() {
+            return Err(invalid(
+                "clients",
+                "no [[clients]] configured: no caller could ask for a token",
+            ));
+        }
+        let mut ids = HashSet::new();
+        let mut digests = HashSet::new();
+        for (i, client) in self.clients.iter().enumerate() {
+            let id = &client.id;
+            let valid_id = !id.is_empty()
+                && id.len() <= 64
+                && id.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'.' | b'-')
+                });
+            if !valid_id {
+                return Err(invalid(
+                    format!("clients[{i}].id"),
+                    "must be 1 to 64 characters of a-z, 0-9, '_', '.', '-'",
+                ));
+            }
+            if !ids.insert(id.as_str()) {
+                return Err(invalid(
+                    format!("clients[{i}].id"),
+                    format!("\"{id}\" is used by another client"),
+                ));
+            }
+            let Some(digest) = SecretDigest::from_hex(&client.token_sha256) else {
+                return Err(invalid(
+                    format!("clients[{i}].token_sha256"),
+                    "must be 64 hex digits: the SHA-256 of the caller's secret (see `token-broker hash-secret`)",
+                ));
+            };
+            if !digests.insert(digest.to_hex()) {
+                return Err(invalid(
+                    format!("clients[{i}].token_sha256"),
+                    "is the same as another client's: each caller needs its own secret",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The callers as the broker uses them. Call after [`Config::validate`].
+    pub fn clients(&self) -> Vec<Client> {
+        self.clients
+            .iter()
+            .filter_map(|c| {
+                Some(Client {
+                    id: c.id.as_str().into(),
+                    digest: SecretDigest::from_hex(&c.token_sha256)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Loads the master key: from `upstream.api_key_file` when set, else from `TRUORA_API_KEY`.
+    /// Neither (or an empty one) refuses to start.
+    pub fn master_key(&self) -> Result<MasterKey, ConfigError> {
+        self.master_key_with(std::env::var(API_KEY_ENV).ok())
+    }
+
+    /// [`Config::master_key`] with the environment's value given, for tests.
+    pub fn master_key_with(&self, env_value: Option<String>) -> Result<MasterKey, ConfigError> {
+        if let Some(path) = &self.upstream.api_key_file {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                invalid(
+                    "upstream.api_key_file",
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })?;
+            return MasterKey::new(&text).ok_or_else(|| {
+                invalid(
+                    "upstream.api_key_file",
+                    format!("{} is empty", path.display()),
+                )
+            });
+        }
+        env_value
+            .as_deref()
+            .and_then(MasterKey::new)
+            .ok_or_else(|| {
+                invalid(
+                    "upstream.api_key_file",
+                    format!("not set, and {API_KEY_ENV} is not set or empty: the broker needs Truora's master API key"),
+                )
+            })
+    }
+}
+
+/// A base URL: `http` or `https`, a host, no query or fragment, no user info.
+fn check_base_url(key: &str, value: &str) -> Result<(), ConfigError> {
+    let uri: http::Uri = value
+        .parse()
+        .map_err(|_| invalid(key, format!("\"{value}\" is not a URL")))?;
+    let scheme_ok = matches!(uri.scheme_str(), Some("http" | "https"));
+    let authority = uri.authority().map(|a| a.as_str()).unwrap_or("");
+    if !scheme_ok || authority.is_empty() || authority.contains('@') {
+        return Err(invalid(
+            key,
+            format!("\"{value}\" must be an http(s) URL with a host and no user info"),
+        ));
+    }
+    if uri.query().is_some() || value.contains('#') {
+        return Err(invalid(
+            key,
+            format!("\"{value}\" must have no query or fragment"),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[server]
+listen = "127.0.0.1:8080"
+admin_listen = "127.0.0.1:9090"
+[upstream]
+account_url = "https://api.account.truora.com"
+web_url = "https://identity.truora.com"
+timeout = "5s"
+[cache]
+max_entries = 100000
+min_remaining = "15m"
+[[clients]]
+id = "checkout"
+token_sha256 = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+"#;
+
+    fn err_key(text: &str) -> String {
+        match Config::parse(text).unwrap().validate().unwrap_err() {
+            ConfigError::Invalid { key, .. } => key,
+            other => panic!("{other}"),
+        }
+    }
+
+    #[test]
+    fn the_documented_example_is_valid() {
+        let c = Config::parse(GOOD).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.upstream.timeout, Duration::from_secs(5));
+        assert_eq!(c.cache.min_remaining, Duration::from_secs(900));
+        assert_eq!(c.clients().len(), 1);
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_naming_it() {
+        let text = GOOD.replace("timeout = \"5s\"", "timeout = \"5s\"\ntimout = \"5s\"");
+        let err = Config::parse(&text).unwrap_err();
+        assert!(err.contains("timout"), "{err}");
+    }
+
+    #[test]
+    fn bad_duration_is_an_error_naming_the_key() {
+        let text = GOOD.replace("\"15m\"", "\"fifteen\"");
+        let err = Config::parse(&text).unwrap_err();
+        assert!(err.contains("min_remaining"), "{err}");
+    }
+
+    #[test]
+    fn bad_digest_names_the_client_key() {
+        let text = GOOD.replace("ba7816bf", "zz7816bf");
+        assert_eq!(err_key(&text), "clients[0].token_sha256");
+    }
+
+    #[test]
+    fn duplicate_client_ids_are_refused() {
+        let text = format!(
+            "{GOOD}\n[[clients]]\nid = \"checkout\"\ntoken_sha256 = \"{}\"\n",
+            "1".repeat(64)
+        );
+        assert_eq!(err_key(&text), "clients[1].id");
+    }
+
+    #[test]
+    fn shared_secret_between_clients_is_refused() {
+        let text = format!(
+            "{GOOD}\n[[clients]]\nid = \"other\"\ntoken_sha256 = \"ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad\"\n"
+        );
+        assert_eq!(err_key(&text), "clients[1].token_sha256");
+    }
+
+    #[test]
+    fn no_clients_is_refused() {
+        let text = GOOD.split("[[clients]]").next().unwrap();
+        assert_eq!(err_key(text), "clients");
+    }
+
+    #[test]
+    fn same_port_for_admin_and_callers_is_refused() {
+        let text = GOOD.replace("127.0.0.1:9090", "127.0.0.1:8080");
+        assert_eq!(err_key(&text), "server.admin_listen");
+    }
+
+    #[test]
+    fn non_http_upstream_url_is_refused() {
+        let text = GOOD.replace("https://api.account.truora.com", "ftp://x");
+        assert_eq!(err_key(&text), "upstream.account_url");
+        let text = GOOD.replace("https://identity.truora.com", "https://u:p@identity");
+        assert_eq!(err_key(&text), "upstream.web_url");
+    }
+
+    #[test]
+    fn min_remaining_of_two_hours_is_refused() {
+        let text = GOOD.replace("\"15m\"", "\"2h\"");
+        assert_eq!(err_key(&text), "cache.min_remaining");
+    }
+
+    #[test]
+    fn zero_timeout_and_zero_entries_are_refused() {
+        assert_eq!(
+            err_key(&GOOD.replace("\"5s\"", "\"0s\"")),
+            "upstream.timeout"
+        );
+        assert_eq!(
+            err_key(&GOOD.replace("100000", "0")),
+            "cache.max_entries"
+        );
+    }
+
+    #[test]
+    fn master_key_comes_from_the_file_before_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key");
+        std::fs::write(&path, "file-key\n").unwrap();
+        let mut c = Config::parse(GOOD).unwrap();
+        c.upstream.api_key_file = Some(path);
+        let key = c.master_key_with(Some("env-key".into())).unwrap();
+        assert_eq!(key.expose(), "file-key");
+    }
+
+    #[test]
+    fn master_key_falls_back_to_the_environment() {
+        let c = Config::parse(GOOD).unwrap();
+        assert_eq!(
+            c.master_key_with(Some("env-key".into())).unwrap().expose(),
+            "env-key"
+        );
+    }
+
+    #[test]
+    fn no_master_key_anywhere_refuses_to_start() {
+        let c = Config::parse(GOOD).unwrap();
+        let err = c.master_key_with(None).unwrap_err().to_string();
+        assert!(err.contains("TRUORA_API_KEY"), "{err}");
+        let err = c.master_key_with(Some("  ".into())).unwrap_err().to_string();
+        assert!(err.starts_with("upstream.api_key_file"), "{err}");
+    }
+
+    #[test]
+    fn unreadable_key_file_names_the_key() {
+        let mut c = Config::parse(GOOD).unwrap();
+        c.upstream.api_key_file = Some("/nonexistent/key".into());
+        let err = c.master_key_with(Some("env".into())).unwrap_err().to_string();
+        assert!(err.starts_with("upstream.api_key_file"), "{err}");
+    }
+}

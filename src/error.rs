@@ -1,0 +1,441 @@
+//! One error type for every way a request can fail, and the one place that decides what the
+//! caller sees for it.
+//!
+//! The kind gives the status: the caller's fault is a 4xx ([`RequestError`], [`AuthError`]),
+//! Truora's is a 502/503/504 ([`UpstreamError`]), ours is a 500. Upstream bodies are never echoed
+//! and no variant carries a secret, so `Display` is safe to send and to log.
+
+use std::borrow::Cow;
+use std::time::Duration;
+
+use http::StatusCode;
+use serde::Serialize;
+
+/// Anything that stops a request from being answered with a token.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// The request itself is wrong (4xx).
+    #[error(transparent)]
+    Request(#[from] RequestError),
+    /// The caller could not be authenticated (401).
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    /// Truora failed or refused (502, 503, 504).
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    /// A fault of ours (500). The text names what broke, never data.
+    #[error("internal error: {0}")]
+    Internal(&'static str),
+}
+
+/// The caller sent something the broker will not forward.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// A required field is absent or empty.
+    #[error("{field} is required")]
+    MissingField { field: &'static str },
+    /// A field's value breaks its rule; `rule` says what the value must be.
+    #[error("{field} {rule}")]
+    InvalidField {
+        field: Cow<'static, str>,
+        rule: Cow<'static, str>,
+    },
+    /// A field the broker sets itself was sent with another value (e.g. `key_type=backend`).
+    #[error("{field} {rule}")]
+    ForbiddenValue {
+        field: &'static str,
+        rule: &'static str,
+    },
+    /// A single-valued field appears more than once.
+    #[error("{field} appears more than once; send it once")]
+    DuplicateField { field: Cow<'static, str> },
+    /// A field Truora's token call does not take; it would also poison the cache key.
+    #[error("{field} is not a field of the token request")]
+    UnknownField { field: Cow<'static, str> },
+    /// The body is not valid for its content type.
+    #[error("malformed body: {reason}")]
+    MalformedBody { reason: Cow<'static, str> },
+    /// The caller sent Truora's own credential header; callers never hold the master key.
+    #[error("the Truora-API-Key header is not accepted: authenticate with Authorization: Bearer <your caller secret>")]
+    MasterKeyHeader,
+    /// `DELETE /v1/tokens` without a filter.
+    #[error("give flow_id, account_id or both as query parameters")]
+    MissingFilter,
+    /// The body is over the configured limit.
+    #[error("body over the {limit}-byte limit")]
+    PayloadTooLarge { limit: usize },
+    /// Neither form-encoded nor JSON.
+    #[error("send Content-Type: application/x-www-form-urlencoded or application/json")]
+    UnsupportedMediaType,
+    /// No such route.
+    #[error("no such endpoint: use POST /v1/tokens, POST /v1/api-keys or DELETE /v1/tokens")]
+    NotFound,
+    /// The route exists but not for this method.
+    #[error("method not allowed here; allowed: {allow}")]
+    MethodNotAllowed { allow: &'static str },
+}
+
+/// Why a caller was not authenticated. All answer 401 with `WWW-Authenticate`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// No `Authorization` header.
+    #[error("missing credentials: send Authorization: Bearer <your caller secret>")]
+    Missing,
+    /// An `Authorization` header that is not `Bearer <secret>`.
+    #[error("malformed credentials: send Authorization: Bearer <your caller secret>")]
+    Malformed,
+    /// A well-formed secret that matches no configured caller.
+    #[error("unknown credentials")]
+    Unknown,
+}
+
+impl AuthError {
+    /// The bounded `reason` label of `token_broker_auth_failures_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            AuthError::Missing => "missing",
+            AuthError::Malformed => "malformed",
+            AuthError::Unknown => "unknown",
+        }
+    }
+}
+
+/// Truora failed, refused or answered something unusable. Cloned to every coalesced waiter.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UpstreamError {
+    /// 401/403: the master key is bad, revoked or lacks permission. Not the caller's fault.
+    #[error("Truora rejected the broker's master API key; operators have been alerted")]
+    CredentialRejected { status: u16 },
+    /// 429, or a 400 whose message says the rate limit was reached.
+    #[error("Truora is rate limiting the account; retry after {} s", retry_after.as_secs())]
+    Throttled { retry_after: Duration },
+    /// 5xx from Truora.
+    #[error("Truora answered with a server error ({status})")]
+    ServerError { status: u16 },
+    /// Another 4xx: Truora refused a request the broker had accepted.
+    #[error("Truora refused the token request ({status})")]
+    Rejected { status: u16 },
+    /// A 200 that holds no usable token.
+    #[error("Truora's answer was unusable: {reason}")]
+    BadResponse { reason: &'static str },
+    /// No complete answer within `upstream.timeout`.
+    #[error("Truora did not answer within the timeout")]
+    Timeout,
+    /// No connection could be made.
+    #[error("Truora could not be reached")]
+    Unreachable,
+}
+
+impl UpstreamError {
+    /// The bounded `outcome` label of `token_broker_upstream_requests_total`.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            UpstreamError::CredentialRejected { .. } => "credential_rejected",
+            UpstreamError::Throttled { .. } => "throttled",
+            UpstreamError::ServerError { .. } => "server_error",
+            UpstreamError::Rejected { .. } => "rejected",
+            UpstreamError::BadResponse { .. } => "bad_response",
+            UpstreamError::Timeout => "timeout",
+            UpstreamError::Unreachable => "unreachable",
+        }
+    }
+}
+
+/// Which error body shape a route speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Envelope {
+    /// `{"error", "message", "field"}`: the broker's own API.
+    Broker,
+    /// `{"code", "http_code", "message"}`: Truora's, for the `/v1/api-keys` drop-in.
+    Truora,
+}
+
+impl BrokerError {
+    /// The HTTP status this error answers with. Exhaustive: a new variant must choose one.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            BrokerError::Request(e) => match e {
+                RequestError::MissingField { .. }
+                | RequestError::InvalidField { .. }
+                | RequestError::ForbiddenValue { .. }
+                | RequestError::DuplicateField { .. }
+                | RequestError::UnknownField { .. }
+                | RequestError::MalformedBody { .. }
+                | RequestError::MasterKeyHeader
+                | RequestError::MissingFilter => StatusCode::BAD_REQUEST,
+                RequestError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+                RequestError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                RequestError::NotFound => StatusCode::NOT_FOUND,
+                RequestError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            },
+            BrokerError::Auth(_) => StatusCode::UNAUTHORIZED,
+            BrokerError::Upstream(e) => match e {
+                UpstreamError::CredentialRejected { .. }
+                | UpstreamError::ServerError { .. }
+                | UpstreamError::Rejected { .. }
+                | UpstreamError::BadResponse { .. }
+                | UpstreamError::Unreachable => StatusCode::BAD_GATEWAY,
+                UpstreamError::Throttled { .. } => StatusCode::SERVICE_UNAVAILABLE,
+                UpstreamError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            },
+            BrokerError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The stable machine-readable code in the `error` field.
+    pub fn code(&self) -> &'static str {
+        match self {
+            BrokerError::Request(e) => match e {
+                RequestError::MissingField { .. } => "missing_field",
+                RequestError::InvalidField { .. } => "invalid_field",
+                RequestError::ForbiddenValue { .. } => "forbidden_value",
+                RequestError::DuplicateField { .. } => "duplicate_field",
+                RequestError::UnknownField { .. } => "unknown_field",
+                RequestError::MalformedBody { .. } => "malformed_body",
+                RequestError::MasterKeyHeader => "master_key_header_forbidden",
+                RequestError::MissingFilter => "missing_filter",
+                RequestError::PayloadTooLarge { .. } => "payload_too_large",
+                RequestError::UnsupportedMediaType => "unsupported_media_type",
+                RequestError::NotFound => "not_found",
+                RequestError::MethodNotAllowed { .. } => "method_not_allowed",
+            },
+            BrokerError::Auth(_) => "unauthorized",
+            BrokerError::Upstream(e) => match e {
+                UpstreamError::CredentialRejected { .. } => "upstream_credential_rejected",
+                UpstreamError::Throttled { .. } => "upstream_throttled",
+                UpstreamError::ServerError { .. } => "upstream_unavailable",
+                UpstreamError::Rejected { .. } => "upstream_rejected_request",
+                UpstreamError::BadResponse { .. } => "upstream_bad_response",
+                UpstreamError::Timeout => "upstream_timeout",
+                UpstreamError::Unreachable => "upstream_unreachable",
+            },
+            BrokerError::Internal(_) => "internal_error",
+        }
+    }
+
+    /// The one field at fault, when there is one.
+    pub fn field(&self) -> Option<&str> {
+        match self {
+            BrokerError::Request(RequestError::MissingField { field })
+            | BrokerError::Request(RequestError::ForbiddenValue { field, .. }) => Some(field),
+            BrokerError::Request(RequestError::InvalidField { field, .. })
+            | BrokerError::Request(RequestError::DuplicateField { field })
+            | BrokerError::Request(RequestError::UnknownField { field }) => Some(field),
+            _ => None,
+        }
+    }
+
+    /// Seconds for a `Retry-After` header, when the caller should come back later.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            BrokerError::Upstream(UpstreamError::Throttled { retry_after }) => {
+                Some(retry_after.as_secs().max(1))
+            }
+            _ => None,
+        }
+    }
+
+    /// The JSON body in the route's envelope.
+    pub fn body(&self, envelope: Envelope) -> Vec<u8> {
+        #[derive(Serialize)]
+        struct Broker<'a> {
+            error: &'a str,
+            message: String,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            field: Option<&'a str>,
+        }
+        #[derive(Serialize)]
+        struct Truora {
+            code: u32,
+            http_code: u16,
+            message: String,
+        }
+        let message = self.to_string();
+        let body = match envelope {
+            Envelope::Broker => serde_json::to_vec(&Broker {
+                error: self.code(),
+                message,
+                field: self.field(),
+            }),
+            Envelope::Truora => {
+                let status = self.status().as_u16();
+                serde_json::to_vec(&Truora {
+                    code: 10_000 + u32::from(status),
+                    http_code: status,
+                    message,
+                })
+            }
+        };
+        // Serialising plain strings and integers cannot fail; keep a valid body regardless.
+        body.unwrap_or_else(|_| br#"{"error":"internal_error"}"#.to_vec())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(err: impl Into<BrokerError>, status: u16, code: &str) {
+        let err = err.into();
+        assert_eq!(err.status().as_u16(), status, "{err:?}");
+        assert_eq!(err.code(), code, "{err:?}");
+        let body: serde_json::Value = serde_json::from_slice(&err.body(Envelope::Broker)).unwrap();
+        assert_eq!(body["error"], code);
+        assert!(!body["message"].as_str().unwrap().is_empty());
+        let truora: serde_json::Value =
+            serde_json::from_slice(&err.body(Envelope::Truora)).unwrap();
+        assert_eq!(truora["http_code"], status);
+        assert_eq!(truora["code"], 10_000 + u32::from(status));
+    }
+
+    #[test]
+    fn missing_field_is_400_and_names_the_field() {
+        let err = BrokerError::from(RequestError::MissingField { field: "flow_id" });
+        check(err, 400, "missing_field");
+        let err = BrokerError::from(RequestError::MissingField { field: "flow_id" });
+        let body: serde_json::Value = serde_json::from_slice(&err.body(Envelope::Broker)).unwrap();
+        assert_eq!(body["field"], "flow_id");
+    }
+
+    #[test]
+    fn invalid_field_is_400() {
+        check(
+            RequestError::InvalidField {
+                field: "country".into(),
+                rule: "must be one of ...".into(),
+            },
+            400,
+            "invalid_field",
+        );
+    }
+
+    #[test]
+    fn forbidden_value_is_400() {
+        check(
+            RequestError::ForbiddenValue {
+                field: "key_type",
+                rule: "must be web",
+            },
+            400,
+            "forbidden_value",
+        );
+    }
+
+    #[test]
+    fn duplicate_unknown_and_malformed_are_400() {
+        check(
+            RequestError::DuplicateField {
+                field: "country".into(),
+            },
+            400,
+            "duplicate_field",
+        );
+        check(
+            RequestError::UnknownField { field: "x".into() },
+            400,
+            "unknown_field",
+        );
+        check(
+            RequestError::MalformedBody {
+                reason: "not JSON".into(),
+            },
+            400,
+            "malformed_body",
+        );
+    }
+
+    #[test]
+    fn master_key_header_and_missing_filter_are_400() {
+        check(
+            RequestError::MasterKeyHeader,
+            400,
+            "master_key_header_forbidden",
+        );
+        check(RequestError::MissingFilter, 400, "missing_filter");
+    }
+
+    #[test]
+    fn oversized_body_is_413() {
+        check(
+            RequestError::PayloadTooLarge { limit: 16384 },
+            413,
+            "payload_too_large",
+        );
+    }
+
+    #[test]
+    fn wrong_content_type_is_415() {
+        check(
+            RequestError::UnsupportedMediaType,
+            415,
+            "unsupported_media_type",
+        );
+    }
+
+    #[test]
+    fn unknown_route_is_404_and_wrong_method_405() {
+        check(RequestError::NotFound, 404, "not_found");
+        check(
+            RequestError::MethodNotAllowed { allow: "POST" },
+            405,
+            "method_not_allowed",
+        );
+    }
+
+    #[test]
+    fn every_auth_failure_is_401() {
+        for e in [AuthError::Missing, AuthError::Malformed, AuthError::Unknown] {
+            check(e, 401, "unauthorized");
+        }
+    }
+
+    #[test]
+    fn rejected_master_key_is_502_not_the_callers_401() {
+        for status in [401, 403] {
+            check(
+                UpstreamError::CredentialRejected { status },
+                502,
+                "upstream_credential_rejected",
+            );
+        }
+    }
+
+    #[test]
+    fn upstream_server_error_is_502() {
+        check(
+            UpstreamError::ServerError { status: 500 },
+            502,
+            "upstream_unavailable",
+        );
+        check(
+            UpstreamError::Rejected { status: 400 },
+            502,
+            "upstream_rejected_request",
+        );
+        check(
+            UpstreamError::BadResponse { reason: "not JSON" },
+            502,
+            "upstream_bad_response",
+        );
+        check(UpstreamError::Unreachable, 502, "upstream_unreachable");
+    }
+
+    #[test]
+    fn upstream_timeout_is_504() {
+        check(UpstreamError::Timeout, 504, "upstream_timeout");
+    }
+
+    #[test]
+    fn upstream_throttling_is_503_with_retry_after() {
+        let err = BrokerError::from(UpstreamError::Throttled {
+            retry_after: Duration::from_secs(7),
+        });
+        assert_eq!(err.retry_after(), Some(7));
+        check(err, 503, "upstream_throttled");
+    }
+
+    #[test]
+    fn internal_fault_is_500() {
+        check(BrokerError::Internal("flight lost"), 500, "internal_error");
+    }
+}

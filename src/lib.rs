@@ -1,0 +1,34 @@
+//! `token-broker`: holds Truora's master API key alone and hands short-lived Web Integration
+//! Tokens to authenticated internal callers, reusing a token for the same caller, user, flow and
+//! parameters until it nears expiry.
+//!
+//! The modules read as the architecture, outside in:
+//!
+//! - [`cli`]: the command line (`serve`, `demo`, `check-config`, `hash-secret`).
+//! - [`config`]: the TOML file as serde structs, validated before any socket is bound.
+//! - [`server`]: listeners, the tower stack every caller request goes through, the admin endpoints.
+//! - [`auth`]: who the caller is (bearer secret -> configured client).
+//! - [`request`]: the caller's form or JSON body, parsed once and validated into a [`request::TokenRequest`].
+//! - [`issuance`]: the core. Cache lookup, single-flight minting, response bytes. Knows nothing of hyper.
+//! - [`cache`]: the in-process token cache and its expiry policy.
+//! - [`upstream`]: the call to Truora's `POST /v1/api-keys` and the reading of its answer.
+//! - [`token`]: reading a minted token's JWT claims for its lifetime.
+//! - [`metrics`]: the Prometheus registry and every series the broker exports.
+//! - [`error`]: one error type, whose kind gives the HTTP status.
+//! - [`secret`]: redacting, zeroizing holders for the master key and caller secrets.
+//! - [`sandbox`]: an embedded imitation of Truora for `demo` and the tests.
+#![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod cache;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod issuance;
+pub mod metrics;
+pub mod request;
+pub mod sandbox;
+pub mod secret;
+pub mod server;
+pub mod token;
+pub mod upstream;

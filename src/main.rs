@@ -1,0 +1,6 @@
+//! The `token-broker` binary: everything lives in the library so tests and benches share it.
+#![forbid(unsafe_code)]
+
+fn main() -> std::process::ExitCode {
+    token_broker::cli::main()
+}

@@ -1,0 +1,1043 @@
+//! The caller's token request: parsed once from a form-encoded or JSON body and validated into a
+//! [`TokenRequest`] before anything goes upstream or into a cache key.
+//!
+//! Field names are Truora's (`country`, `flow_id`, `redirect_url`, ...). The broker sets
+//! `key_type=web` and `grant=digital-identity` itself: a caller may repeat those values but any
+//! other value (above all `key_type=backend`, a permanent master key) is refused. Unknown fields
+//! are refused too, because every forwarded field is part of the cache key.
+//!
+//! Values borrow from the body wherever no unescaping is needed, so a typical hit allocates
+//! little here.
+
+use std::borrow::Cow;
+
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+
+use crate::config::ArrayEncoding;
+use crate::error::RequestError;
+
+/// Countries Truora's token call accepts.
+pub const COUNTRIES: [&str; 10] = ["ALL", "BR", "CL", "CO", "CR", "EC", "MX", "PE", "AR", "SV"];
+/// Document types Truora's token call accepts.
+pub const DOCUMENT_TYPES: [&str; 5] = [
+    "passport",
+    "driver-license",
+    "foreign-id",
+    "national-id",
+    "pep",
+];
+/// The only `key_type` the broker mints.
+pub const KEY_TYPE: &str = "web";
+/// The only `grant` the broker mints.
+pub const GRANT: &str = "digital-identity";
+/// Prefix of the free-form metadata handed to the validation process.
+pub const METADATA_PREFIX: &str = "start_variables.metadata.";
+
+const MAX_URL_LEN: usize = 2048;
+const MAX_VALUE_LEN: usize = 1024;
+const MAX_LIST_LEN: usize = 10;
+const MAX_METADATA: usize = 32;
+
+/// A validated token request. Lists keep the caller's order; metadata is sorted by name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TokenRequest<'a> {
+    /// One of [`COUNTRIES`].
+    pub country: &'static str,
+    /// The dashboard flow, `[A-Za-z0-9_-]{1,64}`.
+    pub flow_id: Cow<'a, str>,
+    /// Absolute `https` URL the user lands on afterwards.
+    pub redirect_url: Cow<'a, str>,
+    /// One of [`DOCUMENT_TYPES`].
+    pub document_type: Option<&'static str>,
+    /// The end user's id at Truora, `[a-zA-Z0-9_.-]{1,128}`.
+    pub account_id: Option<Cow<'a, str>>,
+    /// The user's email addresses.
+    pub emails: Vec<Cow<'a, str>>,
+    /// The user's phone in E.164 (`phone`).
+    pub phone: Option<Cow<'a, str>>,
+    /// The user's phones in E.164 (`phones`).
+    pub phones: Vec<Cow<'a, str>>,
+    /// Truora's `api_key_version`, digits.
+    pub api_key_version: Option<Cow<'a, str>>,
+    /// `start_variables.metadata.<name>` pairs, sorted by name.
+    pub metadata: Vec<(Cow<'a, str>, Cow<'a, str>)>,
+}
+
+/// One forwarded field, in canonical order, as [`TokenRequest::visit`] yields it.
+#[derive(Debug, Clone, Copy)]
+pub enum Field<'r> {
+    /// A single-valued field.
+    One(&'r str, &'r str),
+    /// A list field and its elements.
+    List(&'r str, &'r [Cow<'r, str>]),
+    /// A metadata entry: its name without the prefix, and its value.
+    Metadata(&'r str, &'r str),
+}
+
+impl<'a> TokenRequest<'a> {
+    /// Parses and validates a form-encoded body.
+    pub fn from_form(body: &'a [u8]) -> Result<Self, RequestError> {
+        let mut fields = Fields::default();
+        for (name, value) in form_urlencoded::parse(body) {
+            fields.push(name, value)?;
+        }
+        fields.finish()
+    }
+
+    /// Parses and validates a JSON body: an object with the same names; lists as arrays or
+    /// comma-joined strings; metadata flat (`"start_variables.metadata.x"`) or nested
+    /// (`"start_variables": {"metadata": {"x": ...}}`).
+    pub fn from_json(body: &'a [u8]) -> Result<Self, RequestError> {
+        let mut de = serde_json::Deserializer::from_slice(body);
+        let object = JsonObject::deserialize(&mut de).map_err(json_error)?;
+        de.end().map_err(json_error)?;
+        let mut fields = Fields::default();
+        for (name, value) in object.0 {
+            match value {
+                JsonValue::Str(v) => fields.push(name.0, v.0)?,
+                JsonValue::List(items) => {
+                    if !is_list_field(&name.0) {
+                        return Err(RequestError::InvalidField {
+                            field: field_name(&name.0),
+                            rule: "must be a string, not a list".into(),
+                        });
+                    }
+                    for item in items {
+                        fields.push(name.0.clone(), item.0)?;
+                    }
+                }
+                JsonValue::Object(inner) if name.0 == "start_variables" => {
+                    for (section, value) in inner {
+                        let JsonValue::Object(entries) = value else {
+                            return Err(RequestError::InvalidField {
+                                field: "start_variables".into(),
+                                rule: "must be {\"metadata\": {\"name\": \"value\"}}".into(),
+                            });
+                        };
+                        if section.0 != "metadata" {
+                            return Err(RequestError::UnknownField {
+                                field: field_name(&format!("start_variables.{}", section.0)),
+                            });
+                        }
+                        for (k, v) in entries {
+                            let JsonValue::Str(v) = v else {
+                                return Err(RequestError::InvalidField {
+                                    field: field_name(&format!("{METADATA_PREFIX}{}", k.0)),
+                                    rule: "must be a string".into(),
+                                });
+                            };
+                            fields.push(Cow::Owned(format!("{METADATA_PREFIX}{}", k.0)), v.0)?;
+                        }
+                    }
+                }
+                JsonValue::Object(_) | JsonValue::Other => {
+                    return Err(RequestError::InvalidField {
+                        field: field_name(&name.0),
+                        rule: "must be a string".into(),
+                    })
+                }
+            }
+        }
+        fields.finish()
+    }
+
+    /// The same request, owning its strings.
+    pub fn into_owned(self) -> TokenRequest<'static> {
+        fn own(c: Cow<'_, str>) -> Cow<'static, str> {
+            Cow::Owned(c.into_owned())
+        }
+        TokenRequest {
+            country: self.country,
+            flow_id: own(self.flow_id),
+            redirect_url: own(self.redirect_url),
+            document_type: self.document_type,
+            account_id: self.account_id.map(own),
+            emails: self.emails.into_iter().map(own).collect(),
+            phone: self.phone.map(own),
+            phones: self.phones.into_iter().map(own).collect(),
+            api_key_version: self.api_key_version.map(own),
+            metadata: self
+                .metadata
+                .into_iter()
+                .map(|(k, v)| (own(k), own(v)))
+                .collect(),
+        }
+    }
+
+    /// True when the request names its user (account_id, an email or a phone). Only such
+    /// requests are cached: without a user, two users would share one token.
+    pub fn names_user(&self) -> bool {
+        self.account_id.is_some()
+            || !self.emails.is_empty()
+            || self.phone.is_some()
+            || !self.phones.is_empty()
+    }
+
+    /// Every forwarded field in one fixed order (the caller's order does not matter). The cache
+    /// key and the upstream form are both built from this, so they cannot disagree.
+    pub fn visit(&self, mut f: impl FnMut(Field<'_>)) {
+        f(Field::One("country", self.country));
+        f(Field::One("flow_id", &self.flow_id));
+        f(Field::One("redirect_url", &self.redirect_url));
+        if let Some(v) = self.document_type {
+            f(Field::One("document_type", v));
+        }
+        if let Some(v) = &self.account_id {
+            f(Field::One("account_id", v));
+        }
+        if !self.emails.is_empty() {
+            f(Field::List("emails", &self.emails));
+        }
+        if let Some(v) = &self.phone {
+            f(Field::One("phone", v));
+        }
+        if !self.phones.is_empty() {
+            f(Field::List("phones", &self.phones));
+        }
+        if let Some(v) = &self.api_key_version {
+            f(Field::One("api_key_version", v));
+        }
+        for (k, v) in &self.metadata {
+            f(Field::Metadata(k, v));
+        }
+    }
+
+    /// The form body for Truora's `POST /v1/api-keys`, with `key_type` and `grant` set by us.
+    pub fn upstream_form(&self, encoding: ArrayEncoding) -> String {
+        let mut form = form_urlencoded::Serializer::new(String::with_capacity(256));
+        form.append_pair("key_type", KEY_TYPE);
+        form.append_pair("grant", GRANT);
+        self.visit(|field| match field {
+            Field::One(name, value) => {
+                form.append_pair(name, value);
+            }
+            Field::List(name, values) => match encoding {
+                ArrayEncoding::Repeat => {
+                    for v in values {
+                        form.append_pair(name, v);
+                    }
+                }
+                ArrayEncoding::Comma => {
+                    form.append_pair(name, &values.join(","));
+                }
+            },
+            Field::Metadata(name, value) => {
+                form.append_pair(&format!("{METADATA_PREFIX}{name}"), value);
+            }
+        });
+        form.finish()
+    }
+}
+
+/// Parses a `DELETE /v1/tokens` query: `flow_id`, `account_id`, at least one of the two.
+pub fn invalidation_filter(
+    query: &str,
+) -> Result<(Option<Cow<'_, str>>, Option<Cow<'_, str>>), RequestError> {
+    let mut flow_id = None;
+    let mut account_id = None;
+    for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+        let slot = match name.as_ref() {
+            "flow_id" => &mut flow_id,
+            "account_id" => &mut account_id,
+            _ => {
+                return Err(RequestError::UnknownField {
+                    field: field_name(&name),
+                })
+            }
+        };
+        if slot.is_some() {
+            return Err(RequestError::DuplicateField {
+                field: field_name(&name),
+            });
+        }
+        let field = if name == "flow_id" {
+            "flow_id"
+        } else {
+            "account_id"
+        };
+        check_text(field, &value)?;
+        if field == "flow_id" {
+            check_flow_id(&value)?;
+        } else {
+            check_account_id(&value)?;
+        }
+        *slot = Some(value);
+    }
+    if flow_id.is_none() && account_id.is_none() {
+        return Err(RequestError::MissingFilter);
+    }
+    Ok((flow_id, account_id))
+}
+
+/// The fields as they arrive, before the whole-request rules are applied.
+#[derive(Default)]
+struct Fields<'a> {
+    key_type: bool,
+    grant: bool,
+    req: TokenRequest<'a>,
+    country: bool,
+}
+
+impl<'a> Fields<'a> {
+    fn push(&mut self, name: Cow<'a, str>, value: Cow<'a, str>) -> Result<(), RequestError> {
+        let name_str: &str = &name;
+        match name_str {
+            "key_type" => {
+                once(&mut self.key_type, "key_type")?;
+                if value != KEY_TYPE {
+                    return Err(RequestError::ForbiddenValue {
+                        field: "key_type",
+                        rule: "must be \"web\" or left out: the broker mints Web Integration Tokens only",
+                    });
+                }
+            }
+            "grant" => {
+                once(&mut self.grant, "grant")?;
+                if value != GRANT {
+                    return Err(RequestError::ForbiddenValue {
+                        field: "grant",
+                        rule: "must be \"digital-identity\" or left out",
+                    });
+                }
+            }
+            "country" => {
+                once(&mut self.country, "country")?;
+                self.req.country = COUNTRIES
+                    .iter()
+                    .find(|c| **c == value)
+                    .ok_or(RequestError::InvalidField {
+                        field: "country".into(),
+                        rule: "must be one of ALL, BR, CL, CO, CR, EC, MX, PE, AR, SV".into(),
+                    })?;
+            }
+            "flow_id" => {
+                set_once(&mut self.req.flow_id, "flow_id", value)?;
+                check_flow_id(&self.req.flow_id)?;
+            }
+            "redirect_url" => {
+                set_once(&mut self.req.redirect_url, "redirect_url", value)?;
+                check_redirect_url(&self.req.redirect_url)?;
+            }
+            "document_type" => {
+                if self.req.document_type.is_some() {
+                    return Err(duplicate("document_type"));
+                }
+                self.req.document_type = Some(
+                    DOCUMENT_TYPES
+                        .iter()
+                        .find(|d| **d == value)
+                        .ok_or(RequestError::InvalidField {
+                            field: "document_type".into(),
+                            rule: "must be one of passport, driver-license, foreign-id, national-id, pep"
+                                .into(),
+                        })?,
+                );
+            }
+            "account_id" => {
+                check_text("account_id", &value)?;
+                check_account_id(&value)?;
+                set_option_once(&mut self.req.account_id, "account_id", value)?;
+            }
+            "emails" | "email" => {
+                for email in split_list(value) {
+                    check_text("emails", &email)?;
+                    if !valid_email(&email) {
+                        return Err(RequestError::InvalidField {
+                            field: "emails".into(),
+                            rule: "must be email addresses like user@example.com".into(),
+                        });
+                    }
+                    push_list(&mut self.req.emails, "emails", email)?;
+                }
+            }
+            "phone" => {
+                check_phone("phone", &value)?;
+                set_option_once(&mut self.req.phone, "phone", value)?;
+            }
+            "phones" => {
+                for phone in split_list(value) {
+                    check_phone("phones", &phone)?;
+                    push_list(&mut self.req.phones, "phones", phone)?;
+                }
+            }
+            "api_key_version" => {
+                check_text("api_key_version", &value)?;
+                if value.is_empty() || value.len() > 3 || !value.bytes().all(|b| b.is_ascii_digit())
+                {
+                    return Err(RequestError::InvalidField {
+                        field: "api_key_version".into(),
+                        rule: "must be a small whole number such as 1".into(),
+                    });
+                }
+                set_option_once(&mut self.req.api_key_version, "api_key_version", value)?;
+            }
+            _ => {
+                let Some(key) = name_str.strip_prefix(METADATA_PREFIX) else {
+                    return Err(RequestError::UnknownField {
+                        field: field_name(name_str),
+                    });
+                };
+                if key.is_empty()
+                    || key.len() > 64
+                    || !key
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
+                {
+                    return Err(RequestError::InvalidField {
+                        field: field_name(name_str),
+                        rule: "metadata names must be 1 to 64 characters of A-Z, a-z, 0-9, '_', '-'"
+                            .into(),
+                    });
+                }
+                check_text_len(name_str, &value, MAX_VALUE_LEN)?;
+                if self.req.metadata.iter().any(|(k, _)| k == key) {
+                    return Err(RequestError::DuplicateField {
+                        field: field_name(name_str),
+                    });
+                }
+                if self.req.metadata.len() >= MAX_METADATA {
+                    return Err(RequestError::InvalidField {
+                        field: "start_variables.metadata".into(),
+                        rule: "at most 32 metadata entries".into(),
+                    });
+                }
+                let key = match name {
+                    Cow::Borrowed(n) => Cow::Borrowed(&n[METADATA_PREFIX.len()..]),
+                    Cow::Owned(n) => Cow::Owned(n[METADATA_PREFIX.len()..].to_owned()),
+                };
+                self.req.metadata.push((key, value));
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<TokenRequest<'a>, RequestError> {
+        if !self.country {
+            return Err(RequestError::MissingField { field: "country" });
+        }
+        if self.req.flow_id.is_empty() {
+            return Err(RequestError::MissingField { field: "flow_id" });
+        }
+        if self.req.redirect_url.is_empty() {
+            return Err(RequestError::MissingField {
+                field: "redirect_url",
+            });
+        }
+        self.req.metadata.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        Ok(self.req)
+    }
+}
+
+fn duplicate(field: &'static str) -> RequestError {
+    RequestError::DuplicateField {
+        field: field.into(),
+    }
+}
+
+fn once(seen: &mut bool, field: &'static str) -> Result<(), RequestError> {
+    if std::mem::replace(seen, true) {
+        return Err(duplicate(field));
+    }
+    Ok(())
+}
+
+fn set_once<'a>(
+    slot: &mut Cow<'a, str>,
+    field: &'static str,
+    value: Cow<'a, str>,
+) -> Result<(), RequestError> {
+    if !slot.is_empty() {
+        return Err(duplicate(field));
+    }
+    if value.is_empty() {
+        return Err(RequestError::MissingField { field });
+    }
+    *slot = value;
+    Ok(())
+}
+
+fn set_option_once<'a>(
+    slot: &mut Option<Cow<'a, str>>,
+    field: &'static str,
+    value: Cow<'a, str>,
+) -> Result<(), RequestError> {
+    if slot.is_some() {
+        return Err(duplicate(field));
+    }
+    *slot = Some(value);
+    Ok(())
+}
+
+fn push_list<'a>(
+    list: &mut Vec<Cow<'a, str>>,
+    field: &'static str,
+    value: Cow<'a, str>,
+) -> Result<(), RequestError> {
+    if list.len() >= MAX_LIST_LEN {
+        return Err(RequestError::InvalidField {
+            field: field.into(),
+            rule: "at most 10 entries".into(),
+        });
+    }
+    list.push(value);
+    Ok(())
+}
+
+/// Splits a comma-joined list (one reading of Truora's arrays) into its elements.
+fn split_list(value: Cow<'_, str>) -> Vec<Cow<'_, str>> {
+    if !value.contains(',') {
+        return vec![value];
+    }
+    match value {
+        Cow::Borrowed(v) => v.split(',').map(|s| Cow::Borrowed(s.trim())).collect(),
+        Cow::Owned(v) => v.split(',').map(|s| Cow::Owned(s.trim().to_owned())).collect(),
+    }
+}
+
+fn is_list_field(name: &str) -> bool {
+    matches!(name, "emails" | "email" | "phones")
+}
+
+/// A field name safe to put in an error: no control characters, at most 64 characters.
+fn field_name(name: &str) -> Cow<'static, str> {
+    let clean: String = name
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(64)
+        .collect();
+    Cow::Owned(clean)
+}
+
+fn check_text(field: &'static str, value: &str) -> Result<(), RequestError> {
+    check_text_len(field, value, MAX_VALUE_LEN)
+}
+
+fn check_text_len(field: &str, value: &str, max: usize) -> Result<(), RequestError> {
+    let rule = if value.len() > max {
+        "is too long"
+    } else if value.chars().any(char::is_control) {
+        "must not contain control characters"
+    } else if value.contains('\u{FFFD}') {
+        "must be valid UTF-8"
+    } else {
+        return Ok(());
+    };
+    Err(RequestError::InvalidField {
+        field: field_name(field),
+        rule: rule.into(),
+    })
+}
+
+fn check_flow_id(value: &str) -> Result<(), RequestError> {
+    if value.is_empty()
+        || value.len() > 64
+        || !value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
+    {
+        return Err(RequestError::InvalidField {
+            field: "flow_id".into(),
+            rule: "must be 1 to 64 characters of A-Z, a-z, 0-9, '_', '-' (a flow id such as IPF...)"
+                .into(),
+        });
+    }
+    Ok(())
+}
+
+fn check_account_id(value: &str) -> Result<(), RequestError> {
+    if value.is_empty()
+        || value.len() > 128
+        || !value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+    {
+        return Err(RequestError::InvalidField {
+            field: "account_id".into(),
+            rule: "must be 1 to 128 characters of [a-zA-Z0-9_.-]".into(),
+        });
+    }
+    Ok(())
+}
+
+fn check_redirect_url(value: &str) -> Result<(), RequestError> {
+    check_text_len("redirect_url", value, MAX_URL_LEN)?;
+    let bad = || RequestError::InvalidField {
+        field: "redirect_url".into(),
+        rule: "must be an absolute https URL with a host, such as https://example.com/done".into(),
+    };
+    let uri: http::Uri = value.parse().map_err(|_| bad())?;
+    let host = uri.host().unwrap_or("");
+    let authority = uri.authority().map(|a| a.as_str()).unwrap_or("");
+    if uri.scheme_str() != Some("https") || host.is_empty() || authority.contains('@') {
+        return Err(bad());
+    }
+    Ok(())
+}
+
+fn check_phone(field: &'static str, value: &str) -> Result<(), RequestError> {
+    let digits = value.strip_prefix('+').unwrap_or("");
+    let ok = (6..=15).contains(&digits.len())
+        && !digits.starts_with('0')
+        && digits.bytes().all(|b| b.is_ascii_digit());
+    if !ok {
+        return Err(RequestError::InvalidField {
+            field: field.into(),
+            rule: "must be an E.164 number such as +573100000000".into(),
+        });
+    }
+    Ok(())
+}
+
+/// A practical email check: one `@`, a sane local part, a dotted domain of DNS labels.
+fn valid_email(value: &str) -> bool {
+    if value.len() > 254 {
+        return false;
+    }
+    let Some((local, domain)) = value.rsplit_once('@') else {
+        return false;
+    };
+    let local_ok = !local.is_empty()
+        && local.len() <= 64
+        && !local.starts_with('.')
+        && !local.ends_with('.')
+        && !local.contains("..")
+        && local
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+/=?^_`{|}~.-".contains(&b));
+    let labels: Vec<&str> = domain.split('.').collect();
+    let domain_ok = labels.len() >= 2
+        && labels.iter().all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    local_ok && domain_ok
+}
+
+fn json_error(e: serde_json::Error) -> RequestError {
+    let what = match e.classify() {
+        serde_json::error::Category::Data => "must be a JSON object of string fields",
+        serde_json::error::Category::Eof => "JSON ends early",
+        serde_json::error::Category::Syntax | serde_json::error::Category::Io => "not valid JSON",
+    };
+    RequestError::MalformedBody {
+        reason: format!("{what} (line {}, column {})", e.line(), e.column()).into(),
+    }
+}
+
+/// A JSON string that borrows from the body when it holds no escapes.
+struct CowStr<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for CowStr<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = CowStr<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(CowStr(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(CowStr(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+                Ok(CowStr(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// A JSON value as the token request accepts it.
+enum JsonValue<'a> {
+    Str(CowStr<'a>),
+    List(Vec<CowStr<'a>>),
+    Object(Vec<(CowStr<'a>, JsonValue<'a>)>),
+    Other,
+}
+
+/// A JSON object with its keys in order and duplicates kept, so they can be refused.
+struct JsonObject<'a>(Vec<(CowStr<'a>, JsonValue<'a>)>);
+
+impl<'de> Deserialize<'de> for JsonObject<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match JsonValue::deserialize(d)? {
+            JsonValue::Object(entries) => Ok(JsonObject(entries)),
+            _ => Err(de::Error::custom("expected an object")),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for JsonValue<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = JsonValue<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string, a number, a list of strings or an object")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(JsonValue::Str(CowStr(Cow::Borrowed(v))))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(JsonValue::Str(CowStr(Cow::Owned(v.to_owned()))))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+                Ok(JsonValue::Str(CowStr(Cow::Owned(v))))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+                Ok(JsonValue::Str(CowStr(Cow::Owned(v.to_string()))))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(JsonValue::Other)
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(JsonValue::Other)
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(JsonValue::Other)
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(JsonValue::Other)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut items = Vec::new();
+                while let Some(item) = seq.next_element::<CowStr<'de>>()? {
+                    if items.len() >= MAX_LIST_LEN {
+                        return Err(de::Error::custom("list too long"));
+                    }
+                    items.push(item);
+                }
+                Ok(JsonValue::List(items))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut entries = Vec::new();
+                while let Some(key) = map.next_key::<CowStr<'de>>()? {
+                    if entries.len() >= 64 {
+                        return Err(de::Error::custom("too many fields"));
+                    }
+                    let value = map.next_value::<JsonValue<'de>>()?;
+                    entries.push((key, value));
+                }
+                Ok(JsonValue::Object(entries))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str =
+        "country=CO&flow_id=IPF123abc&redirect_url=https%3A%2F%2Fshop.example%2Fdone&account_id=user-1";
+
+    fn form(body: &str) -> Result<TokenRequest<'static>, RequestError> {
+        TokenRequest::from_form(body.as_bytes()).map(TokenRequest::into_owned)
+    }
+
+    fn field_of(err: RequestError) -> String {
+        crate::error::BrokerError::from(err)
+            .field()
+            .unwrap_or("")
+            .to_owned()
+    }
+
+    #[test]
+    fn a_minimal_form_parses() {
+        let r = form(BASE).unwrap();
+        assert_eq!(r.country, "CO");
+        assert_eq!(r.flow_id, "IPF123abc");
+        assert_eq!(r.redirect_url, "https://shop.example/done");
+        assert_eq!(r.account_id.as_deref(), Some("user-1"));
+        assert!(r.names_user());
+    }
+
+    #[test]
+    fn key_type_web_and_grant_digital_identity_may_be_repeated_by_the_caller() {
+        let body = format!("{BASE}&key_type=web&grant=digital-identity");
+        assert!(form(&body).is_ok());
+    }
+
+    #[test]
+    fn key_type_backend_is_refused() {
+        let err = form(&format!("{BASE}&key_type=backend")).unwrap_err();
+        assert!(matches!(
+            err,
+            RequestError::ForbiddenValue {
+                field: "key_type",
+                ..
+            }
+        ));
+        let err = form(&format!("{BASE}&key_type=sdk")).unwrap_err();
+        assert_eq!(field_of(err), "key_type");
+    }
+
+    #[test]
+    fn other_grant_is_refused() {
+        let err = form(&format!("{BASE}&grant=signals")).unwrap_err();
+        assert_eq!(field_of(err), "grant");
+    }
+
+    #[test]
+    fn each_required_field_is_named_when_missing() {
+        for (field, body) in [
+            ("country", "flow_id=IPF1&redirect_url=https://a.example"),
+            ("flow_id", "country=CO&redirect_url=https://a.example"),
+            ("redirect_url", "country=CO&flow_id=IPF1"),
+        ] {
+            let err = form(body).unwrap_err();
+            assert_eq!(err, RequestError::MissingField { field }, "{body}");
+        }
+    }
+
+    #[test]
+    fn empty_required_field_counts_as_missing() {
+        let err = form("country=CO&flow_id=&redirect_url=https://a.example").unwrap_err();
+        assert_eq!(err, RequestError::MissingField { field: "flow_id" });
+    }
+
+    #[test]
+    fn country_outside_the_set_is_refused() {
+        for c in ["US", "co", ""] {
+            let err = form(&BASE.replace("country=CO", &format!("country={c}"))).unwrap_err();
+            assert_eq!(field_of(err), "country", "{c}");
+        }
+    }
+
+    #[test]
+    fn every_country_in_the_set_is_accepted() {
+        for c in COUNTRIES {
+            form(&BASE.replace("country=CO", &format!("country={c}"))).unwrap();
+        }
+    }
+
+    #[test]
+    fn document_type_outside_the_set_is_refused() {
+        form(&format!("{BASE}&document_type=passport")).unwrap();
+        let err = form(&format!("{BASE}&document_type=selfie")).unwrap_err();
+        assert_eq!(field_of(err), "document_type");
+    }
+
+    #[test]
+    fn redirect_url_must_be_absolute_https() {
+        for url in [
+            "http://shop.example/done",
+            "/done",
+            "shop.example",
+            "https://",
+            "https://user@evil.example/",
+            "javascript:alert(1)",
+        ] {
+            let body = BASE.replace(
+                "redirect_url=https%3A%2F%2Fshop.example%2Fdone",
+                &format!(
+                    "redirect_url={}",
+                    form_urlencoded::byte_serialize(url.as_bytes()).collect::<String>()
+                ),
+            );
+            let err = form(&body).unwrap_err();
+            assert_eq!(field_of(err), "redirect_url", "{url}");
+        }
+    }
+
+    #[test]
+    fn account_id_must_match_its_pattern() {
+        for id in ["a b", "a/b", "ü", "x".repeat(129).as_str()] {
+            let body = BASE.replace(
+                "account_id=user-1",
+                &format!(
+                    "account_id={}",
+                    form_urlencoded::byte_serialize(id.as_bytes()).collect::<String>()
+                ),
+            );
+            let err = form(&body).unwrap_err();
+            assert_eq!(field_of(err), "account_id", "{id}");
+        }
+        form(&BASE.replace("user-1", "A_b.c-9")).unwrap();
+    }
+
+    #[test]
+    fn phone_must_be_e164() {
+        form(&format!("{BASE}&phone=%2B573100000000")).unwrap();
+        for p in ["573100000000", "%2B0573100000000", "%2B57-310", "%2B1"] {
+            let err = form(&format!("{BASE}&phone={p}")).unwrap_err();
+            assert_eq!(field_of(err), "phone", "{p}");
+        }
+        let err = form(&format!("{BASE}&phones=%2B573100000000,123")).unwrap_err();
+        assert_eq!(field_of(err), "phones");
+    }
+
+    #[test]
+    fn emails_must_be_well_formed() {
+        for e in ["user@example.com", "first.last%2Btag@sub.example.co"] {
+            form(&format!("{BASE}&emails={e}")).unwrap();
+        }
+        for e in ["nope", "a@b", "@example.com", "a..b@example.com", "a@-x.com", "a b@x.com"] {
+            let err = form(&format!("{BASE}&emails={e}")).unwrap_err();
+            assert_eq!(field_of(err), "emails", "{e}");
+        }
+    }
+
+    #[test]
+    fn repeated_and_comma_joined_emails_read_the_same() {
+        let a = form(&format!("{BASE}&emails=a@x.com&emails=b@y.com")).unwrap();
+        let b = form(&format!("{BASE}&emails=a@x.com,b@y.com")).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.emails, vec!["a@x.com", "b@y.com"]);
+    }
+
+    #[test]
+    fn control_characters_are_refused() {
+        let err = form(&format!("{BASE}&start_variables.metadata.note=a%0Ab")).unwrap_err();
+        assert_eq!(field_of(err), "start_variables.metadata.note");
+        let err = form(&BASE.replace("user-1", "user%00")).unwrap_err();
+        assert_eq!(field_of(err), "account_id");
+    }
+
+    #[test]
+    fn invalid_utf8_is_refused() {
+        let err = form(&format!("{BASE}&start_variables.metadata.note=%FF")).unwrap_err();
+        assert!(matches!(err, RequestError::InvalidField { .. }));
+    }
+
+    #[test]
+    fn duplicated_single_valued_field_is_refused() {
+        for dup in [
+            "country=CO",
+            "flow_id=IPF9",
+            "account_id=x",
+            "redirect_url=https://b.example",
+            "key_type=web&key_type=web",
+        ] {
+            let err = form(&format!("{BASE}&{dup}")).unwrap_err();
+            assert!(
+                matches!(err, RequestError::DuplicateField { .. }),
+                "{dup}: {err:?}"
+            );
+        }
+        let err = form(&format!(
+            "{BASE}&start_variables.metadata.a=1&start_variables.metadata.a=2"
+        ))
+        .unwrap_err();
+        assert!(matches!(err, RequestError::DuplicateField { .. }));
+    }
+
+    #[test]
+    fn unknown_field_is_refused_and_named() {
+        let err = form(&format!("{BASE}&expires_in=99999")).unwrap_err();
+        assert_eq!(
+            err,
+            RequestError::UnknownField {
+                field: "expires_in".into()
+            }
+        );
+    }
+
+    #[test]
+    fn metadata_is_sorted_so_order_does_not_matter() {
+        let a = form(&format!(
+            "{BASE}&start_variables.metadata.b=2&start_variables.metadata.a=1"
+        ))
+        .unwrap();
+        let b = form(&format!(
+            "start_variables.metadata.a=1&{BASE}&start_variables.metadata.b=2"
+        ))
+        .unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.metadata[0].0, "a");
+    }
+
+    #[test]
+    fn a_request_without_account_email_or_phone_names_no_user() {
+        let r = form("country=CO&flow_id=IPF1&redirect_url=https://a.example").unwrap();
+        assert!(!r.names_user());
+        let r = form("country=CO&flow_id=IPF1&redirect_url=https://a.example&phone=%2B573100000000")
+            .unwrap();
+        assert!(r.names_user());
+    }
+
+    #[test]
+    fn json_body_reads_like_the_form() {
+        let json = r#"{"account_id":"user-1","redirect_url":"https://shop.example/done","flow_id":"IPF123abc","country":"CO"}"#;
+        assert_eq!(
+            TokenRequest::from_json(json.as_bytes()).unwrap(),
+            form(BASE).unwrap()
+        );
+    }
+
+    #[test]
+    fn json_lists_numbers_and_nested_metadata_are_accepted() {
+        let json = r#"{"country":"CO","flow_id":"IPF1","redirect_url":"https://a.example",
+            "emails":["a@x.com","b@y.com"],"api_key_version":1,
+            "start_variables":{"metadata":{"order":"42"}}}"#;
+        let r = TokenRequest::from_json(json.as_bytes()).unwrap();
+        assert_eq!(r.emails, vec!["a@x.com", "b@y.com"]);
+        assert_eq!(r.api_key_version.as_deref(), Some("1"));
+        assert_eq!(r.metadata, vec![("order".into(), "42".into())]);
+        let flat = r#"{"country":"CO","flow_id":"IPF1","redirect_url":"https://a.example",
+            "emails":"a@x.com,b@y.com","api_key_version":"1","start_variables.metadata.order":"42"}"#;
+        assert_eq!(TokenRequest::from_json(flat.as_bytes()).unwrap(), r);
+    }
+
+    #[test]
+    fn json_duplicate_keys_are_refused() {
+        let json = r#"{"country":"CO","country":"BR","flow_id":"IPF1","redirect_url":"https://a.example"}"#;
+        let err = TokenRequest::from_json(json.as_bytes()).unwrap_err();
+        assert!(matches!(err, RequestError::DuplicateField { .. }));
+    }
+
+    #[test]
+    fn json_of_the_wrong_shape_is_a_clear_error() {
+        for body in ["[1]", "{", "nope", r#"{"country":"CO"} trailing"#] {
+            let err = TokenRequest::from_json(body.as_bytes()).unwrap_err();
+            assert!(
+                matches!(err, RequestError::MalformedBody { .. }),
+                "{body}: {err:?}"
+            );
+        }
+        let err = TokenRequest::from_json(br#"{"country":["CO"]}"#).unwrap_err();
+        assert_eq!(field_of(err), "country");
+        let err = TokenRequest::from_json(br#"{"country":true}"#).unwrap_err();
+        assert_eq!(field_of(err), "country");
+    }
+
+    #[test]
+    fn upstream_form_sets_key_type_and_grant_and_forwards_every_field() {
+        let r = form(&format!(
+            "{BASE}&emails=a@x.com&emails=b@y.com&start_variables.metadata.k=v"
+        ))
+        .unwrap();
+        let f = r.upstream_form(ArrayEncoding::Repeat);
+        let pairs: Vec<(String, String)> = form_urlencoded::parse(f.as_bytes())
+            .into_owned()
+            .collect();
+        assert_eq!(pairs[0], ("key_type".into(), "web".into()));
+        assert_eq!(pairs[1], ("grant".into(), "digital-identity".into()));
+        assert!(pairs.contains(&("emails".into(), "a@x.com".into())));
+        assert!(pairs.contains(&("emails".into(), "b@y.com".into())));
+        assert!(pairs.contains(&("start_variables.metadata.k".into(), "v".into())));
+        assert!(pairs.contains(&("redirect_url".into(), "https://shop.example/done".into())));
+        let f = r.upstream_form(ArrayEncoding::Comma);
+        assert!(f.contains("emails=a%40x.com%2Cb%40y.com"), "{f}");
+    }
+
+    #[test]
+    fn invalidation_filter_needs_flow_or_account() {
+        assert_eq!(
+            invalidation_filter("").unwrap_err(),
+            RequestError::MissingFilter
+        );
+        let (f, a) = invalidation_filter("flow_id=IPF1").unwrap();
+        assert_eq!((f.as_deref(), a), (Some("IPF1"), None));
+        assert!(invalidation_filter("account_id=a%20b").is_err());
+        assert!(invalidation_filter("user=x").is_err());
+        assert!(invalidation_filter("flow_id=a&flow_id=b").is_err());
+    }
+}
