@@ -201,14 +201,21 @@ mod tests {
         assert_ne!(base, key("c", &req(&BASE.replace("u1", "u2"))));
         assert_ne!(base, key("c", &req(&BASE.replace("IPF1", "IPF2"))));
         assert_ne!(base, key("c", &req(&BASE.replace("CO", "BR"))));
-        assert_ne!(base, key("c", &req(&format!("{BASE}&document_type=passport"))));
+        assert_ne!(
+            base,
+            key("c", &req(&format!("{BASE}&document_type=passport")))
+        );
     }
 
     #[test]
     fn delimiter_tricks_do_not_collide() {
         // The same bytes split differently between two metadata fields.
-        let a = req(&format!("{BASE}&start_variables.metadata.a=1b&start_variables.metadata.c=2"));
-        let b = req(&format!("{BASE}&start_variables.metadata.a=1&start_variables.metadata.bc=2"));
+        let a = req(&format!(
+            "{BASE}&start_variables.metadata.a=1b&start_variables.metadata.c=2"
+        ));
+        let b = req(&format!(
+            "{BASE}&start_variables.metadata.a=1&start_variables.metadata.bc=2"
+        ));
         assert_ne!(key("c", &a), key("c", &b));
         // One email with a comma-like join versus two emails.
         let one = req(&format!("{BASE}&emails=a@x.com"));

@@ -1,1 +1,325 @@
-pub fn main() -> std::process::ExitCode { std::process::ExitCode::SUCCESS }
+//! The command line: `serve`, `demo`, `check-config` and `hash-secret`.
+//!
+//! Exit statuses: 0 on success; 64 (EX_USAGE) for a configuration that cannot be used, reported
+//! before any socket is bound; 1 for a failure at run time (a port already taken, say).
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::config::{ClientConfig, Config, ConfigError};
+use crate::sandbox::{Sandbox, SandboxOptions};
+use crate::secret::{hex, MasterKey, SecretDigest};
+use crate::server::Server;
+
+/// Exit status for an unusable configuration (sysexits' EX_USAGE).
+pub const EXIT_CONFIG: u8 = 64;
+/// The demo client's secret, printed in the demo's curl commands.
+pub const DEMO_SECRET: &str = "demo-secret";
+
+/// Holds Truora's master API key alone and hands short-lived Web Integration Tokens to
+/// authenticated internal callers, reusing each token until it nears expiry.
+#[derive(Debug, Parser)]
+#[command(name = "token-broker", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the broker with a config file.
+    Serve {
+        /// The TOML config file.
+        #[arg(long, env = "TOKEN_BROKER_CONFIG", value_name = "FILE")]
+        config: PathBuf,
+        /// Log format on stderr.
+        #[arg(long, env = "TOKEN_BROKER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
+    },
+    /// Run the broker in front of an embedded sandbox Truora, with one demo client, and print
+    /// ready-to-paste curl commands. Needs nothing else.
+    Demo {
+        /// Address of the caller API.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Address of the admin endpoints.
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin_listen: SocketAddr,
+    },
+    /// Validate a config file (and that the master key can be read), then exit: 0 when good,
+    /// 64 with a message naming the bad key when not.
+    CheckConfig {
+        /// The TOML config file.
+        #[arg(long, env = "TOKEN_BROKER_CONFIG", value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Read a caller secret on stdin (a trailing newline is not part of it) and print its hex
+    /// SHA-256 for `[[clients]] token_sha256`.
+    HashSecret,
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Runs the command line and returns the process exit status.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { config, log_format } => {
+            init_logging(log_format);
+            match load(&config) {
+                Ok((config, key)) => run(async move { serve(config, key).await }),
+                Err(e) => config_failure(&e),
+            }
+        }
+        Command::Demo {
+            listen,
+            admin_listen,
+        } => {
+            init_logging(LogFormat::Text);
+            run(demo(listen, admin_listen))
+        }
+        Command::CheckConfig { config } => match load(&config) {
+            Ok((c, _)) => {
+                println!(
+                    "{}: ok ({} caller(s); callers on {}, admin on {})",
+                    config.display(),
+                    c.clients.len(),
+                    c.server.listen,
+                    c.server.admin_listen
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => config_failure(&e),
+        },
+        Command::HashSecret => hash_secret(),
+    }
+}
+
+fn load(path: &std::path::Path) -> Result<(Config, MasterKey), ConfigError> {
+    let config = Config::load(path)?;
+    let key = config.master_key()?;
+    Ok((config, key))
+}
+
+fn config_failure(e: &ConfigError) -> ExitCode {
+    eprintln!("token-broker: bad configuration: {e}");
+    ExitCode::from(EXIT_CONFIG)
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+fn run(fut: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("token-broker: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(fut) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("token-broker: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: Config, key: MasterKey) -> Result<(), String> {
+    let server = Server::from_config(&config, key)
+        .await
+        .map_err(|e| e.to_string())?;
+    if config.upstream.account_url.starts_with("http://") {
+        tracing::warn!(
+            account_url = %config.upstream.account_url,
+            "upstream.account_url is plain http: the master key crosses the network unencrypted"
+        );
+    }
+    log_ready(&server, config.clients.len())?;
+    server.run(shutdown_signal()).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn log_ready(server: &Server, callers: usize) -> Result<(), String> {
+    let caller = server.caller_addr().map_err(|e| e.to_string())?;
+    let admin = server.admin_addr().map_err(|e| e.to_string())?;
+    tracing::info!(
+        listen = %caller,
+        admin_listen = %admin,
+        callers,
+        "token-broker {} ready",
+        env!("CARGO_PKG_VERSION")
+    );
+    Ok(())
+}
+
+/// Completes on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    tracing::info!("shutdown requested");
+}
+
+async fn demo(listen: SocketAddr, admin_listen: SocketAddr) -> Result<(), String> {
+    let mut raw_key = [0u8; 24];
+    getrandom::fill(&mut raw_key).map_err(|e| e.to_string())?;
+    let master_key = format!("sandbox-{}", hex(&raw_key));
+    let sandbox = Sandbox::start(SandboxOptions::new(master_key.clone()))
+        .await
+        .map_err(|e| format!("cannot start the sandbox upstream: {e}"))?;
+    let config = demo_config(&sandbox.url(), listen, admin_listen);
+    config.validate().map_err(|e| e.to_string())?;
+    let key = MasterKey::new(&master_key).ok_or("empty sandbox key")?;
+    let server = Server::from_config(&config, key)
+        .await
+        .map_err(|e| format!("{e} (choose others with --listen and --admin-listen)"))?;
+    let caller = server.caller_addr().map_err(|e| e.to_string())?;
+    let admin = server.admin_addr().map_err(|e| e.to_string())?;
+    log_ready(&server, 1)?;
+    println!("{}", demo_instructions(caller, admin, &sandbox.url()));
+    server.run(shutdown_signal()).await;
+    Ok(())
+}
+
+/// The demo's configuration: the sandbox as upstream, one client `demo` with [`DEMO_SECRET`].
+pub fn demo_config(sandbox_url: &str, listen: SocketAddr, admin_listen: SocketAddr) -> Config {
+    let mut config = Config::default();
+    config.server.listen = listen;
+    config.server.admin_listen = admin_listen;
+    config.server.shutdown_timeout = Duration::from_secs(2);
+    config.upstream.account_url = sandbox_url.to_owned();
+    config.upstream.web_url = sandbox_url.to_owned();
+    config.clients.push(ClientConfig {
+        id: "demo".into(),
+        token_sha256: SecretDigest::of(DEMO_SECRET.as_bytes()).to_hex(),
+    });
+    config
+}
+
+/// What `demo` prints: where things are and curl commands to paste.
+pub fn demo_instructions(caller: SocketAddr, admin: SocketAddr, sandbox: &str) -> String {
+    let base = format!("http://{caller}");
+    format!(
+        r#"
+token-broker demo is running.
+  caller API : {base}   (client "demo", secret "{DEMO_SECRET}")
+  admin      : http://{admin}   (/metrics, /healthz, /readyz)
+  upstream   : {sandbox}   (embedded sandbox Truora: real JWTs, Truora's error shapes)
+
+Mint a token (run it twice: the second answer says "cache":"hit" and carries the same api_key):
+
+  curl -s -X POST {base}/v1/tokens -H 'Authorization: Bearer {DEMO_SECRET}' \
+    -d country=CO -d flow_id=IPF0123456789abcdef -d redirect_url=https://example.com/done -d account_id=demo-user-1
+
+The same as JSON:
+
+  curl -s -X POST {base}/v1/tokens -H 'Authorization: Bearer {DEMO_SECRET}' -H 'Content-Type: application/json' \
+    -d '{{"country":"CO","flow_id":"IPF0123456789abcdef","redirect_url":"https://example.com/done","account_id":"demo-user-1"}}'
+
+Drop-in for Truora's own endpoint (same form, Truora's answer shape):
+
+  curl -s -X POST {base}/v1/api-keys -H 'Authorization: Bearer {DEMO_SECRET}' \
+    -d key_type=web -d grant=digital-identity -d country=CO -d flow_id=IPF0123456789abcdef \
+    -d redirect_url=https://example.com/done -d account_id=demo-user-1
+
+Forget the cached tokens of a user:
+
+  curl -s -X DELETE '{base}/v1/tokens?account_id=demo-user-1' -H 'Authorization: Bearer {DEMO_SECRET}'
+
+Refused before anything goes upstream (a permanent key, a bad country):
+
+  curl -s -X POST {base}/v1/tokens -H 'Authorization: Bearer {DEMO_SECRET}' \
+    -d key_type=backend -d country=CO -d flow_id=IPF1 -d redirect_url=https://example.com/done
+
+Truora failing (flow IPFsandbox429 answers 429, IPFsandbox500 a 500, IPFsandbox401 a rejected key):
+
+  curl -s -i -X POST {base}/v1/tokens -H 'Authorization: Bearer {DEMO_SECRET}' \
+    -d country=CO -d flow_id=IPFsandbox429 -d redirect_url=https://example.com/done -d account_id=demo-user-1
+
+Metrics:
+
+  curl -s http://{admin}/metrics | grep ^token_broker_
+
+Ctrl-C stops the demo.
+"#
+    )
+}
+
+fn hash_secret() -> ExitCode {
+    let mut input = Vec::new();
+    if let Err(e) = std::io::stdin().read_to_end(&mut input) {
+        eprintln!("token-broker: cannot read stdin: {e}");
+        return ExitCode::FAILURE;
+    }
+    let secret = zeroize::Zeroizing::new(input);
+    let mut end = secret.len();
+    if secret[..end].ends_with(b"\n") {
+        end -= 1;
+        if secret[..end].ends_with(b"\r") {
+            end -= 1;
+        }
+    }
+    let secret = &secret[..end];
+    if secret.is_empty() {
+        eprintln!("token-broker: the secret on stdin is empty");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    if secret
+        .iter()
+        .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+    {
+        eprintln!("token-broker: the secret holds white space or control characters; callers could not send it as a bearer token");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    if secret.len() < 16 {
+        eprintln!("token-broker: warning: a secret of fewer than 16 characters is easy to guess");
+    }
+    println!("{}", SecretDigest::of(secret).to_hex());
+    ExitCode::SUCCESS
+}

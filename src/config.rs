@@ -21,7 +21,7 @@ pub const API_KEY_ENV: &str = "TRUORA_API_KEY";
 pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(2 * 60 * 60);
 
 /// The whole file.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Where the broker listens.
@@ -478,10 +478,7 @@ token_sha256 = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad
             err_key(&GOOD.replace("\"5s\"", "\"0s\"")),
             "upstream.timeout"
         );
-        assert_eq!(
-            err_key(&GOOD.replace("100000", "0")),
-            "cache.max_entries"
-        );
+        assert_eq!(err_key(&GOOD.replace("100000", "0")), "cache.max_entries");
     }
 
     #[test]
@@ -509,7 +506,10 @@ token_sha256 = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad
         let c = Config::parse(GOOD).unwrap();
         let err = c.master_key_with(None).unwrap_err().to_string();
         assert!(err.contains("TRUORA_API_KEY"), "{err}");
-        let err = c.master_key_with(Some("  ".into())).unwrap_err().to_string();
+        let err = c
+            .master_key_with(Some("  ".into()))
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("upstream.api_key_file"), "{err}");
     }
 
@@ -517,7 +517,10 @@ token_sha256 = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad
     fn unreadable_key_file_names_the_key() {
         let mut c = Config::parse(GOOD).unwrap();
         c.upstream.api_key_file = Some("/nonexistent/key".into());
-        let err = c.master_key_with(Some("env".into())).unwrap_err().to_string();
+        let err = c
+            .master_key_with(Some("env".into()))
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("upstream.api_key_file"), "{err}");
     }
 }

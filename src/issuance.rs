@@ -205,7 +205,12 @@ impl Issuer {
     }
 
     /// One upstream call for `key`, shared by every waiter. Runs in its own task.
-    async fn fly(self: Arc<Self>, key: CacheKey, subject: Subject, tx: watch::Sender<FlightResult>) {
+    async fn fly(
+        self: Arc<Self>,
+        key: CacheKey,
+        subject: Subject,
+        tx: watch::Sender<FlightResult>,
+    ) {
         struct Leave<'a>(&'a Issuer, CacheKey);
         impl Drop for Leave<'_> {
             fn drop(&mut self) {

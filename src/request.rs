@@ -303,13 +303,14 @@ impl<'a> Fields<'a> {
             }
             "country" => {
                 once(&mut self.country, "country")?;
-                self.req.country = COUNTRIES
-                    .iter()
-                    .find(|c| **c == value)
-                    .ok_or(RequestError::InvalidField {
-                        field: "country".into(),
-                        rule: "must be one of ALL, BR, CL, CO, CR, EC, MX, PE, AR, SV".into(),
-                    })?;
+                self.req.country =
+                    COUNTRIES
+                        .iter()
+                        .find(|c| **c == value)
+                        .ok_or(RequestError::InvalidField {
+                            field: "country".into(),
+                            rule: "must be one of ALL, BR, CL, CO, CR, EC, MX, PE, AR, SV".into(),
+                        })?;
             }
             "flow_id" => {
                 set_once(&mut self.req.flow_id, "flow_id", value)?;
@@ -328,10 +329,11 @@ impl<'a> Fields<'a> {
                         .iter()
                         .find(|d| **d == value)
                         .ok_or(RequestError::InvalidField {
-                            field: "document_type".into(),
-                            rule: "must be one of passport, driver-license, foreign-id, national-id, pep"
+                        field: "document_type".into(),
+                        rule:
+                            "must be one of passport, driver-license, foreign-id, national-id, pep"
                                 .into(),
-                        })?,
+                    })?,
                 );
             }
             "account_id" => {
@@ -386,8 +388,9 @@ impl<'a> Fields<'a> {
                 {
                     return Err(RequestError::InvalidField {
                         field: field_name(name_str),
-                        rule: "metadata names must be 1 to 64 characters of A-Z, a-z, 0-9, '_', '-'"
-                            .into(),
+                        rule:
+                            "metadata names must be 1 to 64 characters of A-Z, a-z, 0-9, '_', '-'"
+                                .into(),
                     });
                 }
                 check_text_len(name_str, &value, MAX_VALUE_LEN)?;
@@ -491,7 +494,10 @@ fn split_list(value: Cow<'_, str>) -> Vec<Cow<'_, str>> {
     }
     match value {
         Cow::Borrowed(v) => v.split(',').map(|s| Cow::Borrowed(s.trim())).collect(),
-        Cow::Owned(v) => v.split(',').map(|s| Cow::Owned(s.trim().to_owned())).collect(),
+        Cow::Owned(v) => v
+            .split(',')
+            .map(|s| Cow::Owned(s.trim().to_owned()))
+            .collect(),
     }
 }
 
@@ -501,11 +507,7 @@ fn is_list_field(name: &str) -> bool {
 
 /// A field name safe to put in an error: no control characters, at most 64 characters.
 fn field_name(name: &str) -> Cow<'static, str> {
-    let clean: String = name
-        .chars()
-        .filter(|c| !c.is_control())
-        .take(64)
-        .collect();
+    let clean: String = name.chars().filter(|c| !c.is_control()).take(64).collect();
     Cow::Owned(clean)
 }
 
@@ -538,8 +540,9 @@ fn check_flow_id(value: &str) -> Result<(), RequestError> {
     {
         return Err(RequestError::InvalidField {
             field: "flow_id".into(),
-            rule: "must be 1 to 64 characters of A-Z, a-z, 0-9, '_', '-' (a flow id such as IPF...)"
-                .into(),
+            rule:
+                "must be 1 to 64 characters of A-Z, a-z, 0-9, '_', '-' (a flow id such as IPF...)"
+                    .into(),
         });
     }
     Ok(())
@@ -879,7 +882,14 @@ mod tests {
         for e in ["user@example.com", "first.last%2Btag@sub.example.co"] {
             form(&format!("{BASE}&emails={e}")).unwrap();
         }
-        for e in ["nope", "a@b", "@example.com", "a..b@example.com", "a@-x.com", "a b@x.com"] {
+        for e in [
+            "nope",
+            "a@b",
+            "@example.com",
+            "a..b@example.com",
+            "a@-x.com",
+            "a b@x.com",
+        ] {
             let err = form(&format!("{BASE}&emails={e}")).unwrap_err();
             assert_eq!(field_of(err), "emails", "{e}");
         }
@@ -958,8 +968,9 @@ mod tests {
     fn a_request_without_account_email_or_phone_names_no_user() {
         let r = form("country=CO&flow_id=IPF1&redirect_url=https://a.example").unwrap();
         assert!(!r.names_user());
-        let r = form("country=CO&flow_id=IPF1&redirect_url=https://a.example&phone=%2B573100000000")
-            .unwrap();
+        let r =
+            form("country=CO&flow_id=IPF1&redirect_url=https://a.example&phone=%2B573100000000")
+                .unwrap();
         assert!(r.names_user());
     }
 
@@ -1015,9 +1026,8 @@ mod tests {
         ))
         .unwrap();
         let f = r.upstream_form(ArrayEncoding::Repeat);
-        let pairs: Vec<(String, String)> = form_urlencoded::parse(f.as_bytes())
-            .into_owned()
-            .collect();
+        let pairs: Vec<(String, String)> =
+            form_urlencoded::parse(f.as_bytes()).into_owned().collect();
         assert_eq!(pairs[0], ("key_type".into(), "web".into()));
         assert_eq!(pairs[1], ("grant".into(), "digital-identity".into()));
         assert!(pairs.contains(&("emails".into(), "a@x.com".into())));

@@ -41,9 +41,9 @@ pub fn lifetime(token: &str) -> Option<Duration> {
 pub fn plausible(token: &str) -> bool {
     !token.is_empty()
         && token.len() <= MAX_TOKEN_LEN
-        && token
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'+' | b'/' | b'='))
+        && token.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'+' | b'/' | b'=')
+        })
 }
 
 #[cfg(test)]

@@ -87,8 +87,8 @@ impl TruoraClient {
     }
 
     async fn call(&self, form: String) -> Result<String, UpstreamError> {
-        let mut key = HeaderValue::from_str(self.key.expose())
-            .map_err(|_| UpstreamError::BadResponse {
+        let mut key =
+            HeaderValue::from_str(self.key.expose()).map_err(|_| UpstreamError::BadResponse {
                 reason: "the master key holds characters not allowed in a header",
             })?;
         key.set_sensitive(true);
@@ -98,7 +98,10 @@ impl TruoraClient {
             .header(API_KEY_HEADER, key)
             .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
             .header(ACCEPT, "application/json")
-            .header(USER_AGENT, concat!("token-broker/", env!("CARGO_PKG_VERSION")))
+            .header(
+                USER_AGENT,
+                concat!("token-broker/", env!("CARGO_PKG_VERSION")),
+            )
             .body(Full::new(Bytes::from(form)))
             .map_err(|_| UpstreamError::Unreachable)?;
         let exchange = async {
@@ -172,10 +175,8 @@ pub fn read_answer(
 ) -> Result<String, UpstreamError> {
     match status {
         200 | 201 => {
-            let answer: Answer =
-                serde_json::from_slice(body).map_err(|_| UpstreamError::BadResponse {
-                    reason: "not JSON",
-                })?;
+            let answer: Answer = serde_json::from_slice(body)
+                .map_err(|_| UpstreamError::BadResponse { reason: "not JSON" })?;
             let token = match (answer.api_key, answer.code) {
                 (Some(t), _) => t,
                 (None, Some(serde_json::Value::String(t))) => t,
