@@ -105,7 +105,7 @@ pub struct CacheConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClientConfig {
-    /// The caller's name: in metrics labels, logs and the cache key. `[a-z0-9_.-]`, at most 64.
+    /// The caller's name: in logs and the cache key. `[a-z0-9_.-]`, at most 64.
     pub id: String,
     /// Hex SHA-256 of the caller's bearer secret (`token-broker hash-secret` prints it).
     pub token_sha256: String,
@@ -224,7 +224,7 @@ impl Config {
     /// Checks every rule that the types alone do not.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let s = &self.server;
-        if s.listen == s.admin_listen {
+        if s.listen == s.admin_listen && s.listen.port() != 0 {
             return Err(invalid(
                 "server.admin_listen",
                 "must differ from server.listen: the admin endpoints never share the token API's port",

@@ -230,10 +230,17 @@ impl<'a> TokenRequest<'a> {
     }
 }
 
+/// What `DELETE /v1/tokens` drops: the caller's tokens for this flow and/or this account.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidationFilter<'a> {
+    /// Only tokens minted for this flow.
+    pub flow_id: Option<Cow<'a, str>>,
+    /// Only tokens minted for this account_id.
+    pub account_id: Option<Cow<'a, str>>,
+}
+
 /// Parses a `DELETE /v1/tokens` query: `flow_id`, `account_id`, at least one of the two.
-pub fn invalidation_filter(
-    query: &str,
-) -> Result<(Option<Cow<'_, str>>, Option<Cow<'_, str>>), RequestError> {
+pub fn invalidation_filter(query: &str) -> Result<InvalidationFilter<'_>, RequestError> {
     let mut flow_id = None;
     let mut account_id = None;
     for (name, value) in form_urlencoded::parse(query.as_bytes()) {
@@ -267,7 +274,10 @@ pub fn invalidation_filter(
     if flow_id.is_none() && account_id.is_none() {
         return Err(RequestError::MissingFilter);
     }
-    Ok((flow_id, account_id))
+    Ok(InvalidationFilter {
+        flow_id,
+        account_id,
+    })
 }
 
 /// The fields as they arrive, before the whole-request rules are applied.
@@ -303,6 +313,9 @@ impl<'a> Fields<'a> {
             }
             "country" => {
                 once(&mut self.country, "country")?;
+                if value.is_empty() {
+                    return Err(RequestError::MissingField { field: "country" });
+                }
                 self.req.country =
                     COUNTRIES
                         .iter()
@@ -1044,8 +1057,8 @@ mod tests {
             invalidation_filter("").unwrap_err(),
             RequestError::MissingFilter
         );
-        let (f, a) = invalidation_filter("flow_id=IPF1").unwrap();
-        assert_eq!((f.as_deref(), a), (Some("IPF1"), None));
+        let f = invalidation_filter("flow_id=IPF1").unwrap();
+        assert_eq!((f.flow_id.as_deref(), f.account_id), (Some("IPF1"), None));
         assert!(invalidation_filter("account_id=a%20b").is_err());
         assert!(invalidation_filter("user=x").is_err());
         assert!(invalidation_filter("flow_id=a&flow_id=b").is_err());

@@ -397,10 +397,12 @@ where
 }
 
 fn invalidate<B>(state: &State, authed: &Authed<B>) -> Result<HttpResponse, BrokerError> {
-    let (flow_id, account_id) = invalidation_filter(authed.req.uri().query().unwrap_or(""))?;
-    let n = state
-        .issuer
-        .invalidate(&authed.caller.id, flow_id.as_deref(), account_id.as_deref());
+    let filter = invalidation_filter(authed.req.uri().query().unwrap_or(""))?;
+    let n = state.issuer.invalidate(
+        &authed.caller.id,
+        filter.flow_id.as_deref(),
+        filter.account_id.as_deref(),
+    );
     let mut response = Response::new(Full::new(Bytes::from(format!("{{\"invalidated\":{n}}}"))));
     let h = response.headers_mut();
     h.insert(CONTENT_TYPE, JSON.clone());
@@ -601,5 +603,389 @@ fn connection(
             tracing::warn!("accept failed: {e}");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ArrayEncoding, Client};
+    use crate::error::UpstreamError;
+    use crate::issuance::IssuerSettings;
+    use crate::secret::SecretDigest;
+    use crate::upstream::{Mint, MintFuture};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    use tower::ServiceExt;
+
+    const SECRET: &str = "s3cret-checkout-0123456789";
+    const FORM: &str =
+        "country=CO&flow_id=IPF1&redirect_url=https%3A%2F%2Fshop.example%2Fdone&account_id=u1";
+
+    /// Counts calls; answers a two-hour JWT, or the error set in `fail`.
+    #[derive(Default)]
+    struct Fake {
+        calls: AtomicUsize,
+        fail: Mutex<Option<UpstreamError>>,
+    }
+
+    struct Handle(Arc<Fake>);
+    impl Mint for Handle {
+        fn mint(&self, _form: String) -> MintFuture {
+            let n = self.0.calls.fetch_add(1, Ordering::SeqCst);
+            let fail = self.0.fail.lock().unwrap().clone();
+            Box::pin(async move {
+                match fail {
+                    Some(e) => Err(e),
+                    None => {
+                        use base64::Engine;
+                        let e = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+                        Ok(format!(
+                            "h.{}.s",
+                            e.encode(format!(r#"{{"iat":0,"exp":7200,"jti":"{n}"}}"#))
+                        ))
+                    }
+                }
+            })
+        }
+    }
+
+    fn state() -> (Arc<State>, Arc<Fake>) {
+        let fake = Arc::new(Fake::default());
+        let metrics = Arc::new(Metrics::new(prometheus::Registry::new()).unwrap());
+        let issuer = Issuer::new(
+            IssuerSettings {
+                min_remaining: Duration::from_secs(900),
+                max_entries: 100,
+                web_url: "https://identity.truora.com".into(),
+                array_encoding: ArrayEncoding::Repeat,
+            },
+            Arc::new(Handle(Arc::clone(&fake))),
+            Arc::clone(&metrics),
+        );
+        let clients = Clients::new(vec![Client {
+            id: "checkout".into(),
+            digest: SecretDigest::of(SECRET.as_bytes()),
+        }]);
+        let state = Arc::new(State {
+            issuer,
+            clients,
+            metrics,
+            max_body_bytes: 1024,
+        });
+        (state, fake)
+    }
+
+    fn post(path: &str, content_type: &str, body: &str) -> Request<Full<Bytes>> {
+        Request::post(path)
+            .header(http::header::AUTHORIZATION, format!("Bearer {SECRET}"))
+            .header(CONTENT_TYPE, content_type)
+            .body(Full::new(Bytes::from(body.to_owned())))
+            .unwrap()
+    }
+
+    fn form(path: &str, body: &str) -> Request<Full<Bytes>> {
+        post(path, "application/x-www-form-urlencoded", body)
+    }
+
+    async fn call<B>(
+        state: &Arc<State>,
+        req: Request<B>,
+    ) -> (StatusCode, http::HeaderMap, serde_json::Value)
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: std::error::Error + Send + Sync + 'static,
+    {
+        let response = caller_service(Arc::clone(state))
+            .oneshot(req)
+            .await
+            .unwrap();
+        let (parts, body) = response.into_parts();
+        let bytes = body.collect().await.unwrap().to_bytes();
+        let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+        (parts.status, parts.headers, json)
+    }
+
+    #[tokio::test]
+    async fn a_form_request_is_minted_then_served_from_cache() {
+        let (state, fake) = state();
+        let (status, headers, first) = call(&state, form("/v1/tokens", FORM)).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(headers[CACHE_CONTROL], "no-store");
+        assert_eq!(headers["x-cache"], "MISS");
+        assert_eq!(first["cache"], "miss");
+        let (_, headers, second) = call(&state, form("/v1/tokens", FORM)).await;
+        assert_eq!(headers["x-cache"], "HIT");
+        assert_eq!(second["cache"], "hit");
+        assert_eq!(first["api_key"], second["api_key"]);
+        assert_eq!(fake.calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_json_request_shares_the_form_requests_token() {
+        let (state, fake) = state();
+        let (_, _, a) = call(&state, form("/v1/tokens", FORM)).await;
+        let json = r#"{"account_id":"u1","country":"CO","flow_id":"IPF1","redirect_url":"https://shop.example/done"}"#;
+        let (status, _, b) = call(
+            &state,
+            post("/v1/tokens", "application/json; charset=utf-8", json),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(a["api_key"], b["api_key"]);
+        assert_eq!(fake.calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn no_credentials_is_401_with_www_authenticate_and_no_upstream_call() {
+        let (state, fake) = state();
+        let mut req = form("/v1/tokens", FORM);
+        req.headers_mut().remove(http::header::AUTHORIZATION);
+        let (status, headers, body) = call(&state, req).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert!(headers[WWW_AUTHENTICATE]
+            .to_str()
+            .unwrap()
+            .starts_with("Bearer"));
+        assert_eq!(body["error"], "unauthorized");
+        assert_eq!(fake.calls.load(Ordering::SeqCst), 0);
+        let text = String::from_utf8(state.metrics.render()).unwrap();
+        assert!(text.contains(r#"token_broker_auth_failures_total{reason="missing"} 1"#));
+    }
+
+    #[tokio::test]
+    async fn a_wrong_secret_is_401() {
+        let (state, fake) = state();
+        let mut req = form("/v1/tokens", FORM);
+        req.headers_mut().insert(
+            http::header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer not-the-secret"),
+        );
+        let (status, _, _) = call(&state, req).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert_eq!(fake.calls.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn a_truora_api_key_header_is_400() {
+        let (state, fake) = state();
+        let mut req = form("/v1/tokens", FORM);
+        req.headers_mut()
+            .insert("truora-api-key", HeaderValue::from_static("anything"));
+        let (status, _, body) = call(&state, req).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(body["error"], "master_key_header_forbidden");
+        assert_eq!(fake.calls.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn key_type_backend_is_400_naming_the_field_with_no_upstream_call() {
+        let (state, fake) = state();
+        let (status, _, body) = call(
+            &state,
+            form("/v1/tokens", &format!("{FORM}&key_type=backend")),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(body["field"], "key_type");
+        assert_eq!(fake.calls.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn another_content_type_is_415() {
+        let (state, _) = state();
+        let (status, _, body) = call(&state, post("/v1/tokens", "text/plain", FORM)).await;
+        assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        assert_eq!(body["error"], "unsupported_media_type");
+        let mut req = form("/v1/tokens", FORM);
+        req.headers_mut().remove(CONTENT_TYPE);
+        assert_eq!(
+            call(&state, req).await.0,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE
+        );
+    }
+
+    /// A body that fails the test if anyone reads it.
+    struct Untouchable;
+    impl Body for Untouchable {
+        type Data = Bytes;
+        type Error = std::io::Error;
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<http_body::Frame<Bytes>, std::io::Error>>> {
+            panic!("the body was read although its Content-Length is over the limit");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_oversized_content_length_is_413_before_the_body_is_read() {
+        let (state, _) = state();
+        let req = Request::post("/v1/tokens")
+            .header(http::header::AUTHORIZATION, format!("Bearer {SECRET}"))
+            .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .header(CONTENT_LENGTH, "1000000")
+            .body(Untouchable)
+            .unwrap();
+        let (status, _, body) = call(&state, req).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(body["error"], "payload_too_large");
+    }
+
+    /// A body of `n` chunks of 256 bytes with no length announced.
+    struct Chunks(usize);
+    impl Body for Chunks {
+        type Data = Bytes;
+        type Error = std::io::Error;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<http_body::Frame<Bytes>, std::io::Error>>> {
+            if self.0 == 0 {
+                return Poll::Ready(None);
+            }
+            self.0 -= 1;
+            Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from(vec![
+                b'a';
+                256
+            ])))))
+        }
+    }
+
+    #[tokio::test]
+    async fn an_oversized_body_without_length_is_413_while_reading() {
+        let (state, fake) = state();
+        let req = Request::post("/v1/tokens")
+            .header(http::header::AUTHORIZATION, format!("Bearer {SECRET}"))
+            .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .body(Chunks(1000))
+            .unwrap();
+        let (status, _, _) = call(&state, req).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(fake.calls.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn the_drop_in_answers_in_truoras_shapes() {
+        let (state, _) = state();
+        let body = format!("key_type=web&grant=digital-identity&{FORM}");
+        let (status, headers, ok) = call(&state, form("/v1/api-keys", &body)).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(headers["x-cache"], "MISS");
+        assert!(ok["api_key"].is_string());
+        assert_eq!(ok["message"], "API key created successfully");
+        let (status, _, err) = call(&state, form("/v1/api-keys", "country=XX")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(err["code"], 10400);
+        assert_eq!(err["http_code"], 400);
+        assert!(err["message"].as_str().unwrap().contains("country"));
+    }
+
+    #[tokio::test]
+    async fn upstream_failures_map_to_502_503_and_504() {
+        let (state, fake) = state();
+        let cases = [
+            (
+                UpstreamError::CredentialRejected { status: 401 },
+                502,
+                "upstream_credential_rejected",
+            ),
+            (
+                UpstreamError::ServerError { status: 500 },
+                502,
+                "upstream_unavailable",
+            ),
+            (UpstreamError::Timeout, 504, "upstream_timeout"),
+            (
+                UpstreamError::Throttled {
+                    retry_after: Duration::from_secs(9),
+                },
+                503,
+                "upstream_throttled",
+            ),
+        ];
+        for (err, status, code) in cases {
+            *fake.fail.lock().unwrap() = Some(err);
+            let (got, headers, json) = call(&state, form("/v1/tokens", FORM)).await;
+            assert_eq!(got.as_u16(), status, "{code}");
+            assert_eq!(json["error"], code);
+            assert!(json["message"].is_string());
+            if status == 503 {
+                assert_eq!(headers[RETRY_AFTER], "9");
+            }
+        }
+        // Failures are not cached: the next request mints.
+        *fake.fail.lock().unwrap() = None;
+        let (got, headers, _) = call(&state, form("/v1/tokens", FORM)).await;
+        assert_eq!(got, StatusCode::OK);
+        assert_eq!(headers["x-cache"], "MISS");
+        assert_eq!(fake.calls.load(Ordering::SeqCst), 5);
+    }
+
+    #[tokio::test]
+    async fn unknown_paths_are_404_and_wrong_methods_405_with_allow() {
+        let (state, _) = state();
+        let (status, _, _) = call(&state, form("/v1/nope", FORM)).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        let req = Request::get("/v1/tokens")
+            .header(http::header::AUTHORIZATION, format!("Bearer {SECRET}"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let (status, headers, _) = call(&state, req).await;
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(headers[ALLOW], "POST, DELETE");
+    }
+
+    #[tokio::test]
+    async fn delete_drops_the_callers_matching_tokens() {
+        let (state, fake) = state();
+        call(&state, form("/v1/tokens", FORM)).await;
+        let req = Request::delete("/v1/tokens?account_id=u1")
+            .header(http::header::AUTHORIZATION, format!("Bearer {SECRET}"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let (status, headers, body) = call(&state, req).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(headers[CACHE_CONTROL], "no-store");
+        assert_eq!(body["invalidated"], 1);
+        let (_, headers, _) = call(&state, form("/v1/tokens", FORM)).await;
+        assert_eq!(headers["x-cache"], "MISS");
+        assert_eq!(fake.calls.load(Ordering::SeqCst), 2);
+        let req = Request::delete("/v1/tokens")
+            .header(http::header::AUTHORIZATION, format!("Bearer {SECRET}"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let (status, _, body) = call(&state, req).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(body["error"], "missing_filter");
+    }
+
+    #[tokio::test]
+    async fn every_answer_is_counted_by_route_and_status() {
+        let (state, _) = state();
+        call(&state, form("/v1/tokens", FORM)).await;
+        call(&state, form("/v1/tokens", "country=XX")).await;
+        let text = String::from_utf8(state.metrics.render()).unwrap();
+        assert!(text.contains(r#"token_broker_requests_total{route="tokens",status="200"} 1"#));
+        assert!(text.contains(r#"token_broker_requests_total{route="tokens",status="400"} 1"#));
+        assert!(text.contains(r#"token_broker_request_duration_seconds_count{route="tokens"} 2"#));
+    }
+
+    #[tokio::test]
+    async fn the_admin_listener_serves_metrics_and_health_but_never_tokens() {
+        let (state, _) = state();
+        let get = |path: &str| Request::get(path).body(Full::new(Bytes::new())).unwrap();
+        let r = admin(Arc::clone(&state), get("/metrics")).await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        let body = r.into_body().collect().await.unwrap().to_bytes();
+        assert!(String::from_utf8_lossy(&body).contains("token_broker_cache_entries"));
+        for path in ["/healthz", "/readyz"] {
+            let r = admin(Arc::clone(&state), get(path)).await.unwrap();
+            assert_eq!(r.status(), StatusCode::OK, "{path}");
+        }
+        let r = admin(Arc::clone(&state), form("/v1/tokens", FORM))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
     }
 }

@@ -1,0 +1,35 @@
+# token-broker: the two commands of the README are `make run` and `make test`.
+CARGO ?= cargo
+
+.PHONY: run test check fmt fmt-check clippy build bench clean
+
+## Build and run the demo: broker on 127.0.0.1:8080 (admin 9090) in front of an embedded sandbox Truora.
+run:
+	$(CARGO) run --locked --bin token-broker -- demo
+
+## The whole test suite: unit, service (no sockets), end-to-end (loopback) and CLI tests.
+test:
+	$(CARGO) test --locked
+
+## Everything a commit must pass: formatting, clippy with warnings as errors, the tests.
+check: fmt-check clippy test
+
+fmt:
+	$(CARGO) fmt
+
+fmt-check:
+	$(CARGO) fmt --check
+
+clippy:
+	$(CARGO) clippy --locked --all-targets -- -D warnings
+
+## The release binary: target/release/token-broker.
+build:
+	$(CARGO) build --locked --release
+
+## Criterion benchmarks of the issuance core (not part of the tests; nothing fails on timing).
+bench:
+	$(CARGO) bench --locked --bench issuance
+
+clean:
+	$(CARGO) clean

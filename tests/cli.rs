@@ -1,0 +1,477 @@
+//! The `token-broker` binary as operators run it: exit statuses, messages, start-up, shutdown
+//! and what it prints. Every process started here is killed when its guard drops.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use http::{Method, StatusCode};
+use token_broker::sandbox::{Fault, Sandbox, SandboxOptions};
+use token_broker::secret::SecretDigest;
+
+const BIN: &str = env!("CARGO_BIN_EXE_token-broker");
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn config_text(listen: u16, admin: u16, upstream: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:{listen}"
+admin_listen = "127.0.0.1:{admin}"
+shutdown_timeout = "5s"
+[upstream]
+account_url = "{upstream}"
+web_url = "https://identity.truora.com"
+timeout = "2s"
+[cache]
+max_entries = 1000
+min_remaining = "15m"
+[[clients]]
+id = "checkout"
+token_sha256 = "{}"
+[[clients]]
+id = "billing"
+token_sha256 = "{}"
+"#,
+        SecretDigest::of(CHECKOUT_SECRET.as_bytes()).to_hex(),
+        SecretDigest::of(BILLING_SECRET.as_bytes()).to_hex(),
+    )
+}
+
+fn write_config(dir: &Path, text: &str) -> std::path::PathBuf {
+    let path = dir.join("broker.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Runs the binary to completion (bounded) and returns (status, stdout, stderr).
+fn run(args: &[&str], env: &[(&str, &str)], stdin: &[u8]) -> (i32, String, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .env_remove("TRUORA_API_KEY")
+        .env_remove("TOKEN_BROKER_CONFIG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = Guard(cmd.spawn().unwrap());
+    child.0.stdin.take().unwrap().write_all(stdin).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            let mut out = String::new();
+            let mut err = String::new();
+            child
+                .0
+                .stdout
+                .take()
+                .unwrap()
+                .read_to_string(&mut out)
+                .unwrap();
+            child
+                .0
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
+            return (status.code().unwrap_or(-1), out, err);
+        }
+        assert!(Instant::now() < deadline, "{args:?} did not finish");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Kills the process when dropped.
+struct Guard(std::process::Child);
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A long-running broker process whose output is collected as it comes.
+struct Running {
+    child: Guard,
+    out: Arc<Mutex<String>>,
+    err: Arc<Mutex<String>>,
+}
+
+impl Running {
+    fn spawn(args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args)
+            .env_remove("TRUORA_API_KEY")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let out = collect(child.stdout.take().unwrap());
+        let err = collect(child.stderr.take().unwrap());
+        Running {
+            child: Guard(child),
+            out,
+            err,
+        }
+    }
+
+    async fn wait_ready(&self, admin: SocketAddr) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if tokio::net::TcpStream::connect(admin).await.is_ok() {
+                let r = send(Method::GET, &format!("http://{admin}/healthz"), &[], "").await;
+                if r.status == StatusCode::OK {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "broker not ready: {}",
+                self.err.lock().unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn sigterm(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.0.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    async fn exit_code(&mut self) -> i32 {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.0.try_wait().unwrap() {
+                return status.code().unwrap_or(-1);
+            }
+            assert!(Instant::now() < deadline, "broker did not exit");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn output(&self) -> String {
+        format!("{}{}", self.out.lock().unwrap(), self.err.lock().unwrap())
+    }
+}
+
+fn collect(stream: impl Read + Send + 'static) -> Arc<Mutex<String>> {
+    let buf = Arc::new(Mutex::new(String::new()));
+    let sink = Arc::clone(&buf);
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines().map_while(Result::ok) {
+            let mut s = sink.lock().unwrap();
+            s.push_str(&line);
+            s.push('\n');
+        }
+    });
+    buf
+}
+
+#[test]
+fn hash_secret_prints_the_sha256_without_the_trailing_newline() {
+    let expected = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+    let (code, out, _) = run(&["hash-secret"], &[], b"abc\n");
+    assert_eq!((code, out.trim()), (0, expected));
+    let (code, out, _) = run(&["hash-secret"], &[], b"abc");
+    assert_eq!((code, out.trim()), (0, expected));
+    let (code, _, err) = run(&["hash-secret"], &[], b"\n");
+    assert_eq!(code, 64);
+    assert!(err.contains("empty"), "{err}");
+}
+
+#[test]
+fn check_config_accepts_a_good_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        dir.path(),
+        &config_text(8080, 9090, "https://api.account.truora.com"),
+    );
+    let (code, out, err) = run(
+        &["check-config", "--config", path.to_str().unwrap()],
+        &[("TRUORA_API_KEY", MASTER_KEY)],
+        b"",
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("ok"));
+    assert!(!out.contains(MASTER_KEY) && !err.contains(MASTER_KEY));
+}
+
+#[test]
+fn check_config_reads_the_path_from_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        dir.path(),
+        &config_text(8080, 9090, "https://api.account.truora.com"),
+    );
+    let (code, _, err) = run(
+        &["check-config"],
+        &[
+            ("TRUORA_API_KEY", MASTER_KEY),
+            ("TOKEN_BROKER_CONFIG", path.to_str().unwrap()),
+        ],
+        b"",
+    );
+    assert_eq!(code, 0, "{err}");
+}
+
+#[test]
+fn the_shipped_example_config_is_valid() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/config.example.toml");
+    let (code, _, err) = run(
+        &["check-config", "--config", example.to_str().unwrap()],
+        &[("TRUORA_API_KEY", MASTER_KEY)],
+        b"",
+    );
+    assert_eq!(code, 0, "{err}");
+}
+
+#[test]
+fn check_config_exits_64_naming_the_bad_key() {
+    let good = config_text(8080, 9090, "https://api.account.truora.com");
+    let cases = [
+        (
+            good.replace("timeout = \"2s\"", "timeout = \"2s\"\nretries = 3"),
+            "retries",
+        ),
+        (
+            good.replace("min_remaining = \"15m\"", "min_remaining = \"soon\""),
+            "min_remaining",
+        ),
+        (
+            good.replacen("token_sha256 = \"", "token_sha256 = \"zz", 1),
+            "clients[0].token_sha256",
+        ),
+        (
+            good.replace("https://api.account.truora.com", "not a url"),
+            "upstream.account_url",
+        ),
+        (
+            good.replace("max_entries = 1000", "max_entries = 0"),
+            "cache.max_entries",
+        ),
+    ];
+    for (text, key) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_config(dir.path(), &text);
+        let (code, _, err) = run(
+            &["check-config", "--config", path.to_str().unwrap()],
+            &[("TRUORA_API_KEY", MASTER_KEY)],
+            b"",
+        );
+        assert_eq!(code, 64, "{key}: {err}");
+        assert!(err.contains(key), "{key}: {err}");
+    }
+}
+
+#[test]
+fn a_missing_master_key_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        dir.path(),
+        &config_text(8080, 9090, "https://api.account.truora.com"),
+    );
+    let (code, _, err) = run(
+        &["check-config", "--config", path.to_str().unwrap()],
+        &[],
+        b"",
+    );
+    assert_eq!(code, 64);
+    assert!(err.contains("TRUORA_API_KEY"), "{err}");
+    let (code, _, err) = run(&["serve", "--config", path.to_str().unwrap()], &[], b"");
+    assert_eq!(code, 64, "{err}");
+}
+
+#[test]
+fn a_missing_config_file_is_exit_64() {
+    let (code, _, err) = run(
+        &["check-config", "--config", "/nonexistent/broker.toml"],
+        &[("TRUORA_API_KEY", MASTER_KEY)],
+        b"",
+    );
+    assert_eq!(code, 64);
+    assert!(err.contains("/nonexistent/broker.toml"), "{err}");
+}
+
+#[test]
+fn serve_refuses_a_bad_config_before_binding_any_socket() {
+    // Hold the port the config names: a broker that bound first would fail with "cannot
+    // listen" (exit 1); one that validates first reports the bad key (exit 64).
+    let held = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = held.local_addr().unwrap().port();
+    let text = config_text(port, free_port(), "https://api.account.truora.com").replacen(
+        "token_sha256 = \"",
+        "token_sha256 = \"x",
+        1,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), &text);
+    let (code, _, err) = run(
+        &["serve", "--config", path.to_str().unwrap()],
+        &[("TRUORA_API_KEY", MASTER_KEY)],
+        b"",
+    );
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("clients[0].token_sha256"), "{err}");
+    assert!(!err.contains("cannot listen"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_drains_in_flight_requests_on_sigterm_and_leaks_no_secret() {
+    let sandbox = Sandbox::start(SandboxOptions::new(MASTER_KEY))
+        .await
+        .unwrap();
+    let (listen, admin) = (free_port(), free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), &config_text(listen, admin, &sandbox.url()));
+    let mut broker = Running::spawn(
+        &["serve", "--config", path.to_str().unwrap()],
+        &[("TRUORA_API_KEY", MASTER_KEY), ("RUST_LOG", "trace")],
+    );
+    let admin_addr = SocketAddr::from(([127, 0, 0, 1], admin));
+    broker.wait_ready(admin_addr).await;
+    let url = format!("http://127.0.0.1:{listen}/v1/tokens");
+    let post = |secret: &'static str, form: String| {
+        let url = url.clone();
+        async move {
+            send(
+                Method::POST,
+                &url,
+                &[
+                    ("authorization", &format!("Bearer {secret}")),
+                    ("content-type", "application/x-www-form-urlencoded"),
+                ],
+                &form,
+            )
+            .await
+        }
+    };
+
+    // Exercise success and every failure path so that their log lines are written.
+    assert_eq!(
+        post(CHECKOUT_SECRET, FORM.into()).await.status,
+        StatusCode::OK
+    );
+    for (i, fault) in [
+        Fault::Status(401),
+        Fault::Status(500),
+        Fault::Status(429),
+        Fault::Body("x".into()),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        sandbox.set_fault(Some(fault));
+        let r = post(CHECKOUT_SECRET, FORM.replace("user-1", &format!("f{i}"))).await;
+        assert!(r.status.is_server_error());
+    }
+    sandbox.set_fault(None);
+    assert_eq!(
+        post("wrong", FORM.into()).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+
+    // A slow mint in flight when SIGTERM arrives still completes.
+    sandbox.set_options(|o| o.delay = Duration::from_millis(1500));
+    let in_flight = tokio::spawn(post(CHECKOUT_SECRET, FORM.replace("user-1", "slow")));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    broker.sigterm();
+    let r = in_flight.await.unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(broker.exit_code().await, 0);
+
+    let output = broker.output();
+    assert!(output.contains("callers=2"), "{output}");
+    assert!(output.contains(&format!("127.0.0.1:{listen}")), "{output}");
+    assert!(!output.contains(MASTER_KEY), "master key in the logs");
+    assert!(
+        !output.contains(CHECKOUT_SECRET),
+        "caller secret in the logs"
+    );
+    assert!(!output.contains("eyJ"), "a token in the logs");
+    // New connections are refused once it has stopped.
+    assert!(tokio::net::TcpStream::connect(("127.0.0.1", listen))
+        .await
+        .is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_needs_nothing_else_and_prints_working_curl_commands() {
+    let (listen, admin) = (free_port(), free_port());
+    let mut demo = Running::spawn(
+        &[
+            "demo",
+            "--listen",
+            &format!("127.0.0.1:{listen}"),
+            "--admin-listen",
+            &format!("127.0.0.1:{admin}"),
+        ],
+        &[],
+    );
+    demo.wait_ready(SocketAddr::from(([127, 0, 0, 1], admin)))
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !demo.out.lock().unwrap().contains("Ctrl-C") {
+        assert!(
+            Instant::now() < deadline,
+            "no instructions: {}",
+            demo.output()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let printed = demo.out.lock().unwrap().clone();
+    assert!(printed.contains(&format!(
+        "curl -s -X POST http://127.0.0.1:{listen}/v1/tokens"
+    )));
+    let url = format!("http://127.0.0.1:{listen}/v1/tokens");
+    let headers = [
+        ("authorization", "Bearer demo-secret"),
+        ("content-type", "application/x-www-form-urlencoded"),
+    ];
+    let form = "country=CO&flow_id=IPF0123456789abcdef&redirect_url=https://example.com/done&account_id=demo-user-1";
+    let first = send(Method::POST, &url, &headers, form).await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.text());
+    let second = send(Method::POST, &url, &headers, form).await;
+    assert_eq!(second.json()["cache"], "hit");
+    assert_eq!(first.json()["api_key"], second.json()["api_key"]);
+    // The sandbox's identity page answers the identity_url.
+    let page = send(
+        Method::GET,
+        first.json()["identity_url"].as_str().unwrap(),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(page.status, StatusCode::OK);
+    let throttled = send(
+        Method::POST,
+        &url,
+        &headers,
+        &form.replace("IPF0123456789abcdef", "IPFsandbox429"),
+    )
+    .await;
+    assert_eq!(throttled.status, StatusCode::SERVICE_UNAVAILABLE);
+    demo.sigterm();
+    assert_eq!(demo.exit_code().await, 0);
+}

@@ -1,0 +1,165 @@
+//! Shared by the end-to-end tests: a broker in this process in front of the sandbox Truora, both
+//! on loopback port 0, and a small HTTP client.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use token_broker::config::{ClientConfig, Config};
+use token_broker::sandbox::{Sandbox, SandboxOptions};
+use token_broker::secret::{MasterKey, SecretDigest};
+use token_broker::server::Server;
+use tokio::sync::oneshot;
+
+/// A master key that is easy to spot in any output.
+pub const MASTER_KEY: &str = "CANARY-master-key-7f3a9c1e5b";
+pub const CHECKOUT_SECRET: &str = "checkout-secret-0123456789abcdef";
+pub const BILLING_SECRET: &str = "billing-secret-0123456789abcdef";
+pub const FORM: &str =
+    "country=CO&flow_id=IPF0a1b2c&redirect_url=https%3A%2F%2Fshop.example%2Fdone&account_id=user-1";
+
+pub fn loopback() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+/// A config for `upstream_url`, on port 0, with callers `checkout` and `billing`.
+pub fn config(upstream_url: &str) -> Config {
+    let mut c = Config::default();
+    c.server.listen = loopback();
+    c.server.admin_listen = loopback();
+    c.upstream.account_url = upstream_url.to_owned();
+    c.upstream.web_url = "https://identity.truora.com".to_owned();
+    c.upstream.timeout = Duration::from_secs(5);
+    for (id, secret) in [("checkout", CHECKOUT_SECRET), ("billing", BILLING_SECRET)] {
+        c.clients.push(ClientConfig {
+            id: id.into(),
+            token_sha256: SecretDigest::of(secret.as_bytes()).to_hex(),
+        });
+    }
+    c
+}
+
+pub struct Broker {
+    pub url: String,
+    pub admin: String,
+    pub sandbox: Sandbox,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Broker {
+    /// A sandbox and a broker in front of it; `tweak` adjusts the config and sandbox first.
+    pub async fn start(tweak: impl FnOnce(&mut Config, &mut SandboxOptions)) -> Self {
+        let mut options = SandboxOptions::new(MASTER_KEY);
+        let mut cfg = config("http://placeholder");
+        tweak(&mut cfg, &mut options);
+        let sandbox = Sandbox::start(options).await.unwrap();
+        cfg.upstream.account_url = sandbox.url();
+        cfg.validate().unwrap();
+        let server = Server::from_config(&cfg, MasterKey::new(MASTER_KEY).unwrap())
+            .await
+            .unwrap();
+        let url = format!("http://{}", server.caller_addr().unwrap());
+        let admin = format!("http://{}", server.admin_addr().unwrap());
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(server.run(async {
+            let _ = stopped.await;
+        }));
+        Broker {
+            url,
+            admin,
+            sandbox,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    pub async fn tokens(&self, secret: &str, form: &str) -> Resp {
+        send(
+            Method::POST,
+            &format!("{}/v1/tokens", self.url),
+            &[
+                ("authorization", &format!("Bearer {secret}")),
+                ("content-type", "application/x-www-form-urlencoded"),
+            ],
+            form,
+        )
+        .await
+    }
+
+    pub async fn metrics(&self) -> String {
+        let r = send(Method::GET, &format!("{}/metrics", self.admin), &[], "").await;
+        assert_eq!(r.status, StatusCode::OK);
+        r.text()
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(10), &mut self.task).await;
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Resp {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Resp {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|_| panic!("not JSON: {}", self.text()))
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+    pub fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+    /// Status line, headers and body, for looking for leaks.
+    pub fn everything(&self) -> String {
+        let mut s = format!("{}\n", self.status);
+        for (k, v) in &self.headers {
+            s.push_str(&format!("{k}: {}\n", String::from_utf8_lossy(v.as_bytes())));
+        }
+        s.push_str(&self.text());
+        s
+    }
+}
+
+/// One request on a fresh connection, bounded to 20 s.
+pub async fn send(method: Method, url: &str, headers: &[(&str, &str)], body: &str) -> Resp {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let mut req = Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(Full::new(Bytes::from(body.to_owned()))).unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(20), client.request(req))
+        .await
+        .expect("request timed out")
+        .expect("request failed");
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    Resp {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
