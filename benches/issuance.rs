@@ -18,6 +18,7 @@ use token_broker::config::ArrayEncoding;
 use token_broker::issuance::{Issuer, IssuerSettings};
 use token_broker::metrics::Metrics;
 use token_broker::request::TokenRequest;
+use token_broker::resilience::{Policy, ResilienceSettings};
 use token_broker::token;
 use token_broker::upstream::{Mint, MintFuture};
 
@@ -52,6 +53,7 @@ fn now<F: Future>(f: F) -> F::Output {
 
 fn benches(c: &mut Criterion) {
     let runtime = tokio::runtime::Runtime::new().unwrap();
+    let metrics = Arc::new(Metrics::new(prometheus::Registry::new()).unwrap());
     let issuer = Issuer::new(
         IssuerSettings {
             min_remaining: Duration::from_secs(900),
@@ -60,7 +62,11 @@ fn benches(c: &mut Criterion) {
             array_encoding: ArrayEncoding::Repeat,
         },
         Arc::new(Instant200),
-        Arc::new(Metrics::new(prometheus::Registry::new()).unwrap()),
+        Policy::new(
+            ResilienceSettings::from_config(&Default::default()),
+            Arc::clone(&metrics),
+        ),
+        metrics,
     );
     let caller: Arc<str> = "checkout".into();
     // Fill the cache with the benchmarked entry.

@@ -158,10 +158,12 @@ mod tests {
             Client {
                 id: "a".into(),
                 digest: SecretDigest::of(b"secret-a"),
+                mint_rate: None,
             },
             Client {
                 id: "b".into(),
                 digest: SecretDigest::of(b"secret-b"),
+                mint_rate: None,
             },
         ])
     }

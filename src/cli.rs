@@ -239,6 +239,7 @@ pub fn demo_config(sandbox_url: &str, listen: SocketAddr, admin_listen: SocketAd
     config.clients.push(ClientConfig {
         id: "demo".into(),
         token_sha256: SecretDigest::of(DEMO_SECRET.as_bytes()).to_hex(),
+        mint_rate: None,
     });
     config
 }

@@ -69,9 +69,40 @@ pub struct UpstreamConfig {
     /// File holding the master API key. When absent the key comes from `TRUORA_API_KEY`.
     #[serde(default)]
     pub api_key_file: Option<PathBuf>,
-    /// The longest a mint may take, connection and answer included; past it callers get 504.
+    /// The longest one attempt may take, connection and answer included. An attempt that times
+    /// out after its request was sent is not retried (Truora may have minted): callers get 504.
     #[serde(default = "default_upstream_timeout", with = "humantime_serde")]
     pub timeout: Duration,
+    /// The longest opening a connection to Truora may take (never more than `upstream.timeout`).
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// The longest a caller waits for a mint, retries and back-off included.
+    #[serde(default = "default_deadline", with = "humantime_serde")]
+    pub deadline: Duration,
+    /// Retries after the first attempt, only where safe: a connection that could not be made,
+    /// and 429 or 503 answers (after their Retry-After).
+    #[serde(default = "default_max_retries")]
+    pub max_retries: u32,
+    /// First back-off before a retry; it doubles each time, with jitter.
+    #[serde(default = "default_retry_backoff", with = "humantime_serde")]
+    pub retry_backoff: Duration,
+    /// Longest back-off between two attempts.
+    #[serde(default = "default_retry_backoff_max", with = "humantime_serde")]
+    pub retry_backoff_max: Duration,
+    /// Consecutive failed calls (5xx, timeouts, connection failures, unusable answers) that open
+    /// the circuit breaker; while open, misses get 503 at once and hits are still served.
+    #[serde(default = "default_breaker_threshold")]
+    pub breaker_threshold: u32,
+    /// How long the breaker stays open before one probe call may close it again.
+    #[serde(default = "default_breaker_cooldown", with = "humantime_serde")]
+    pub breaker_cooldown: Duration,
+    /// Most calls to Truora in flight at once; beyond it misses get 503 at once.
+    #[serde(default = "default_max_concurrent")]
+    pub max_concurrent: u32,
+    /// Most mints a second for all callers together (bursts of up to one second's worth);
+    /// beyond it misses get 429.
+    #[serde(default = "default_mint_rate")]
+    pub mint_rate: u32,
     /// How list fields (`emails`, `phones`) are sent to Truora: `"repeat"` (`emails=a&emails=b`,
     /// what integrators send) or `"comma"` (`emails=a,b`). Truora's docs do not settle it.
     #[serde(default)]
@@ -109,6 +140,10 @@ pub struct ClientConfig {
     pub id: String,
     /// Hex SHA-256 of the caller's bearer secret (`token-broker hash-secret` prints it).
     pub token_sha256: String,
+    /// Most mints a second for this caller (bursts of up to one second's worth); beyond it its
+    /// misses get 429. Absent: only the global `upstream.mint_rate` applies.
+    #[serde(default)]
+    pub mint_rate: Option<u32>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -131,6 +166,33 @@ fn default_web_url() -> String {
 }
 fn default_upstream_timeout() -> Duration {
     Duration::from_secs(5)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_deadline() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_max_retries() -> u32 {
+    2
+}
+fn default_retry_backoff() -> Duration {
+    Duration::from_millis(100)
+}
+fn default_retry_backoff_max() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_breaker_threshold() -> u32 {
+    5
+}
+fn default_breaker_cooldown() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_max_concurrent() -> u32 {
+    64
+}
+fn default_mint_rate() -> u32 {
+    50
 }
 fn default_max_entries() -> u64 {
     100_000
@@ -157,6 +219,15 @@ impl Default for UpstreamConfig {
             web_url: default_web_url(),
             api_key_file: None,
             timeout: default_upstream_timeout(),
+            connect_timeout: default_connect_timeout(),
+            deadline: default_deadline(),
+            max_retries: default_max_retries(),
+            retry_backoff: default_retry_backoff(),
+            retry_backoff_max: default_retry_backoff_max(),
+            breaker_threshold: default_breaker_threshold(),
+            breaker_cooldown: default_breaker_cooldown(),
+            max_concurrent: default_max_concurrent(),
+            mint_rate: default_mint_rate(),
             array_encoding: ArrayEncoding::default(),
         }
     }
@@ -199,6 +270,8 @@ pub struct Client {
     pub id: std::sync::Arc<str>,
     /// From `[[clients]] token_sha256`.
     pub digest: SecretDigest,
+    /// From `[[clients]] mint_rate`.
+    pub mint_rate: Option<u32>,
 }
 
 impl Config {
@@ -249,6 +322,51 @@ impl Config {
                 "must be more than 0s and at most 2m",
             ));
         }
+        if u.connect_timeout.is_zero() || u.connect_timeout > Duration::from_secs(60) {
+            return Err(invalid(
+                "upstream.connect_timeout",
+                "must be more than 0s and at most 1m",
+            ));
+        }
+        if u.deadline < u.timeout || u.deadline > Duration::from_secs(300) {
+            return Err(invalid(
+                "upstream.deadline",
+                "must be at least upstream.timeout and at most 5m",
+            ));
+        }
+        if u.max_retries > 10 {
+            return Err(invalid("upstream.max_retries", "must be at most 10"));
+        }
+        if u.retry_backoff.is_zero() || u.retry_backoff > u.retry_backoff_max {
+            return Err(invalid(
+                "upstream.retry_backoff",
+                "must be more than 0s and at most upstream.retry_backoff_max",
+            ));
+        }
+        if u.retry_backoff_max > Duration::from_secs(60) {
+            return Err(invalid("upstream.retry_backoff_max", "must be at most 1m"));
+        }
+        if u.breaker_threshold == 0 {
+            return Err(invalid("upstream.breaker_threshold", "must be at least 1"));
+        }
+        if u.breaker_cooldown.is_zero() || u.breaker_cooldown > Duration::from_secs(600) {
+            return Err(invalid(
+                "upstream.breaker_cooldown",
+                "must be more than 0s and at most 10m",
+            ));
+        }
+        if !(1..=4096).contains(&u.max_concurrent) {
+            return Err(invalid(
+                "upstream.max_concurrent",
+                "must be between 1 and 4096",
+            ));
+        }
+        if !(1..=100_000).contains(&u.mint_rate) {
+            return Err(invalid(
+                "upstream.mint_rate",
+                "must be between 1 and 100000",
+            ));
+        }
 
         let c = &self.cache;
         if c.max_entries == 0 {
@@ -294,6 +412,15 @@ impl Config {
                     "must be 64 hex digits: the SHA-256 of the caller's secret (see `token-broker hash-secret`)",
                 ));
             };
+            if client
+                .mint_rate
+                .is_some_and(|r| !(1..=100_000).contains(&r))
+            {
+                return Err(invalid(
+                    format!("clients[{i}].mint_rate"),
+                    "must be between 1 and 100000",
+                ));
+            }
             if !digests.insert(digest.to_hex()) {
                 return Err(invalid(
                     format!("clients[{i}].token_sha256"),
@@ -312,6 +439,7 @@ impl Config {
                 Some(Client {
                     id: c.id.as_str().into(),
                     digest: SecretDigest::from_hex(&c.token_sha256)?,
+                    mint_rate: c.mint_rate,
                 })
             })
             .collect()
@@ -464,6 +592,45 @@ token_sha256 = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad
         assert_eq!(err_key(&text), "upstream.account_url");
         let text = GOOD.replace("https://identity.truora.com", "https://u:p@identity");
         assert_eq!(err_key(&text), "upstream.web_url");
+    }
+
+    #[test]
+    fn resilience_settings_are_checked_against_each_other() {
+        let with =
+            |extra: &str| GOOD.replace("timeout = \"5s\"", &format!("timeout = \"5s\"\n{extra}"));
+        assert_eq!(err_key(&with("deadline = \"1s\"")), "upstream.deadline");
+        assert_eq!(
+            err_key(&with("connect_timeout = \"0s\"")),
+            "upstream.connect_timeout"
+        );
+        assert_eq!(err_key(&with("max_retries = 99")), "upstream.max_retries");
+        assert_eq!(
+            err_key(&with("retry_backoff = \"5s\"")),
+            "upstream.retry_backoff"
+        );
+        assert_eq!(
+            err_key(&with("breaker_threshold = 0")),
+            "upstream.breaker_threshold"
+        );
+        assert_eq!(
+            err_key(&with("breaker_cooldown = \"0s\"")),
+            "upstream.breaker_cooldown"
+        );
+        assert_eq!(
+            err_key(&with("max_concurrent = 0")),
+            "upstream.max_concurrent"
+        );
+        assert_eq!(err_key(&with("mint_rate = 0")), "upstream.mint_rate");
+        let text = format!("{GOOD}mint_rate = 0\n");
+        assert_eq!(err_key(&text), "clients[0].mint_rate");
+    }
+
+    #[test]
+    fn resilience_defaults_do_not_get_in_the_way() {
+        let c = Config::parse(GOOD).unwrap();
+        assert_eq!(c.upstream.max_concurrent, 64);
+        assert_eq!(c.upstream.mint_rate, 50);
+        assert_eq!(c.clients[0].mint_rate, None);
     }
 
     #[test]

@@ -11,8 +11,9 @@ use std::time::Duration;
 use http::StatusCode;
 use serde::Serialize;
 
-/// Anything that stops a request from being answered with a token.
-#[derive(Debug, thiserror::Error)]
+/// Anything that stops a request from being answered with a token. Cloned to every waiter of
+/// a shared upstream call.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum BrokerError {
     /// The request itself is wrong (4xx).
     #[error(transparent)]
@@ -23,6 +24,9 @@ pub enum BrokerError {
     /// Truora failed or refused (502, 503, 504).
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
+    /// The broker declined to call Truora at all, to protect it or the account (429, 503).
+    #[error(transparent)]
+    Refused(#[from] Refusal),
     /// A fault of ours (500). The text names what broke, never data.
     #[error("internal error: {0}")]
     Internal(&'static str),
@@ -109,9 +113,12 @@ pub enum UpstreamError {
     /// 429, or a 400 whose message says the rate limit was reached.
     #[error("Truora is rate limiting the account; retry after {} s", retry_after.as_secs())]
     Throttled { retry_after: Duration },
-    /// 5xx from Truora.
+    /// 5xx from Truora; `retry_after` when it said when to come back.
     #[error("Truora answered with a server error ({status})")]
-    ServerError { status: u16 },
+    ServerError {
+        status: u16,
+        retry_after: Option<Duration>,
+    },
     /// Another 4xx: Truora refused a request the broker had accepted.
     #[error("Truora refused the token request ({status})")]
     Rejected { status: u16 },
@@ -121,9 +128,66 @@ pub enum UpstreamError {
     /// No complete answer within `upstream.timeout`.
     #[error("Truora did not answer within the timeout")]
     Timeout,
-    /// No connection could be made.
+    /// No connection could be made (the request was never sent, so it is safe to retry).
     #[error("Truora could not be reached")]
     Unreachable,
+    /// The connection failed after the request was sent: Truora may have minted, so this is
+    /// never retried.
+    #[error("the connection to Truora broke before it answered")]
+    ConnectionLost,
+}
+
+/// Why the broker declined to call Truora for a miss. Hits are never refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// Consecutive upstream failures opened the circuit breaker.
+    #[error("Truora is failing; the broker is not calling it for {} s", retry_after.as_secs().max(1))]
+    CircuitOpen { retry_after: Duration },
+    /// As many upstream calls are in flight as `upstream.max_concurrent` allows.
+    #[error("too many calls to Truora in flight; retry shortly")]
+    Saturated,
+    /// The mint budget (`upstream.mint_rate`, or the caller's `mint_rate`) is spent.
+    #[error("{scope} mint budget exhausted; retry after {} s", retry_after.as_secs().max(1))]
+    BudgetExceeded {
+        scope: BudgetScope,
+        retry_after: Duration,
+    },
+}
+
+/// Whose mint budget ran out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BudgetScope {
+    /// `upstream.mint_rate`, shared by all callers.
+    Global,
+    /// The caller's own `[[clients]] mint_rate`.
+    Caller,
+}
+
+impl std::fmt::Display for BudgetScope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BudgetScope::Global => "the broker's",
+            BudgetScope::Caller => "this caller's",
+        })
+    }
+}
+
+impl Refusal {
+    /// The bounded `reason` label of `token_broker_upstream_refused_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::CircuitOpen { .. } => "circuit_open",
+            Refusal::Saturated => "saturated",
+            Refusal::BudgetExceeded {
+                scope: BudgetScope::Global,
+                ..
+            } => "budget_global",
+            Refusal::BudgetExceeded {
+                scope: BudgetScope::Caller,
+                ..
+            } => "budget_caller",
+        }
+    }
 }
 
 impl UpstreamError {
@@ -137,6 +201,7 @@ impl UpstreamError {
             UpstreamError::BadResponse { .. } => "bad_response",
             UpstreamError::Timeout => "timeout",
             UpstreamError::Unreachable => "unreachable",
+            UpstreamError::ConnectionLost => "connection_lost",
         }
     }
 }
@@ -174,9 +239,14 @@ impl BrokerError {
                 | UpstreamError::ServerError { .. }
                 | UpstreamError::Rejected { .. }
                 | UpstreamError::BadResponse { .. }
-                | UpstreamError::Unreachable => StatusCode::BAD_GATEWAY,
+                | UpstreamError::Unreachable
+                | UpstreamError::ConnectionLost => StatusCode::BAD_GATEWAY,
                 UpstreamError::Throttled { .. } => StatusCode::SERVICE_UNAVAILABLE,
                 UpstreamError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            },
+            BrokerError::Refused(r) => match r {
+                Refusal::CircuitOpen { .. } | Refusal::Saturated => StatusCode::SERVICE_UNAVAILABLE,
+                Refusal::BudgetExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
             },
             BrokerError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -208,6 +278,12 @@ impl BrokerError {
                 UpstreamError::BadResponse { .. } => "upstream_bad_response",
                 UpstreamError::Timeout => "upstream_timeout",
                 UpstreamError::Unreachable => "upstream_unreachable",
+                UpstreamError::ConnectionLost => "upstream_connection_lost",
+            },
+            BrokerError::Refused(r) => match r {
+                Refusal::CircuitOpen { .. } => "upstream_circuit_open",
+                Refusal::Saturated => "upstream_saturated",
+                Refusal::BudgetExceeded { .. } => "mint_budget_exceeded",
             },
             BrokerError::Internal(_) => "internal_error",
         }
@@ -228,9 +304,12 @@ impl BrokerError {
     /// Seconds for a `Retry-After` header, when the caller should come back later.
     pub fn retry_after(&self) -> Option<u64> {
         match self {
-            BrokerError::Upstream(UpstreamError::Throttled { retry_after }) => {
-                Some(retry_after.as_secs().max(1))
+            BrokerError::Upstream(UpstreamError::Throttled { retry_after })
+            | BrokerError::Refused(Refusal::CircuitOpen { retry_after })
+            | BrokerError::Refused(Refusal::BudgetExceeded { retry_after, .. }) => {
+                Some(retry_after.as_secs_f64().ceil().max(1.0) as u64)
             }
+            BrokerError::Refused(Refusal::Saturated) => Some(1),
             _ => None,
         }
     }
@@ -403,9 +482,17 @@ mod tests {
     #[test]
     fn upstream_server_error_is_502() {
         check(
-            UpstreamError::ServerError { status: 500 },
+            UpstreamError::ServerError {
+                status: 500,
+                retry_after: None,
+            },
             502,
             "upstream_unavailable",
+        );
+        check(
+            UpstreamError::ConnectionLost,
+            502,
+            "upstream_connection_lost",
         );
         check(
             UpstreamError::Rejected { status: 400 },
@@ -432,6 +519,34 @@ mod tests {
         });
         assert_eq!(err.retry_after(), Some(7));
         check(err, 503, "upstream_throttled");
+    }
+
+    #[test]
+    fn an_open_circuit_is_503_with_retry_after() {
+        let err = BrokerError::from(Refusal::CircuitOpen {
+            retry_after: Duration::from_millis(2500),
+        });
+        assert_eq!(err.retry_after(), Some(3));
+        check(err, 503, "upstream_circuit_open");
+    }
+
+    #[test]
+    fn saturation_is_503_with_retry_after() {
+        let err = BrokerError::from(Refusal::Saturated);
+        assert_eq!(err.retry_after(), Some(1));
+        check(err, 503, "upstream_saturated");
+    }
+
+    #[test]
+    fn a_spent_mint_budget_is_429_with_retry_after() {
+        for scope in [BudgetScope::Global, BudgetScope::Caller] {
+            let err = BrokerError::from(Refusal::BudgetExceeded {
+                scope,
+                retry_after: Duration::from_millis(200),
+            });
+            assert_eq!(err.retry_after(), Some(1));
+            check(err, 429, "mint_budget_exceeded");
+        }
     }
 
     #[test]

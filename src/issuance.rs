@@ -28,6 +28,7 @@ use crate::config::{ArrayEncoding, DEFAULT_TOKEN_LIFETIME};
 use crate::error::{BrokerError, UpstreamError};
 use crate::metrics::Metrics;
 use crate::request::TokenRequest;
+use crate::resilience::Policy;
 use crate::token;
 use crate::upstream::Mint;
 
@@ -98,13 +99,14 @@ impl Issued {
     }
 }
 
-type FlightResult = Option<Result<Arc<Entry>, UpstreamError>>;
+type FlightResult = Option<Result<Arc<Entry>, BrokerError>>;
 
 /// The core: cache, single flight and minting.
 pub struct Issuer {
     cache: TokenCache,
     inflight: Mutex<HashMap<CacheKey, watch::Receiver<FlightResult>>>,
     mint: Arc<dyn Mint>,
+    policy: Policy,
     metrics: Arc<Metrics>,
     settings: IssuerSettings,
 }
@@ -118,15 +120,26 @@ struct Subject {
 }
 
 impl Issuer {
-    /// A core minting through `mint`.
-    pub fn new(settings: IssuerSettings, mint: Arc<dyn Mint>, metrics: Arc<Metrics>) -> Arc<Self> {
+    /// A core minting through `mint`, every call guarded by `policy`.
+    pub fn new(
+        settings: IssuerSettings,
+        mint: Arc<dyn Mint>,
+        policy: Policy,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             cache: TokenCache::new(settings.max_entries),
             inflight: Mutex::new(HashMap::new()),
             mint,
+            policy,
             metrics,
             settings,
         })
+    }
+
+    /// The resilience policy, for `/readyz` and the gauges.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
     }
 
     /// The cache, for metrics and tests.
@@ -142,7 +155,13 @@ impl Issuer {
     ) -> Result<Issued, BrokerError> {
         if !req.names_user() {
             self.metrics.lookup_uncacheable.inc();
-            let entry = self.mint_entry(self.subject(caller, req)).await?;
+            // In its own task like a shared flight, so that a caller going away mid-call
+            // cannot cut an upstream call (or a breaker probe) short.
+            let this = Arc::clone(self);
+            let subject = self.subject(caller, req);
+            let entry = tokio::spawn(async move { this.mint_entry(subject).await })
+                .await
+                .map_err(|_| BrokerError::Internal("the upstream call was lost"))??;
             return Ok(Issued {
                 entry,
                 cache: CacheStatus::Miss,
@@ -192,7 +211,7 @@ impl Issuer {
                 entry,
                 cache: CacheStatus::Miss,
             }),
-            Some(Err(e)) => Err(e.into()),
+            Some(Err(e)) => Err(e),
             None => Err(BrokerError::Internal("the upstream call was lost")),
         }
     }
@@ -240,9 +259,13 @@ impl Issuer {
         }
     }
 
-    /// Mints a token upstream and builds its entry.
-    async fn mint_entry(&self, subject: Subject) -> Result<Arc<Entry>, UpstreamError> {
-        let token = Zeroizing::new(self.mint.mint(subject.form).await?);
+    /// Mints a token upstream (through the resilience policy) and builds its entry.
+    async fn mint_entry(&self, subject: Subject) -> Result<Arc<Entry>, BrokerError> {
+        let token = Zeroizing::new(
+            self.policy
+                .call(&subject.caller, &*self.mint, &subject.form)
+                .await?,
+        );
         let received = Instant::now();
         let received_wall = SystemTime::now();
         let lifetime = match token::lifetime(&token) {
@@ -250,12 +273,14 @@ impl Issuer {
             Some(l) if l.is_zero() => {
                 return Err(UpstreamError::BadResponse {
                     reason: "the token expires before it was issued",
-                })
+                }
+                .into())
             }
             Some(l) if l > MAX_PLAUSIBLE_LIFETIME => {
                 return Err(UpstreamError::BadResponse {
                     reason: "the token claims an implausibly long lifetime",
-                })
+                }
+                .into())
             }
             Some(l) => l,
         };
@@ -381,8 +406,24 @@ mod tests {
             }
         }
         (
-            Issuer::new(settings, Arc::new(Shared(Arc::clone(&fake))), metrics),
+            Issuer::new(
+                settings,
+                Arc::new(Shared(Arc::clone(&fake))),
+                test_policy(&metrics),
+                metrics,
+            ),
             fake,
+        )
+    }
+
+    /// A policy that never gets in the way of these tests.
+    fn test_policy(metrics: &Arc<Metrics>) -> Policy {
+        let mut config = crate::config::Config::default();
+        config.upstream.mint_rate = 100_000;
+        config.upstream.max_concurrent = 4096;
+        Policy::new(
+            crate::resilience::ResilienceSettings::from_config(&config),
+            Arc::clone(metrics),
         )
     }
 
@@ -465,7 +506,10 @@ mod tests {
     #[tokio::test]
     async fn a_failure_reaches_every_waiter_and_is_not_cached() {
         let mut f = fake(7200);
-        f.fail = Some(UpstreamError::ServerError { status: 500 });
+        f.fail = Some(UpstreamError::ServerError {
+            status: 500,
+            retry_after: None,
+        });
         let (issuer, fake) = issuer(f, Duration::from_secs(900));
         let caller: Arc<str> = "c".into();
         let mut tasks = Vec::new();
@@ -561,6 +605,7 @@ mod tests {
                 array_encoding: ArrayEncoding::Repeat,
             },
             Arc::new(Opaque),
+            test_policy(&metrics),
             metrics,
         );
         let a = issuer.issue(&"c".into(), &req(USER_REQ)).await.unwrap();

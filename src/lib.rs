@@ -11,6 +11,7 @@
 //! - [`request`]: the caller's form or JSON body, parsed once and validated into a [`request::TokenRequest`].
 //! - [`issuance`]: the core. Cache lookup, single-flight minting, response bytes. Knows nothing of hyper.
 //! - [`cache`]: the in-process token cache and its expiry policy.
+//! - [`resilience`]: what guards a miss: budgets, concurrency cap, throttle window, breaker, retries.
 //! - [`upstream`]: the call to Truora's `POST /v1/api-keys` and the reading of its answer.
 //! - [`token`]: reading a minted token's JWT claims for its lifetime.
 //! - [`metrics`]: the Prometheus registry and every series the broker exports.
@@ -27,6 +28,7 @@ pub mod error;
 pub mod issuance;
 pub mod metrics;
 pub mod request;
+pub mod resilience;
 pub mod sandbox;
 pub mod secret;
 pub mod server;

@@ -6,8 +6,8 @@
 //! children are resolved once here, so a hit does no label lookup for them.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Opts, Registry, TextEncoder,
 };
 
 /// Request latency buckets: 50 us (a cache hit) to 10 s (past any upstream timeout).
@@ -40,6 +40,18 @@ pub struct Metrics {
     pub upstream_duration: Histogram,
     /// `token_broker_auth_failures_total{reason}`
     pub auth_failures: IntCounterVec,
+    /// `token_broker_upstream_retries_total{reason}`
+    pub upstream_retries: IntCounterVec,
+    /// `token_broker_upstream_refused_total{reason}`
+    pub upstream_refused: IntCounterVec,
+    /// `token_broker_upstream_breaker_state`
+    pub breaker_state: IntGauge,
+    /// `token_broker_upstream_throttle_remaining_seconds`
+    pub throttle_remaining: Gauge,
+    /// `token_broker_upstream_credential_rejected`
+    pub credential_rejected: IntGauge,
+    /// `token_broker_upstream_in_flight`
+    pub upstream_in_flight: IntGauge,
     /// Pre-resolved `cache_lookups` children.
     pub lookup_hit: IntCounter,
     /// `result="miss"`: this request made the upstream call.
@@ -100,6 +112,42 @@ impl Metrics {
             ),
             &["reason"],
         )?;
+        let upstream_retries = IntCounterVec::new(
+            Opts::new(
+                "token_broker_upstream_retries_total",
+                "Upstream attempts retried, by the outcome that caused the retry (unreachable, throttled, server_error).",
+            ),
+            &["reason"],
+        )?;
+        let upstream_refused = IntCounterVec::new(
+            Opts::new(
+                "token_broker_upstream_refused_total",
+                "Misses answered without calling Truora, by reason: throttled (inside a Retry-After window), circuit_open, saturated (max_concurrent reached), budget_global, budget_caller (mint_rate spent).",
+            ),
+            &["reason"],
+        )?;
+        let breaker_state = IntGauge::new(
+            "token_broker_upstream_breaker_state",
+            "Circuit breaker in front of Truora: 0 closed, 1 half-open (probing), 2 open (misses refused).",
+        )?;
+        let throttle_remaining = Gauge::new(
+            "token_broker_upstream_throttle_remaining_seconds",
+            "Seconds left in the window Truora asked for with a 429; no call is made meanwhile.",
+        )?;
+        let credential_rejected = IntGauge::new(
+            "token_broker_upstream_credential_rejected",
+            "1 when Truora's last answer about the master API key was a rejection (401/403); cleared by the next success.",
+        )?;
+        let upstream_in_flight = IntGauge::new(
+            "token_broker_upstream_in_flight",
+            "Calls to Truora in flight now (at most upstream.max_concurrent).",
+        )?;
+        registry.register(Box::new(upstream_retries.clone()))?;
+        registry.register(Box::new(upstream_refused.clone()))?;
+        registry.register(Box::new(breaker_state.clone()))?;
+        registry.register(Box::new(throttle_remaining.clone()))?;
+        registry.register(Box::new(credential_rejected.clone()))?;
+        registry.register(Box::new(upstream_in_flight.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(request_duration.clone()))?;
         registry.register(Box::new(cache_lookups.clone()))?;
@@ -122,8 +170,21 @@ impl Metrics {
             "bad_response",
             "timeout",
             "unreachable",
+            "connection_lost",
         ] {
             upstream_requests.with_label_values(&[outcome]);
+        }
+        for reason in ["unreachable", "throttled", "server_error"] {
+            upstream_retries.with_label_values(&[reason]);
+        }
+        for reason in [
+            "throttled",
+            "circuit_open",
+            "saturated",
+            "budget_global",
+            "budget_caller",
+        ] {
+            upstream_refused.with_label_values(&[reason]);
         }
         for reason in ["missing", "malformed", "unknown"] {
             auth_failures.with_label_values(&[reason]);
@@ -141,6 +202,12 @@ impl Metrics {
             upstream_requests,
             upstream_duration,
             auth_failures,
+            upstream_retries,
+            upstream_refused,
+            breaker_state,
+            throttle_remaining,
+            credential_rejected,
+            upstream_in_flight,
         })
     }
 

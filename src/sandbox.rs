@@ -8,7 +8,6 @@
 //! sent (never the key itself, only whether it matched) and can fail, stall or lie on demand.
 //! `GET /?token=...` serves a small page standing in for Truora's identity page.
 
-use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -36,8 +35,16 @@ pub enum Fault {
     Status(u16),
     /// Answer 400 with Truora's "max rate limit reached" body.
     RateLimit400,
+    /// Answer 429 with `Retry-After: <secs>`.
+    Throttle(u64),
+    /// Answer 503 with `Retry-After: <secs>`.
+    Unavailable(u64),
     /// Never answer.
     Hang,
+    /// Close the connection after reading the request, without an answer.
+    Reset,
+    /// Answer 200 with a 10 MB body.
+    Huge,
     /// Answer 200 with this body.
     Body(String),
 }
@@ -85,7 +92,8 @@ pub struct Received {
 
 struct Shared {
     options: Mutex<SandboxOptions>,
-    fault: Mutex<Option<Fault>>,
+    /// The fault, and for how many more calls (`None`: until changed).
+    fault: Mutex<Option<(Fault, Option<usize>)>>,
     signing_key: [u8; 32],
     calls: AtomicUsize,
     received: Mutex<Vec<Received>>,
@@ -133,7 +141,7 @@ impl Sandbox {
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| {
                         let shared = Arc::clone(&shared);
-                        async move { Ok::<_, Infallible>(handle(&shared, req).await) }
+                        async move { handle(&shared, req).await }
                     });
                     let _ = auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), service)
@@ -161,7 +169,12 @@ impl Sandbox {
 
     /// Misbehave from now on (`None`: behave).
     pub fn set_fault(&self, fault: Option<Fault>) {
-        *lock(&self.shared.fault) = fault;
+        *lock(&self.shared.fault) = fault.map(|f| (f, None));
+    }
+
+    /// Misbehave for the next `calls` calls only, then behave.
+    pub fn fail_next(&self, fault: Fault, calls: usize) {
+        *lock(&self.shared.fault) = Some((fault, Some(calls)));
     }
 
     /// Change how tokens are minted from now on.
@@ -212,18 +225,39 @@ fn truora_error(status: u16) -> Response<Full<Bytes>> {
     r
 }
 
-async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    match (req.method(), req.uri().path()) {
-        (&Method::POST, "/v1/api-keys") => mint(shared, req).await,
+/// An `Err` makes hyper close the connection without an answer (a reset, as the client sees it).
+async fn handle(shared: &Shared, req: Request<Incoming>) -> io::Result<Response<Full<Bytes>>> {
+    Ok(match (req.method(), req.uri().path()) {
+        (&Method::POST, "/v1/api-keys") => return mint(shared, req).await,
         (&Method::GET, "/") => identity_page(req.uri().query().unwrap_or("")),
         _ => json(
             StatusCode::FORBIDDEN,
             r#"{"message":"Missing Authentication Token"}"#.to_owned(),
         ),
+    })
+}
+
+fn take_fault(shared: &Shared) -> Option<Fault> {
+    let mut slot = lock(&shared.fault);
+    let (fault, left) = slot.clone()?;
+    match left {
+        None => Some(fault),
+        Some(0) => {
+            *slot = None;
+            None
+        }
+        Some(n) => {
+            *slot = if n > 1 {
+                Some((fault.clone(), Some(n - 1)))
+            } else {
+                None
+            };
+            Some(fault)
+        }
     }
 }
 
-async fn mint(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn mint(shared: &Shared, req: Request<Incoming>) -> io::Result<Response<Full<Bytes>>> {
     shared.calls.fetch_add(1, Ordering::SeqCst);
     let options = lock(&shared.options).clone();
     let presented = req
@@ -234,7 +268,7 @@ async fn mint(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> 
     let authorization_present = req.headers().contains_key(http::header::AUTHORIZATION);
     let body = match req.into_body().collect().await {
         Ok(b) => b.to_bytes(),
-        Err(_) => return truora_error(400),
+        Err(_) => return Ok(truora_error(400)),
     };
     let form: Vec<(String, String)> = form_urlencoded::parse(&body).into_owned().collect();
     lock(&shared.received).push(Received {
@@ -247,22 +281,41 @@ async fn mint(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> 
     if !options.delay.is_zero() {
         tokio::time::sleep(options.delay).await;
     }
-    let fault = lock(&shared.fault).clone();
-    match fault {
-        Some(Fault::Status(s)) => return truora_error(s),
+    match take_fault(shared) {
+        Some(Fault::Status(s)) => return Ok(truora_error(s)),
         Some(Fault::RateLimit400) => {
-            return json(
+            return Ok(json(
                 StatusCode::BAD_REQUEST,
                 r#"{"code":"11400","message":"max rate limit reached"}"#.to_owned(),
-            )
+            ))
         }
+        Some(Fault::Throttle(secs)) => return Ok(with_retry_after(truora_error(429), secs)),
+        Some(Fault::Unavailable(secs)) => return Ok(with_retry_after(truora_error(503), secs)),
         Some(Fault::Hang) => {
             tokio::time::sleep(Duration::from_secs(3600)).await;
-            return truora_error(500);
+            return Ok(truora_error(500));
         }
-        Some(Fault::Body(body)) => return json(StatusCode::OK, body),
+        Some(Fault::Reset) => return Err(io::Error::other("sandbox reset")),
+        Some(Fault::Huge) => return Ok(json(StatusCode::OK, "x".repeat(10 * 1024 * 1024))),
+        Some(Fault::Body(body)) => return Ok(json(StatusCode::OK, body)),
         None => {}
     }
+    Ok(answer(shared, &options, key_matched, &form))
+}
+
+fn with_retry_after(mut r: Response<Full<Bytes>>, secs: u64) -> Response<Full<Bytes>> {
+    r.headers_mut()
+        .insert(http::header::RETRY_AFTER, http::HeaderValue::from(secs));
+    r
+}
+
+/// Truora's behaviour: check the key and the required fields, then mint.
+fn answer(
+    shared: &Shared,
+    options: &SandboxOptions,
+    key_matched: bool,
+    form: &[(String, String)],
+) -> Response<Full<Bytes>> {
     if !key_matched {
         return truora_error(401);
     }

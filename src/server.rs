@@ -40,6 +40,7 @@ use crate::issuance::IssuerSettings;
 use crate::issuance::{CacheStatus, Issuer};
 use crate::metrics::Metrics;
 use crate::request::{invalidation_filter, TokenRequest};
+use crate::resilience::{Policy, ResilienceSettings};
 use crate::secret::MasterKey;
 use crate::upstream::TruoraClient;
 
@@ -415,10 +416,12 @@ pub async fn admin<B>(state: Arc<State>, req: Request<B>) -> Result<HttpResponse
     let (status, content_type, body): (StatusCode, &'static str, Bytes) =
         match (req.method(), req.uri().path()) {
             (&Method::GET, "/metrics") => {
-                state
-                    .metrics
-                    .cache_entries
-                    .set(state.issuer.cache().len() as i64);
+                let m = &state.metrics;
+                m.cache_entries.set(state.issuer.cache().len() as i64);
+                let upstream = state.issuer.policy().snapshot();
+                m.breaker_state.set(upstream.breaker.gauge());
+                m.throttle_remaining
+                    .set(upstream.throttled_for.as_secs_f64());
                 (
                     StatusCode::OK,
                     "text/plain; version=0.0.4; charset=utf-8",
@@ -428,11 +431,27 @@ pub async fn admin<B>(state: Arc<State>, req: Request<B>) -> Result<HttpResponse
             (&Method::GET, "/healthz") => {
                 (StatusCode::OK, "text/plain", Bytes::from_static(b"ok\n"))
             }
-            (&Method::GET, "/readyz") => (
-                StatusCode::OK,
-                "application/json",
-                Bytes::from_static(b"{\"ready\":true}"),
-            ),
+            // Ready while the broker can serve hits, whatever Truora's state: an upstream outage
+            // must not take every replica out of the load balancer. The body tells why misses
+            // may fail.
+            (&Method::GET, "/readyz") => {
+                let upstream = state.issuer.policy().snapshot();
+                let body = serde_json::json!({
+                    "ready": true,
+                    "cache_entries": state.issuer.cache().len(),
+                    "upstream": {
+                        "breaker": upstream.breaker.name(),
+                        "throttled_for_seconds": upstream.throttled_for.as_secs_f64().ceil(),
+                        "credential_rejected": upstream.credential_rejected,
+                        "in_flight": upstream.in_flight,
+                    }
+                });
+                (
+                    StatusCode::OK,
+                    "application/json",
+                    Bytes::from(body.to_string()),
+                )
+            }
             (_, "/metrics" | "/healthz" | "/readyz") => (
                 StatusCode::METHOD_NOT_ALLOWED,
                 "text/plain",
@@ -470,10 +489,14 @@ impl Server {
         let client = TruoraClient::new(
             &config.upstream.account_url,
             key,
+            config.upstream.connect_timeout,
             config.upstream.timeout,
-            Arc::clone(&metrics),
         )
         .map_err(io::Error::other)?;
+        let policy = Policy::new(
+            ResilienceSettings::from_config(config),
+            Arc::clone(&metrics),
+        );
         let issuer = Issuer::new(
             IssuerSettings {
                 min_remaining: config.cache.min_remaining,
@@ -482,6 +505,7 @@ impl Server {
                 array_encoding: config.upstream.array_encoding,
             },
             Arc::new(Arc::new(client)),
+            policy,
             Arc::clone(&metrics),
         );
         let state = Arc::new(State {
@@ -612,6 +636,7 @@ mod tests {
     use crate::config::{ArrayEncoding, Client};
     use crate::error::UpstreamError;
     use crate::issuance::IssuerSettings;
+    use crate::resilience::{Policy, ResilienceSettings};
     use crate::secret::SecretDigest;
     use crate::upstream::{Mint, MintFuture};
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -661,11 +686,19 @@ mod tests {
                 array_encoding: ArrayEncoding::Repeat,
             },
             Arc::new(Handle(Arc::clone(&fake))),
+            Policy::new(
+                ResilienceSettings {
+                    max_retries: 0,
+                    ..ResilienceSettings::from_config(&crate::config::Config::default())
+                },
+                Arc::clone(&metrics),
+            ),
             Arc::clone(&metrics),
         );
         let clients = Clients::new(vec![Client {
             id: "checkout".into(),
             digest: SecretDigest::of(SECRET.as_bytes()),
+            mint_rate: None,
         }]);
         let state = Arc::new(State {
             issuer,
@@ -891,18 +924,14 @@ mod tests {
                 "upstream_credential_rejected",
             ),
             (
-                UpstreamError::ServerError { status: 500 },
+                UpstreamError::ServerError {
+                    status: 500,
+                    retry_after: None,
+                },
                 502,
                 "upstream_unavailable",
             ),
             (UpstreamError::Timeout, 504, "upstream_timeout"),
-            (
-                UpstreamError::Throttled {
-                    retry_after: Duration::from_secs(9),
-                },
-                503,
-                "upstream_throttled",
-            ),
         ];
         for (err, status, code) in cases {
             *fake.fail.lock().unwrap() = Some(err);
@@ -910,16 +939,23 @@ mod tests {
             assert_eq!(got.as_u16(), status, "{code}");
             assert_eq!(json["error"], code);
             assert!(json["message"].is_string());
-            if status == 503 {
-                assert_eq!(headers[RETRY_AFTER], "9");
-            }
+            assert!(headers.get(RETRY_AFTER).is_none());
         }
         // Failures are not cached: the next request mints.
         *fake.fail.lock().unwrap() = None;
         let (got, headers, _) = call(&state, form("/v1/tokens", FORM)).await;
         assert_eq!(got, StatusCode::OK);
         assert_eq!(headers["x-cache"], "MISS");
-        assert_eq!(fake.calls.load(Ordering::SeqCst), 5);
+        assert_eq!(fake.calls.load(Ordering::SeqCst), 4);
+        // Throttling: 503 with Truora's Retry-After.
+        *fake.fail.lock().unwrap() = Some(UpstreamError::Throttled {
+            retry_after: Duration::from_secs(9),
+        });
+        let (got, headers, json) =
+            call(&state, form("/v1/tokens", &FORM.replace("u1", "u2"))).await;
+        assert_eq!(got, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(json["error"], "upstream_throttled");
+        assert_eq!(headers[RETRY_AFTER], "9");
     }
 
     #[tokio::test]

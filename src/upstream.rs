@@ -9,7 +9,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::header::{HeaderValue, ACCEPT, CONTENT_TYPE, RETRY_AFTER, USER_AGENT};
@@ -23,7 +23,6 @@ use serde::Deserialize;
 use zeroize::Zeroizing;
 
 use crate::error::UpstreamError;
-use crate::metrics::Metrics;
 use crate::secret::MasterKey;
 use crate::token;
 
@@ -47,42 +46,49 @@ pub trait Mint: Send + Sync + 'static {
     fn mint(&self, form: String) -> MintFuture;
 }
 
-/// The real client for Truora's account API.
+/// The real client for Truora's account API: one attempt per [`Mint::mint`]; retries, the
+/// overall deadline, the breaker and the budgets are [`crate::resilience`]'s.
 pub struct TruoraClient {
     client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     url: Uri,
     key: MasterKey,
     timeout: Duration,
-    metrics: Arc<Metrics>,
 }
 
 impl TruoraClient {
-    /// A client for `<account_url>/v1/api-keys`.
+    /// A client for `<account_url>/v1/api-keys`: connections time out after `connect_timeout`,
+    /// a whole attempt (connect, send, read) after `timeout`.
     pub fn new(
         account_url: &str,
         key: MasterKey,
+        connect_timeout: Duration,
         timeout: Duration,
-        metrics: Arc<Metrics>,
     ) -> Result<Self, String> {
         let url: Uri = format!("{}{MINT_PATH}", account_url.trim_end_matches('/'))
             .parse()
             .map_err(|e| format!("upstream.account_url: {e}"))?;
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(connect_timeout.min(timeout)));
+        http.set_nodelay(true);
+        http.set_keepalive(Some(Duration::from_secs(60)));
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
             .map_err(|e| format!("TLS set-up failed: {e}"))?
             .https_or_http()
             .enable_http1()
             .enable_http2()
-            .build();
+            .wrap_connector(http);
+        // Keep-alive connections are reused; a pooled connection that the peer closed before
+        // our request was written is retried by the pool itself (nothing was sent).
         let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_idle_timeout(Duration::from_secs(50))
             .build(https);
         Ok(Self {
             client,
             url,
             key,
             timeout,
-            metrics,
         })
     }
 
@@ -105,17 +111,20 @@ impl TruoraClient {
             .body(Full::new(Bytes::from(form)))
             .map_err(|_| UpstreamError::Unreachable)?;
         let exchange = async {
-            let response = self
-                .client
-                .request(request)
-                .await
-                .map_err(|_| UpstreamError::Unreachable)?;
+            let response = self.client.request(request).await.map_err(|e| {
+                if e.is_connect() {
+                    UpstreamError::Unreachable
+                } else {
+                    UpstreamError::ConnectionLost
+                }
+            })?;
             let status = response.status().as_u16();
             let retry_after = response
                 .headers()
                 .get(RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned);
+            // Read at most MAX_ANSWER_BYTES: a huge or endless answer costs no memory.
             let body = Limited::new(response.into_body(), MAX_ANSWER_BYTES)
                 .collect()
                 .await
@@ -134,22 +143,7 @@ impl TruoraClient {
 impl Mint for Arc<TruoraClient> {
     fn mint(&self, form: String) -> MintFuture {
         let this = Arc::clone(self);
-        Box::pin(async move {
-            let started = Instant::now();
-            let result = this.call(form).await;
-            this.metrics
-                .upstream_duration
-                .observe(started.elapsed().as_secs_f64());
-            let outcome = match &result {
-                Ok(_) => "ok",
-                Err(e) => e.outcome(),
-            };
-            this.metrics
-                .upstream_requests
-                .with_label_values(&[outcome])
-                .inc();
-            result
-        })
+        Box::pin(async move { this.call(form).await })
     }
 }
 
@@ -201,7 +195,10 @@ pub fn read_answer(
         400 if says_rate_limited(body) => Err(UpstreamError::Throttled {
             retry_after: parse_retry_after(retry_after, SystemTime::now()),
         }),
-        500..=599 => Err(UpstreamError::ServerError { status }),
+        500..=599 => Err(UpstreamError::ServerError {
+            status,
+            retry_after: retry_after.map(|v| parse_retry_after(Some(v), SystemTime::now())),
+        }),
         _ => Err(UpstreamError::Rejected { status }),
     }
 }
@@ -302,8 +299,18 @@ mod tests {
     #[test]
     fn a_5xx_is_a_server_error() {
         assert_eq!(
-            read_answer(503, None, b"down"),
-            Err(UpstreamError::ServerError { status: 503 })
+            read_answer(500, None, b"down"),
+            Err(UpstreamError::ServerError {
+                status: 500,
+                retry_after: None
+            })
+        );
+        assert_eq!(
+            read_answer(503, Some("4"), b"down"),
+            Err(UpstreamError::ServerError {
+                status: 503,
+                retry_after: Some(Duration::from_secs(4))
+            })
         );
     }
 

@@ -376,7 +376,6 @@ async fn serve_drains_in_flight_requests_on_sigterm_and_leaks_no_secret() {
     for (i, fault) in [
         Fault::Status(401),
         Fault::Status(500),
-        Fault::Status(429),
         Fault::Body("x".into()),
     ]
     .into_iter()

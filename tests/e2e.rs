@@ -165,8 +165,6 @@ async fn upstream_errors_never_reach_the_caller_as_their_own() {
         (Fault::Status(401), 502, "upstream_credential_rejected"),
         (Fault::Status(403), 502, "upstream_credential_rejected"),
         (Fault::Status(500), 502, "upstream_unavailable"),
-        (Fault::Status(429), 503, "upstream_throttled"),
-        (Fault::RateLimit400, 503, "upstream_throttled"),
         (Fault::Status(400), 502, "upstream_rejected_request"),
         (Fault::Body("not json".into()), 502, "upstream_bad_response"),
         (
@@ -189,9 +187,6 @@ async fn upstream_errors_never_reach_the_caller_as_their_own() {
             !r.text().contains("Internal server error"),
             "upstream body echoed"
         );
-        if status == 503 {
-            assert!(r.header("retry-after").parse::<u64>().unwrap() >= 1);
-        }
     }
     // Nothing was cached: with Truora back, the next request mints.
     b.sandbox.set_fault(None);
@@ -349,7 +344,11 @@ async fn the_admin_listener_never_serves_the_token_api() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_master_key_appears_in_no_response_or_metric() {
-    let b = Broker::start(|c, _| c.upstream.timeout = Duration::from_millis(300)).await;
+    let b = Broker::start(|c, _| {
+        c.upstream.timeout = Duration::from_millis(300);
+        c.upstream.deadline = Duration::from_millis(500);
+    })
+    .await;
     let mut seen = String::new();
     for (i, fault) in [
         None,

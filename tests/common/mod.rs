@@ -39,6 +39,7 @@ pub fn config(upstream_url: &str) -> Config {
         c.clients.push(ClientConfig {
             id: id.into(),
             token_sha256: SecretDigest::of(secret.as_bytes()).to_hex(),
+            mint_rate: None,
         });
     }
     c

@@ -1,0 +1,824 @@
+//! What stands between a cache miss and Truora: the mint budgets, the cap on calls in flight,
+//! the throttle window, the circuit breaker, and retries within an overall deadline.
+//!
+//! A miss goes through [`Policy::call`], in this order:
+//!
+//! 1. **Throttle window**: after Truora said 429 (or a 400 "rate limit"), no call is made until
+//!    its Retry-After has passed; callers get 503 with the time left.
+//! 2. **Breaker**: after `breaker_threshold` consecutive failures the breaker opens and misses get
+//!    503 at once for `breaker_cooldown`; then one probe call is let through, whose success
+//!    closes it again. Hits never come here, so they are served throughout.
+//! 3. **Concurrency cap**: at most `max_concurrent` calls in flight; beyond it, 503 at once
+//!    rather than a queue behind a slow upstream.
+//! 4. **Mint budgets**: token buckets of `mint_rate` a second, the caller's own and the global one;
+//!    beyond them, 429 to that caller.
+//! 5. **Attempts**: each bounded by `timeout` and by what is left of `deadline`. Only what is
+//!    safe is retried, with jittered exponential back-off: a connection that could not be made
+//!    (nothing was sent), and 429/503 after their Retry-After. A timeout or broken connection
+//!    after the request was sent is not retried: Truora may have minted.
+//!
+//! Every attempt's outcome feeds the breaker, the throttle window and the credential state
+//! (a rejected master key raises a metric, cleared by the next success, and logs at most once a
+//! minute). Time is tokio's, so tests run on a paused clock.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+
+use crate::config::Config;
+use crate::error::{BrokerError, BudgetScope, Refusal, UpstreamError};
+use crate::metrics::Metrics;
+use crate::upstream::Mint;
+
+/// How often a rejected master key is logged at most.
+const CREDENTIAL_LOG_EVERY: Duration = Duration::from_secs(60);
+/// Retry-After given while a half-open probe is in flight.
+const PROBE_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// The `[upstream]` and `[[clients]]` settings this module applies.
+#[derive(Debug, Clone)]
+pub struct ResilienceSettings {
+    /// `upstream.timeout`: one attempt.
+    pub timeout: Duration,
+    /// `upstream.deadline`: all attempts and back-off.
+    pub deadline: Duration,
+    /// `upstream.max_retries`.
+    pub max_retries: u32,
+    /// `upstream.retry_backoff`.
+    pub retry_backoff: Duration,
+    /// `upstream.retry_backoff_max`.
+    pub retry_backoff_max: Duration,
+    /// `upstream.breaker_threshold`.
+    pub breaker_threshold: u32,
+    /// `upstream.breaker_cooldown`.
+    pub breaker_cooldown: Duration,
+    /// `upstream.max_concurrent`.
+    pub max_concurrent: u32,
+    /// `upstream.mint_rate`.
+    pub mint_rate: u32,
+    /// `[[clients]] mint_rate`, for the callers that have one.
+    pub caller_rates: Vec<(Arc<str>, u32)>,
+}
+
+impl ResilienceSettings {
+    /// The settings of a validated config.
+    pub fn from_config(config: &Config) -> Self {
+        let u = &config.upstream;
+        Self {
+            timeout: u.timeout,
+            deadline: u.deadline,
+            max_retries: u.max_retries,
+            retry_backoff: u.retry_backoff,
+            retry_backoff_max: u.retry_backoff_max,
+            breaker_threshold: u.breaker_threshold,
+            breaker_cooldown: u.breaker_cooldown,
+            max_concurrent: u.max_concurrent,
+            mint_rate: u.mint_rate,
+            caller_rates: config
+                .clients
+                .iter()
+                .filter_map(|c| Some((Arc::from(c.id.as_str()), c.mint_rate?)))
+                .collect(),
+        }
+    }
+}
+
+/// The circuit breaker's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerState {
+    /// Calls go through; `failures` consecutive ones have failed.
+    Closed { failures: u32 },
+    /// No calls until `until`.
+    Open { until: Instant },
+    /// One probe call may go; `probing` while it is in flight.
+    HalfOpen { probing: bool },
+}
+
+impl BreakerState {
+    /// For `/readyz`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            BreakerState::Closed { .. } => "closed",
+            BreakerState::Open { .. } => "open",
+            BreakerState::HalfOpen { .. } => "half_open",
+        }
+    }
+
+    /// The value of `token_broker_upstream_breaker_state`: 0 closed, 1 half-open, 2 open.
+    pub fn gauge(&self) -> i64 {
+        match self {
+            BreakerState::Closed { .. } => 0,
+            BreakerState::HalfOpen { .. } => 1,
+            BreakerState::Open { .. } => 2,
+        }
+    }
+}
+
+/// A point-in-time view for `/readyz` and `/metrics`.
+#[derive(Debug, Clone, Copy)]
+pub struct Snapshot {
+    /// The breaker.
+    pub breaker: BreakerState,
+    /// Time left in the throttle window.
+    pub throttled_for: Duration,
+    /// Whether the last answer about the master key was a rejection.
+    pub credential_rejected: bool,
+    /// Calls in flight.
+    pub in_flight: usize,
+}
+
+struct Bucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    fn new(rate: u32, now: Instant) -> Self {
+        let rate = f64::from(rate.max(1));
+        Self {
+            rate,
+            burst: rate.max(1.0),
+            tokens: rate.max(1.0),
+            last: now,
+        }
+    }
+
+    /// Takes one token, or says how long until one is there.
+    fn take(&mut self, now: Instant) -> Result<(), Duration> {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
+        }
+    }
+}
+
+struct State {
+    breaker: BreakerState,
+    throttle_until: Option<Instant>,
+    credential_rejected: bool,
+    credential_logged: Option<Instant>,
+    credential_suppressed: u64,
+}
+
+/// The resilience policy around every upstream call; see the module docs.
+pub struct Policy {
+    settings: ResilienceSettings,
+    state: Mutex<State>,
+    global: Mutex<Bucket>,
+    callers: HashMap<Arc<str>, Mutex<Bucket>>,
+    permits: Arc<Semaphore>,
+    metrics: Arc<Metrics>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The guarded data stays consistent at every await-free step, so a panic elsewhere cannot
+    // leave it half-updated: carry on with it.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Clears the half-open probe flag if the probe ends without an outcome.
+struct Probe<'a> {
+    policy: &'a Policy,
+    armed: bool,
+}
+
+impl Drop for Probe<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let mut st = lock(&self.policy.state);
+            if let BreakerState::HalfOpen { probing: true } = st.breaker {
+                st.breaker = BreakerState::HalfOpen { probing: false };
+            }
+        }
+    }
+}
+
+impl Policy {
+    /// A policy with the given settings.
+    pub fn new(settings: ResilienceSettings, metrics: Arc<Metrics>) -> Self {
+        let now = Instant::now();
+        let callers = settings
+            .caller_rates
+            .iter()
+            .map(|(id, rate)| (Arc::clone(id), Mutex::new(Bucket::new(*rate, now))))
+            .collect();
+        Self {
+            global: Mutex::new(Bucket::new(settings.mint_rate, now)),
+            permits: Arc::new(Semaphore::new(settings.max_concurrent as usize)),
+            state: Mutex::new(State {
+                breaker: BreakerState::Closed { failures: 0 },
+                throttle_until: None,
+                credential_rejected: false,
+                credential_logged: None,
+                credential_suppressed: 0,
+            }),
+            callers,
+            settings,
+            metrics,
+        }
+    }
+
+    /// Mints through `mint` for `caller`, applying every rule of the module docs.
+    pub async fn call(
+        &self,
+        caller: &str,
+        mint: &dyn Mint,
+        form: &str,
+    ) -> Result<String, BrokerError> {
+        let deadline = Instant::now() + self.settings.deadline;
+        let mut probe = self.admit(caller)?;
+        let _permit = match Arc::clone(&self.permits).try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => return Err(self.refuse(Refusal::Saturated)),
+        };
+        self.spend_budget(caller)?;
+
+        self.metrics.upstream_in_flight.inc();
+        struct InFlight<'a>(&'a Metrics);
+        impl Drop for InFlight<'_> {
+            fn drop(&mut self) {
+                self.0.upstream_in_flight.dec();
+            }
+        }
+        let _in_flight = InFlight(&self.metrics);
+
+        let mut attempt = 0;
+        loop {
+            let started = Instant::now();
+            let left = deadline.saturating_duration_since(started);
+            let result = if left.is_zero() {
+                Err(UpstreamError::Timeout)
+            } else {
+                tokio::time::timeout(left, mint.mint(form.to_owned()))
+                    .await
+                    .unwrap_or(Err(UpstreamError::Timeout))
+            };
+            self.observe(&result, started.elapsed());
+            probe.armed = false;
+            let err = match result {
+                Ok(token) => return Ok(token),
+                Err(e) => e,
+            };
+            let Some(wait) = self.retry_wait(&err, attempt) else {
+                return Err(err.into());
+            };
+            let resume = self
+                .throttle_until()
+                .map_or(Instant::now() + wait, |t| t.max(Instant::now() + wait));
+            if attempt >= self.settings.max_retries || resume >= deadline || self.breaker_open() {
+                return Err(err.into());
+            }
+            self.metrics
+                .upstream_retries
+                .with_label_values(&[err.outcome()])
+                .inc();
+            tokio::time::sleep_until(resume).await;
+            attempt += 1;
+        }
+    }
+
+    /// The state for `/readyz` and the gauges.
+    pub fn snapshot(&self) -> Snapshot {
+        let now = Instant::now();
+        let st = lock(&self.state);
+        Snapshot {
+            breaker: st.breaker,
+            throttled_for: st
+                .throttle_until
+                .map_or(Duration::ZERO, |t| t.saturating_duration_since(now)),
+            credential_rejected: st.credential_rejected,
+            in_flight: self.settings.max_concurrent as usize - self.permits.available_permits(),
+        }
+    }
+
+    fn refuse(&self, refusal: Refusal) -> BrokerError {
+        self.metrics
+            .upstream_refused
+            .with_label_values(&[refusal.reason()])
+            .inc();
+        refusal.into()
+    }
+
+    /// Throttle window and breaker: may a call go at all? A half-open breaker admits one probe.
+    fn admit(&self, _caller: &str) -> Result<Probe<'_>, BrokerError> {
+        let now = Instant::now();
+        let mut st = lock(&self.state);
+        if let Some(until) = st.throttle_until.filter(|t| *t > now) {
+            drop(st);
+            self.metrics
+                .upstream_refused
+                .with_label_values(&["throttled"])
+                .inc();
+            return Err(UpstreamError::Throttled {
+                retry_after: until - now,
+            }
+            .into());
+        }
+        let armed = match st.breaker {
+            BreakerState::Closed { .. } => false,
+            BreakerState::Open { until } if now < until => {
+                drop(st);
+                return Err(self.refuse(Refusal::CircuitOpen {
+                    retry_after: until - now,
+                }));
+            }
+            BreakerState::Open { .. } | BreakerState::HalfOpen { probing: false } => {
+                st.breaker = BreakerState::HalfOpen { probing: true };
+                self.metrics.breaker_state.set(st.breaker.gauge());
+                true
+            }
+            BreakerState::HalfOpen { probing: true } => {
+                drop(st);
+                return Err(self.refuse(Refusal::CircuitOpen {
+                    retry_after: PROBE_RETRY_AFTER,
+                }));
+            }
+        };
+        Ok(Probe {
+            policy: self,
+            armed,
+        })
+    }
+
+    fn spend_budget(&self, caller: &str) -> Result<(), BrokerError> {
+        let now = Instant::now();
+        if let Some(bucket) = self.callers.get(caller) {
+            if let Err(wait) = lock(bucket).take(now) {
+                return Err(self.refuse(Refusal::BudgetExceeded {
+                    scope: BudgetScope::Caller,
+                    retry_after: wait,
+                }));
+            }
+        }
+        if let Err(wait) = lock(&self.global).take(now) {
+            return Err(self.refuse(Refusal::BudgetExceeded {
+                scope: BudgetScope::Global,
+                retry_after: wait,
+            }));
+        }
+        Ok(())
+    }
+
+    fn throttle_until(&self) -> Option<Instant> {
+        lock(&self.state).throttle_until
+    }
+
+    fn breaker_open(&self) -> bool {
+        matches!(lock(&self.state).breaker, BreakerState::Open { .. })
+    }
+
+    /// How long to wait before retrying after `err`, or `None` when it must not be retried.
+    fn retry_wait(&self, err: &UpstreamError, attempt: u32) -> Option<Duration> {
+        let backoff = self.backoff(attempt);
+        match err {
+            UpstreamError::Unreachable => Some(backoff),
+            UpstreamError::Throttled { retry_after } => Some(backoff.max(*retry_after)),
+            UpstreamError::ServerError {
+                status: 503,
+                retry_after,
+            } => Some(backoff.max(retry_after.unwrap_or_default())),
+            _ => None,
+        }
+    }
+
+    /// Exponential back-off with jitter: half the step fixed, half random.
+    fn backoff(&self, attempt: u32) -> Duration {
+        let step = self
+            .settings
+            .retry_backoff
+            .saturating_mul(1 << attempt.min(16))
+            .min(self.settings.retry_backoff_max);
+        let mut r = [0u8; 4];
+        let fraction = if getrandom::fill(&mut r).is_ok() {
+            f64::from(u32::from_le_bytes(r)) / f64::from(u32::MAX)
+        } else {
+            0.5
+        };
+        step / 2 + step.mul_f64(fraction / 2.0)
+    }
+
+    /// Feeds one attempt's outcome to the metrics, the breaker, the throttle window and the
+    /// credential state.
+    fn observe(&self, result: &Result<String, UpstreamError>, took: Duration) {
+        let outcome = result
+            .as_ref()
+            .map_or_else(UpstreamError::outcome, |_| "ok");
+        self.metrics
+            .upstream_requests
+            .with_label_values(&[outcome])
+            .inc();
+        self.metrics.upstream_duration.observe(took.as_secs_f64());
+
+        let now = Instant::now();
+        let mut st = lock(&self.state);
+        let healthy = match result {
+            Ok(_) => {
+                if st.credential_rejected {
+                    st.credential_rejected = false;
+                    self.metrics.credential_rejected.set(0);
+                    tracing::info!("Truora accepts the master API key again");
+                }
+                Some(true)
+            }
+            Err(UpstreamError::Throttled { retry_after }) => {
+                let until = now + *retry_after;
+                st.throttle_until = Some(st.throttle_until.map_or(until, |t| t.max(until)));
+                None
+            }
+            Err(UpstreamError::CredentialRejected { status }) => {
+                self.credential_rejected(&mut st, *status, now);
+                None
+            }
+            Err(UpstreamError::Rejected { .. }) => None,
+            Err(
+                UpstreamError::ServerError { .. }
+                | UpstreamError::BadResponse { .. }
+                | UpstreamError::Timeout
+                | UpstreamError::Unreachable
+                | UpstreamError::ConnectionLost,
+            ) => Some(false),
+        };
+        st.breaker = match (st.breaker, healthy) {
+            // Truora answered sensibly: whatever the breaker was, it closes.
+            (_, Some(true)) => BreakerState::Closed { failures: 0 },
+            // An answer that says nothing about Truora's health (429, 4xx): a probe that got one
+            // still shows Truora is up.
+            (BreakerState::HalfOpen { .. }, None) => BreakerState::Closed { failures: 0 },
+            (state, None) => state,
+            (BreakerState::Closed { failures }, Some(false))
+                if failures + 1 < self.settings.breaker_threshold =>
+            {
+                BreakerState::Closed {
+                    failures: failures + 1,
+                }
+            }
+            (BreakerState::Open { until }, Some(false)) => BreakerState::Open {
+                until: until.max(now + self.settings.breaker_cooldown),
+            },
+            (_, Some(false)) => {
+                tracing::warn!(
+                    cooldown_s = self.settings.breaker_cooldown.as_secs_f64(),
+                    "circuit breaker open: Truora is failing; misses get 503 until a probe succeeds"
+                );
+                BreakerState::Open {
+                    until: now + self.settings.breaker_cooldown,
+                }
+            }
+        };
+        self.metrics.breaker_state.set(st.breaker.gauge());
+    }
+
+    fn credential_rejected(&self, st: &mut State, status: u16, now: Instant) {
+        st.credential_rejected = true;
+        self.metrics.credential_rejected.set(1);
+        let due = st
+            .credential_logged
+            .is_none_or(|t| now.saturating_duration_since(t) >= CREDENTIAL_LOG_EVERY);
+        if due {
+            tracing::error!(
+                status,
+                suppressed = st.credential_suppressed,
+                "Truora rejected the broker's master API key: check upstream.api_key_file / TRUORA_API_KEY"
+            );
+            st.credential_logged = Some(now);
+            st.credential_suppressed = 0;
+        } else {
+            st.credential_suppressed += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upstream::MintFuture;
+    use std::collections::VecDeque;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Answers from a script, one per call; `Ok` once the script is spent.
+    struct Scripted {
+        answers: Mutex<VecDeque<Result<String, UpstreamError>>>,
+        calls: AtomicUsize,
+        delay: Duration,
+    }
+
+    impl Scripted {
+        fn new(answers: Vec<Result<String, UpstreamError>>) -> Self {
+            Self {
+                answers: Mutex::new(answers.into()),
+                calls: AtomicUsize::new(0),
+                delay: Duration::ZERO,
+            }
+        }
+        fn calls(&self) -> usize {
+            self.calls.load(Ordering::SeqCst)
+        }
+    }
+
+    impl Mint for Scripted {
+        fn mint(&self, _: String) -> MintFuture {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            let answer = lock(&self.answers)
+                .pop_front()
+                .unwrap_or_else(|| Ok("token".into()));
+            let delay = self.delay;
+            Box::pin(async move {
+                tokio::time::sleep(delay).await;
+                answer
+            })
+        }
+    }
+
+    fn settings() -> ResilienceSettings {
+        ResilienceSettings {
+            timeout: Duration::from_secs(5),
+            deadline: Duration::from_secs(10),
+            max_retries: 2,
+            retry_backoff: Duration::from_millis(100),
+            retry_backoff_max: Duration::from_secs(2),
+            breaker_threshold: 3,
+            breaker_cooldown: Duration::from_secs(10),
+            max_concurrent: 64,
+            mint_rate: 1000,
+            caller_rates: vec![],
+        }
+    }
+
+    fn policy(s: ResilienceSettings) -> Policy {
+        Policy::new(
+            s,
+            Arc::new(Metrics::new(prometheus::Registry::new()).unwrap()),
+        )
+    }
+
+    fn server_error() -> Result<String, UpstreamError> {
+        Err(UpstreamError::ServerError {
+            status: 500,
+            retry_after: None,
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connect_failure_is_retried_with_backoff() {
+        let p = policy(settings());
+        let m = Scripted::new(vec![Err(UpstreamError::Unreachable)]);
+        let started = Instant::now();
+        assert_eq!(p.call("c", &m, "").await.unwrap(), "token");
+        assert_eq!(m.calls(), 2);
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(50) && waited <= Duration::from_millis(100),
+            "{waited:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_stop_at_max_retries() {
+        let p = policy(settings());
+        let m = Scripted::new(vec![Err(UpstreamError::Unreachable); 5]);
+        assert_eq!(
+            p.call("c", &m, "").await.unwrap_err().code(),
+            "upstream_unreachable"
+        );
+        assert_eq!(m.calls(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_timeout_or_lost_connection_after_sending_is_not_retried() {
+        let p = policy(settings());
+        for err in [UpstreamError::Timeout, UpstreamError::ConnectionLost] {
+            let m = Scripted::new(vec![Err(err)]);
+            p.call("c", &m, "").await.unwrap_err();
+            assert_eq!(m.calls(), 1);
+        }
+        let m = Scripted::new(vec![server_error()]);
+        p.call("c", &m, "").await.unwrap_err();
+        assert_eq!(m.calls(), 1, "a 500 may have minted: not retried");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_503_is_retried_after_its_retry_after() {
+        let p = policy(settings());
+        let m = Scripted::new(vec![Err(UpstreamError::ServerError {
+            status: 503,
+            retry_after: Some(Duration::from_secs(3)),
+        })]);
+        let started = Instant::now();
+        p.call("c", &m, "").await.unwrap();
+        assert!(started.elapsed() >= Duration::from_secs(3));
+        assert_eq!(m.calls(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_after_beyond_the_deadline_is_not_waited_for() {
+        let p = policy(settings());
+        let m = Scripted::new(vec![Err(UpstreamError::Throttled {
+            retry_after: Duration::from_secs(30),
+        })]);
+        let started = Instant::now();
+        let err = p.call("c", &m, "").await.unwrap_err();
+        assert_eq!(err.code(), "upstream_throttled");
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert_eq!(m.calls(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_caller_never_waits_past_the_deadline() {
+        let mut s = settings();
+        s.deadline = Duration::from_secs(6);
+        let p = policy(s);
+        let mut m = Scripted::new(vec![]);
+        m.delay = Duration::from_secs(100);
+        let started = Instant::now();
+        let err = p.call("c", &m, "").await.unwrap_err();
+        assert_eq!(err.code(), "upstream_timeout");
+        assert!(started.elapsed() <= Duration::from_secs(6));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_429_opens_a_throttle_window_that_refuses_calls_until_it_ends() {
+        let p = policy(settings());
+        let m = Scripted::new(vec![Err(UpstreamError::Throttled {
+            retry_after: Duration::from_secs(20),
+        })]);
+        p.call("c", &m, "").await.unwrap_err();
+        let err = p.call("c", &m, "").await.unwrap_err();
+        assert_eq!(err.code(), "upstream_throttled");
+        assert!(err.retry_after().unwrap() >= 19);
+        assert_eq!(m.calls(), 1, "no call inside the window");
+        assert!(p.snapshot().throttled_for > Duration::from_secs(19));
+        tokio::time::advance(Duration::from_secs(21)).await;
+        p.call("c", &m, "").await.unwrap();
+        assert_eq!(m.calls(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn consecutive_failures_open_the_breaker_and_a_probe_closes_it() {
+        let p = policy(settings());
+        let m = Scripted::new(vec![server_error(), server_error(), server_error()]);
+        for _ in 0..3 {
+            p.call("c", &m, "").await.unwrap_err();
+        }
+        assert_eq!(p.snapshot().breaker.name(), "open");
+        let err = p.call("c", &m, "").await.unwrap_err();
+        assert_eq!(err.code(), "upstream_circuit_open");
+        assert!(err.retry_after().unwrap() >= 9);
+        assert_eq!(m.calls(), 3, "no call while open");
+        tokio::time::advance(Duration::from_secs(11)).await;
+        p.call("c", &m, "").await.unwrap();
+        assert_eq!(p.snapshot().breaker.name(), "closed");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_probe_opens_the_breaker_again() {
+        let p = policy(settings());
+        let m = Scripted::new(vec![server_error(); 4]);
+        for _ in 0..3 {
+            p.call("c", &m, "").await.unwrap_err();
+        }
+        tokio::time::advance(Duration::from_secs(11)).await;
+        p.call("c", &m, "").await.unwrap_err();
+        assert_eq!(p.snapshot().breaker.name(), "open");
+        assert_eq!(m.calls(), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_half_open_breaker_lets_exactly_one_probe_through() {
+        let p = Arc::new(policy(settings()));
+        let m = Scripted::new(vec![server_error(); 3]);
+        for _ in 0..3 {
+            p.call("c", &m, "").await.unwrap_err();
+        }
+        tokio::time::advance(Duration::from_secs(11)).await;
+        let mut slow = Scripted::new(vec![]);
+        slow.delay = Duration::from_secs(1);
+        let slow = Arc::new(slow);
+        let probe = {
+            let (p, slow) = (Arc::clone(&p), Arc::clone(&slow));
+            tokio::spawn(async move { p.call("c", &*slow, "").await })
+        };
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let err = p.call("c", &*slow, "").await.unwrap_err();
+        assert_eq!(err.code(), "upstream_circuit_open");
+        probe.await.unwrap().unwrap();
+        assert_eq!(slow.calls(), 1);
+        assert_eq!(p.snapshot().breaker.name(), "closed");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rejected_requests_and_429s_do_not_open_the_breaker() {
+        let p = policy(settings());
+        let m = Scripted::new(vec![
+            Err(UpstreamError::Rejected { status: 400 }),
+            Err(UpstreamError::CredentialRejected { status: 401 }),
+            Err(UpstreamError::Rejected { status: 404 }),
+            Err(UpstreamError::CredentialRejected { status: 403 }),
+        ]);
+        for _ in 0..4 {
+            p.call("c", &m, "").await.unwrap_err();
+        }
+        assert_eq!(p.snapshot().breaker.name(), "closed");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rejected_master_key_is_flagged_until_the_next_success() {
+        let p = policy(settings());
+        let m = Scripted::new(vec![Err(UpstreamError::CredentialRejected { status: 401 })]);
+        let err = p.call("c", &m, "").await.unwrap_err();
+        assert_eq!(err.code(), "upstream_credential_rejected");
+        assert!(p.snapshot().credential_rejected);
+        assert_eq!(p.metrics.credential_rejected.get(), 1);
+        p.call("c", &m, "").await.unwrap();
+        assert!(!p.snapshot().credential_rejected);
+        assert_eq!(p.metrics.credential_rejected.get(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rejected_master_key_is_logged_at_most_once_a_minute() {
+        let p = policy(settings());
+        let rejected = || Err(UpstreamError::CredentialRejected { status: 401 });
+        let m = Scripted::new(vec![rejected(), rejected(), rejected()]);
+        for _ in 0..3 {
+            p.call("c", &m, "").await.unwrap_err();
+        }
+        let first_log = lock(&p.state).credential_logged;
+        assert!(first_log.is_some());
+        assert_eq!(lock(&p.state).credential_suppressed, 2);
+        tokio::time::advance(Duration::from_secs(61)).await;
+        let m = Scripted::new(vec![rejected()]);
+        p.call("c", &m, "").await.unwrap_err();
+        assert_eq!(lock(&p.state).credential_suppressed, 0);
+        assert!(lock(&p.state).credential_logged > first_log);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_global_mint_budget_refuses_with_429_and_refills() {
+        let mut s = settings();
+        s.mint_rate = 2;
+        let p = policy(s);
+        let m = Scripted::new(vec![]);
+        p.call("a", &m, "").await.unwrap();
+        p.call("b", &m, "").await.unwrap();
+        let err = p.call("c", &m, "").await.unwrap_err();
+        assert_eq!(err.code(), "mint_budget_exceeded");
+        assert_eq!(err.status().as_u16(), 429);
+        assert_eq!(m.calls(), 2);
+        tokio::time::advance(Duration::from_millis(500)).await;
+        p.call("c", &m, "").await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_callers_own_budget_does_not_touch_the_others() {
+        let mut s = settings();
+        s.caller_rates = vec![("noisy".into(), 1)];
+        let p = policy(s);
+        let m = Scripted::new(vec![]);
+        p.call("noisy", &m, "").await.unwrap();
+        let err = p.call("noisy", &m, "").await.unwrap_err();
+        assert_eq!(err.code(), "mint_budget_exceeded");
+        assert!(err.to_string().contains("this caller's"));
+        for _ in 0..10 {
+            p.call("quiet", &m, "").await.unwrap();
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn calls_beyond_max_concurrent_are_refused_at_once() {
+        let mut s = settings();
+        s.max_concurrent = 1;
+        let p = Arc::new(policy(s));
+        let mut m = Scripted::new(vec![]);
+        m.delay = Duration::from_secs(1);
+        let m = Arc::new(m);
+        let first = {
+            let (p, m) = (Arc::clone(&p), Arc::clone(&m));
+            tokio::spawn(async move { p.call("c", &*m, "").await })
+        };
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(p.snapshot().in_flight, 1);
+        let err = p.call("c", &*m, "").await.unwrap_err();
+        assert_eq!(err.code(), "upstream_saturated");
+        first.await.unwrap().unwrap();
+        assert_eq!(p.snapshot().in_flight, 0);
+    }
+
+    #[test]
+    fn backoff_doubles_within_jitter_and_is_capped() {
+        let p = policy(settings());
+        for attempt in 0..8 {
+            let step = Duration::from_millis(100 * (1 << attempt)).min(Duration::from_secs(2));
+            let b = p.backoff(attempt);
+            assert!(b >= step / 2 && b <= step, "{attempt}: {b:?}");
+        }
+    }
+}
