@@ -1,16 +1,26 @@
-//! Who is calling: the tower layer that turns `Authorization: Bearer <secret>` into a configured
-//! [`Client`], or fails with a typed [`AuthError`] before the body is read or anything is minted.
+//! Who is calling: the tower layer that turns `Authorization: Bearer <secret>` and/or the
+//! connection's client certificate into a configured [`Client`], or fails with a typed
+//! [`AuthError`] before the body is read or anything is minted.
+//!
+//! Per caller: a `token_sha256` alone means the bearer secret suffices; a `tls_san` alone means
+//! a client certificate valid for that DNS name suffices (checked with webpki's name matching,
+//! the chain having been verified against `server.tls.client_ca_file` during the handshake);
+//! both mean both are required.
 //!
 //! Secrets are digested with SHA-256 and compared, in constant time, against every configured
 //! digest (no early exit), so neither the secret nor which caller matched leaks through timing.
 //! A request carrying Truora's own `Truora-API-Key` header is refused outright: callers never hold
 //! the master key, and a drop-in client that still sends it has not been migrated.
+//!
+//! The set of callers is read once per request from a swappable snapshot, so a reload
+//! (revoking a caller, say) applies to the next request while in-flight ones finish as they began.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use arc_swap::ArcSwap;
 use http::header::AUTHORIZATION;
 use http::{HeaderMap, Request};
 use tower::{Layer, Service};
@@ -44,9 +54,16 @@ impl Clients {
         self.list.is_empty()
     }
 
-    /// The caller whose secret is presented in `headers`.
-    pub fn authenticate(&self, headers: &HeaderMap) -> Result<&Client, AuthError> {
-        let value = headers.get(AUTHORIZATION).ok_or(AuthError::Missing)?;
+    /// The callers, for the reload that replaces them.
+    pub fn iter(&self) -> impl Iterator<Item = &Client> {
+        self.list.iter()
+    }
+
+    /// The caller presenting the secret in `headers` and/or the certificate of `peer`.
+    pub fn authenticate(&self, headers: &HeaderMap, peer: &Peer) -> Result<&Client, AuthError> {
+        let Some(value) = headers.get(AUTHORIZATION) else {
+            return self.by_certificate(peer);
+        };
         let value = value.as_bytes();
         let secret = match value.iter().position(|b| *b == b' ') {
             Some(i) if value[..i].eq_ignore_ascii_case(b"bearer") => &value[i + 1..],
@@ -58,11 +75,57 @@ impl Clients {
         let presented = SecretDigest::of(secret);
         let mut found = None;
         for client in self.list.iter() {
-            if client.digest.ct_eq(&presented) {
+            if client.digest.is_some_and(|d| d.ct_eq(&presented)) {
                 found = Some(client);
             }
         }
-        found.ok_or(AuthError::Unknown)
+        let client = found.ok_or(AuthError::Unknown)?;
+        match &client.tls_san {
+            Some(san) if !peer.certificate_valid_for(san) => Err(AuthError::CertificateRequired),
+            _ => Ok(client),
+        }
+    }
+
+    /// Without a bearer secret: the one certificate-only caller the peer's certificate is for.
+    fn by_certificate(&self, peer: &Peer) -> Result<&Client, AuthError> {
+        if peer.certificate.is_none() {
+            return Err(AuthError::Missing);
+        }
+        let mut matching = self.list.iter().filter(|c| {
+            c.digest.is_none()
+                && c.tls_san
+                    .as_deref()
+                    .is_some_and(|san| peer.certificate_valid_for(san))
+        });
+        match (matching.next(), matching.next()) {
+            (Some(client), None) => Ok(client),
+            (None, _) => Err(AuthError::Unknown),
+            // A certificate valid for several callers (a wildcard, say) names none of them.
+            (Some(_), Some(_)) => Err(AuthError::Unknown),
+        }
+    }
+}
+
+/// What the connection tells about the peer: its verified client certificate, if it sent one.
+#[derive(Debug, Clone, Default)]
+pub struct Peer {
+    /// The end-entity certificate, its chain already verified by rustls against the client CA.
+    pub certificate: Option<Arc<rustls_pki_types::CertificateDer<'static>>>,
+}
+
+impl Peer {
+    /// True when the peer's certificate is valid for the DNS name `san`.
+    pub fn certificate_valid_for(&self, san: &str) -> bool {
+        let Some(der) = &self.certificate else {
+            return false;
+        };
+        let Ok(cert) = webpki::EndEntityCert::try_from(der.as_ref()) else {
+            return false;
+        };
+        let Ok(name) = rustls_pki_types::ServerName::try_from(san) else {
+            return false;
+        };
+        cert.verify_is_valid_for_subject_name(&name).is_ok()
     }
 }
 
@@ -76,17 +139,25 @@ pub struct Authed<B> {
     pub req: Request<B>,
 }
 
+/// The callers as of the last (re)load, swapped whole by a reload.
+pub type SharedClients = Arc<ArcSwap<Clients>>;
+
 /// Authenticates every caller request; see the module docs.
 #[derive(Clone)]
 pub struct AuthLayer {
-    clients: Clients,
+    clients: SharedClients,
+    peer: Arc<Peer>,
     metrics: Arc<Metrics>,
 }
 
 impl AuthLayer {
-    /// A layer accepting `clients`.
-    pub fn new(clients: Clients, metrics: Arc<Metrics>) -> Self {
-        Self { clients, metrics }
+    /// A layer for one connection from `peer`, accepting the current `clients`.
+    pub fn new(clients: SharedClients, peer: Arc<Peer>, metrics: Arc<Metrics>) -> Self {
+        Self {
+            clients,
+            peer,
+            metrics,
+        }
     }
 }
 
@@ -95,7 +166,8 @@ impl<S> Layer<S> for AuthLayer {
     fn layer(&self, inner: S) -> Self::Service {
         AuthService {
             inner,
-            clients: self.clients.clone(),
+            clients: Arc::clone(&self.clients),
+            peer: Arc::clone(&self.peer),
             metrics: Arc::clone(&self.metrics),
         }
     }
@@ -105,7 +177,8 @@ impl<S> Layer<S> for AuthLayer {
 #[derive(Clone)]
 pub struct AuthService<S> {
     inner: S,
-    clients: Clients,
+    clients: SharedClients,
+    peer: Arc<Peer>,
     metrics: Arc<Metrics>,
 }
 
@@ -132,7 +205,8 @@ where
                 Err(RequestError::MasterKeyHeader.into()),
             ));
         }
-        match self.clients.authenticate(req.headers()) {
+        let clients = self.clients.load();
+        match clients.authenticate(req.headers(), &self.peer) {
             Ok(client) => {
                 let caller = client.clone();
                 Box::pin(self.inner.call(Authed { route, caller, req }))
@@ -155,17 +229,13 @@ mod tests {
 
     fn clients() -> Clients {
         Clients::new(vec![
-            Client {
-                id: "a".into(),
-                digest: SecretDigest::of(b"secret-a"),
-                mint_rate: None,
-            },
-            Client {
-                id: "b".into(),
-                digest: SecretDigest::of(b"secret-b"),
-                mint_rate: None,
-            },
+            Client::with_secret("a", b"secret-a"),
+            Client::with_secret("b", b"secret-b"),
         ])
+    }
+
+    fn no_cert() -> Peer {
+        Peer::default()
     }
 
     fn headers(auth: &str) -> HeaderMap {
@@ -178,11 +248,15 @@ mod tests {
     fn the_right_secret_names_its_caller() {
         let c = clients();
         assert_eq!(
-            &*c.authenticate(&headers("Bearer secret-b")).unwrap().id,
+            &*c.authenticate(&headers("Bearer secret-b"), &no_cert())
+                .unwrap()
+                .id,
             "b"
         );
         assert_eq!(
-            &*c.authenticate(&headers("bearer secret-a")).unwrap().id,
+            &*c.authenticate(&headers("bearer secret-a"), &no_cert())
+                .unwrap()
+                .id,
             "a"
         );
     }
@@ -191,18 +265,19 @@ mod tests {
     fn missing_malformed_and_unknown_credentials_are_told_apart() {
         let c = clients();
         assert_eq!(
-            c.authenticate(&HeaderMap::new()).unwrap_err(),
+            c.authenticate(&HeaderMap::new(), &no_cert()).unwrap_err(),
             AuthError::Missing
         );
         for bad in ["Basic abc", "Bearer", "Bearer ", "secret-a", "Bearer a b"] {
             assert_eq!(
-                c.authenticate(&headers(bad)).unwrap_err(),
+                c.authenticate(&headers(bad), &no_cert()).unwrap_err(),
                 AuthError::Malformed,
                 "{bad}"
             );
         }
         assert_eq!(
-            c.authenticate(&headers("Bearer secret-c")).unwrap_err(),
+            c.authenticate(&headers("Bearer secret-c"), &no_cert())
+                .unwrap_err(),
             AuthError::Unknown
         );
     }

@@ -135,7 +135,8 @@ impl TokenCache {
         self.inner.insert(key, entry);
     }
 
-    /// Drops the caller's entries for the flow and/or account given; returns how many.
+    /// Drops the caller's entries for the flow and/or account given (neither: all of the
+    /// caller's, as when it is revoked); returns how many.
     pub fn invalidate(&self, caller: &str, flow_id: Option<&str>, account_id: Option<&str>) -> u64 {
         let mut dropped = 0;
         for (key, entry) in self.inner.iter() {

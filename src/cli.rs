@@ -77,11 +77,14 @@ pub enum LogFormat {
 /// Runs the command line and returns the process exit status.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Serve { .. } | Command::Demo { .. }) {
+        harden_process();
+    }
     match cli.command {
         Command::Serve { config, log_format } => {
             init_logging(log_format);
             match load(&config) {
-                Ok((config, key)) => run(async move { serve(config, key).await }),
+                Ok((loaded, key)) => run(async move { serve(config, loaded, key).await }),
                 Err(e) => config_failure(&e),
             }
         }
@@ -154,10 +157,13 @@ fn run(fut: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
     }
 }
 
-async fn serve(config: Config, key: MasterKey) -> Result<(), String> {
+async fn serve(path: PathBuf, config: Config, key: MasterKey) -> Result<(), String> {
     let server = Server::from_config(&config, key)
         .await
         .map_err(|e| e.to_string())?;
+    if let Some(reloader) = server.reload_from(path, config.clone()) {
+        reload_on_sighup(reloader);
+    }
     if config.upstream.account_url.starts_with("http://") {
         tracing::warn!(
             account_url = %config.upstream.account_url,
@@ -181,6 +187,66 @@ fn log_ready(server: &Server, callers: usize) -> Result<(), String> {
         env!("CARGO_PKG_VERSION")
     );
     Ok(())
+}
+
+/// Re-reads the configuration on every SIGHUP.
+fn reload_on_sighup(reloader: std::sync::Arc<crate::reload::Reloader>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::hangup()) {
+            Ok(mut hup) => {
+                tokio::spawn(async move {
+                    while hup.recv().await.is_some() {
+                        tracing::info!("SIGHUP: reloading the configuration");
+                        let reloader = std::sync::Arc::clone(&reloader);
+                        // File reads: off the async workers.
+                        let _ = tokio::task::spawn_blocking(move || reloader.reload()).await;
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!("cannot listen for SIGHUP, reload only via POST /admin/reload: {e}")
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = reloader;
+}
+
+/// Keeps secrets out of core dumps and other processes' reach: no core files
+/// (RLIMIT_CORE = 0), not dumpable or ptrace-attachable by other users (PR_SET_DUMPABLE = 0).
+/// Panics are logged with their location only, never their message, which could hold data.
+pub fn harden_process() {
+    #[cfg(target_os = "linux")]
+    {
+        use rustix::process::{setrlimit, Resource, Rlimit};
+        if let Err(e) = setrlimit(
+            Resource::Core,
+            Rlimit {
+                current: Some(0),
+                maximum: Some(0),
+            },
+        ) {
+            eprintln!("token-broker: warning: cannot turn core dumps off: {e}");
+        }
+        if let Err(e) =
+            rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)
+        {
+            eprintln!("token-broker: warning: cannot mark the process not dumpable: {e}");
+        }
+    }
+    std::panic::set_hook(Box::new(|info| {
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        tracing::error!(
+            location,
+            "panic (message withheld: it may hold request data)"
+        );
+        eprintln!("token-broker: panic at {location}");
+    }));
 }
 
 /// Completes on SIGTERM or Ctrl-C.
@@ -238,8 +304,8 @@ pub fn demo_config(sandbox_url: &str, listen: SocketAddr, admin_listen: SocketAd
     config.upstream.web_url = sandbox_url.to_owned();
     config.clients.push(ClientConfig {
         id: "demo".into(),
-        token_sha256: SecretDigest::of(DEMO_SECRET.as_bytes()).to_hex(),
-        mint_rate: None,
+        token_sha256: Some(SecretDigest::of(DEMO_SECRET.as_bytes()).to_hex()),
+        ..Default::default()
     });
     config
 }

@@ -8,10 +8,12 @@
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::policy::CallerPolicy;
 use crate::secret::{MasterKey, SecretDigest};
 
 /// The environment variable read for the master key when `upstream.api_key_file` is not set.
@@ -54,6 +56,43 @@ pub struct ServerConfig {
     /// How long in-flight requests may run after SIGTERM or Ctrl-C before the broker exits anyway.
     #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// How long a client may take to send a request's head (also the idle limit between
+    /// requests on a kept-alive connection); past it the connection is closed.
+    #[serde(default = "default_header_read_timeout", with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// How long a client may take to send a request's body once its head is in; past it, 408.
+    #[serde(default = "default_body_read_timeout", with = "humantime_serde")]
+    pub body_read_timeout: Duration,
+    /// Most headers in one request; more get 431.
+    #[serde(default = "default_max_headers")]
+    pub max_headers: usize,
+    /// Largest request head (request line and headers) in bytes; larger gets 431.
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: usize,
+    /// Most open connections on the caller listener; beyond it new connections are closed at
+    /// once (counted in `token_broker_server_connections_rejected_total`).
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Most concurrent HTTP/2 streams per connection.
+    #[serde(default = "default_http2_max_streams")]
+    pub http2_max_streams: u32,
+    /// TLS on the caller listener. Absent: plain HTTP (behind a trusted network only).
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[server.tls]`
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM file with the listener's certificate chain, leaf first.
+    pub cert_file: PathBuf,
+    /// PEM file with the listener's private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// PEM file with the CA certificates that sign callers' client certificates. Present: client
+    /// certificates are checked, and callers with `tls_san` are identified by them.
+    #[serde(default)]
+    pub client_ca_file: Option<PathBuf>,
 }
 
 /// `[upstream]`
@@ -132,18 +171,56 @@ pub struct CacheConfig {
     pub min_remaining: Duration,
 }
 
-/// One `[[clients]]` entry: an internal caller.
+/// One `[[clients]]` entry: an internal caller. It authenticates with a bearer secret
+/// (`token_sha256`), a client certificate (`tls_san`), or both (then both are required).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClientConfig {
     /// The caller's name: in logs and the cache key. `[a-z0-9_.-]`, at most 64.
     pub id: String,
     /// Hex SHA-256 of the caller's bearer secret (`token-broker hash-secret` prints it).
-    pub token_sha256: String,
+    #[serde(default)]
+    pub token_sha256: Option<String>,
+    /// DNS name the caller's client certificate must be valid for (needs
+    /// `server.tls.client_ca_file`).
+    #[serde(default)]
+    pub tls_san: Option<String>,
     /// Most mints a second for this caller (bursts of up to one second's worth); beyond it its
     /// misses get 429. Absent: only the global `upstream.mint_rate` applies.
     #[serde(default)]
     pub mint_rate: Option<u32>,
+    /// Flow ids this caller may ask tokens for. Absent: any.
+    #[serde(default)]
+    pub allowed_flows: Option<Vec<String>>,
+    /// Countries this caller may ask tokens for. Absent: any.
+    #[serde(default)]
+    pub allowed_countries: Option<Vec<String>>,
+    /// Hosts `redirect_url` may point at (`example.com`, or `*.example.com` for its
+    /// subdomains). Absent: any.
+    #[serde(default)]
+    pub allowed_redirect_hosts: Option<Vec<String>>,
+    /// Whether this caller may use the drop-in `POST /v1/api-keys`.
+    #[serde(default = "default_true")]
+    pub drop_in: bool,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self {
+            id: String::new(),
+            token_sha256: None,
+            tls_san: None,
+            mint_rate: None,
+            allowed_flows: None,
+            allowed_countries: None,
+            allowed_redirect_hosts: None,
+            drop_in: true,
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_listen() -> SocketAddr {
@@ -157,6 +234,24 @@ fn default_max_body_bytes() -> usize {
 }
 fn default_shutdown_timeout() -> Duration {
     Duration::from_secs(10)
+}
+fn default_header_read_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_body_read_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_max_headers() -> usize {
+    64
+}
+fn default_max_header_bytes() -> usize {
+    16 * 1024
+}
+fn default_max_connections() -> usize {
+    10_000
+}
+fn default_http2_max_streams() -> u32 {
+    128
 }
 fn default_account_url() -> String {
     "https://api.account.truora.com".into()
@@ -208,6 +303,13 @@ impl Default for ServerConfig {
             admin_listen: default_admin_listen(),
             max_body_bytes: default_max_body_bytes(),
             shutdown_timeout: default_shutdown_timeout(),
+            header_read_timeout: default_header_read_timeout(),
+            body_read_timeout: default_body_read_timeout(),
+            max_headers: default_max_headers(),
+            max_header_bytes: default_max_header_bytes(),
+            max_connections: default_max_connections(),
+            http2_max_streams: default_http2_max_streams(),
+            tls: None,
         }
     }
 }
@@ -263,15 +365,32 @@ fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
     }
 }
 
-/// A caller as the broker uses it: its name and the digest of its secret.
+/// A caller as the broker uses it: its name, how it authenticates, what it may ask for.
 #[derive(Debug, Clone)]
 pub struct Client {
     /// From `[[clients]] id`.
-    pub id: std::sync::Arc<str>,
+    pub id: Arc<str>,
     /// From `[[clients]] token_sha256`.
-    pub digest: SecretDigest,
+    pub digest: Option<SecretDigest>,
+    /// From `[[clients]] tls_san`, lower-cased.
+    pub tls_san: Option<Arc<str>>,
     /// From `[[clients]] mint_rate`.
     pub mint_rate: Option<u32>,
+    /// From the `allowed_*` lists and `drop_in`.
+    pub policy: Arc<CallerPolicy>,
+}
+
+impl Client {
+    /// A caller known by its bearer secret alone, allowed everything (tests, the demo).
+    pub fn with_secret(id: &str, secret: &[u8]) -> Self {
+        Self {
+            id: id.into(),
+            digest: Some(SecretDigest::of(secret)),
+            tls_san: None,
+            mint_rate: None,
+            policy: Arc::new(CallerPolicy::default()),
+        }
+    }
 }
 
 impl Config {
@@ -311,6 +430,45 @@ impl Config {
         }
         if s.shutdown_timeout > Duration::from_secs(300) {
             return Err(invalid("server.shutdown_timeout", "must be at most 5m"));
+        }
+        for (key, d) in [
+            ("server.header_read_timeout", s.header_read_timeout),
+            ("server.body_read_timeout", s.body_read_timeout),
+        ] {
+            if d.is_zero() || d > Duration::from_secs(300) {
+                return Err(invalid(key, "must be more than 0s and at most 5m"));
+            }
+        }
+        if !(8..=1024).contains(&s.max_headers) {
+            return Err(invalid("server.max_headers", "must be between 8 and 1024"));
+        }
+        if !(8192..=1024 * 1024).contains(&s.max_header_bytes) {
+            return Err(invalid(
+                "server.max_header_bytes",
+                "must be between 8192 and 1048576",
+            ));
+        }
+        if s.max_connections == 0 {
+            return Err(invalid("server.max_connections", "must be at least 1"));
+        }
+        if !(1..=10_000).contains(&s.http2_max_streams) {
+            return Err(invalid(
+                "server.http2_max_streams",
+                "must be between 1 and 10000",
+            ));
+        }
+        if let Some(tls) = &s.tls {
+            for (key, path) in [
+                ("server.tls.cert_file", Some(&tls.cert_file)),
+                ("server.tls.key_file", Some(&tls.key_file)),
+                ("server.tls.client_ca_file", tls.client_ca_file.as_ref()),
+            ] {
+                if let Some(path) = path {
+                    if let Err(e) = std::fs::metadata(path) {
+                        return Err(invalid(key, format!("cannot read {}: {e}", path.display())));
+                    }
+                }
+            }
         }
 
         let u = &self.upstream;
@@ -406,12 +564,6 @@ impl Config {
                     format!("\"{id}\" is used by another client"),
                 ));
             }
-            let Some(digest) = SecretDigest::from_hex(&client.token_sha256) else {
-                return Err(invalid(
-                    format!("clients[{i}].token_sha256"),
-                    "must be 64 hex digits: the SHA-256 of the caller's secret (see `token-broker hash-secret`)",
-                ));
-            };
             if client
                 .mint_rate
                 .is_some_and(|r| !(1..=100_000).contains(&r))
@@ -421,6 +573,66 @@ impl Config {
                     "must be between 1 and 100000",
                 ));
             }
+            if client.token_sha256.is_none() && client.tls_san.is_none() {
+                return Err(invalid(
+                    format!("clients[{i}]"),
+                    "needs token_sha256, tls_san or both: a way to authenticate",
+                ));
+            }
+            if let Some(san) = &client.tls_san {
+                if self
+                    .server
+                    .tls
+                    .as_ref()
+                    .and_then(|t| t.client_ca_file.as_ref())
+                    .is_none()
+                {
+                    return Err(invalid(
+                        format!("clients[{i}].tls_san"),
+                        "needs server.tls.client_ca_file: client certificates are only checked with a CA to check them against",
+                    ));
+                }
+                if rustls::pki_types::ServerName::try_from(san.as_str()).is_err()
+                    || san.contains('*')
+                {
+                    return Err(invalid(
+                        format!("clients[{i}].tls_san"),
+                        format!("\"{san}\" is not a DNS name"),
+                    ));
+                }
+            }
+            check_list(i, "allowed_flows", client.allowed_flows.as_deref(), |f| {
+                !f.is_empty()
+                    && f.len() <= 64
+                    && f.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
+            })?;
+            check_list(
+                i,
+                "allowed_countries",
+                client.allowed_countries.as_deref(),
+                |c| crate::request::COUNTRIES.contains(&c),
+            )?;
+            check_list(
+                i,
+                "allowed_redirect_hosts",
+                client.allowed_redirect_hosts.as_deref(),
+                |h| {
+                    let bare = h.strip_prefix("*.").unwrap_or(h);
+                    !bare.is_empty()
+                        && !bare.contains('*')
+                        && rustls::pki_types::ServerName::try_from(bare).is_ok()
+                },
+            )?;
+            let Some(hex) = &client.token_sha256 else {
+                continue;
+            };
+            let Some(digest) = SecretDigest::from_hex(hex) else {
+                return Err(invalid(
+                    format!("clients[{i}].token_sha256"),
+                    "must be 64 hex digits: the SHA-256 of the caller's secret (see `token-broker hash-secret`)",
+                ));
+            };
             if !digests.insert(digest.to_hex()) {
                 return Err(invalid(
                     format!("clients[{i}].token_sha256"),
@@ -435,12 +647,20 @@ impl Config {
     pub fn clients(&self) -> Vec<Client> {
         self.clients
             .iter()
-            .filter_map(|c| {
-                Some(Client {
-                    id: c.id.as_str().into(),
-                    digest: SecretDigest::from_hex(&c.token_sha256)?,
-                    mint_rate: c.mint_rate,
-                })
+            .map(|c| Client {
+                id: c.id.as_str().into(),
+                digest: c.token_sha256.as_deref().and_then(SecretDigest::from_hex),
+                tls_san: c.tls_san.as_deref().map(|s| s.to_ascii_lowercase().into()),
+                mint_rate: c.mint_rate,
+                policy: Arc::new(CallerPolicy {
+                    allowed_flows: c.allowed_flows.clone(),
+                    allowed_countries: c.allowed_countries.clone(),
+                    allowed_redirect_hosts: c
+                        .allowed_redirect_hosts
+                        .as_ref()
+                        .map(|hosts| hosts.iter().map(|h| h.to_ascii_lowercase()).collect()),
+                    drop_in: c.drop_in,
+                }),
             })
             .collect()
     }
@@ -476,6 +696,31 @@ impl Config {
                     format!("not set, and {API_KEY_ENV} is not set or empty: the broker needs Truora's master API key"),
                 )
             })
+    }
+}
+
+/// Checks every entry of an optional `[[clients]]` list with `valid`.
+fn check_list(
+    i: usize,
+    key: &str,
+    list: Option<&[String]>,
+    valid: impl Fn(&str) -> bool,
+) -> Result<(), ConfigError> {
+    let Some(list) = list else {
+        return Ok(());
+    };
+    if list.is_empty() {
+        return Err(invalid(
+            format!("clients[{i}].{key}"),
+            "is empty, so it would allow nothing: leave it out to allow any",
+        ));
+    }
+    match list.iter().find(|v| !valid(v)) {
+        Some(bad) => Err(invalid(
+            format!("clients[{i}].{key}"),
+            format!("\"{bad}\" is not valid here"),
+        )),
+        None => Ok(()),
     }
 }
 

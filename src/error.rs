@@ -62,6 +62,22 @@ pub enum RequestError {
     /// The caller sent Truora's own credential header; callers never hold the master key.
     #[error("the Truora-API-Key header is not accepted: authenticate with Authorization: Bearer <your caller secret>")]
     MasterKeyHeader,
+    /// The caller's policy does not allow this request; `rule` names the `[[clients]]` key.
+    #[error("{message}")]
+    Forbidden {
+        rule: &'static str,
+        field: Option<&'static str>,
+        message: &'static str,
+    },
+    /// Content-Length together with Transfer-Encoding, or several Content-Lengths: the shapes
+    /// of request smuggling. The connection is closed after the answer.
+    #[error(
+        "ambiguous message framing: send either one Content-Length or chunked Transfer-Encoding"
+    )]
+    AmbiguousFraming,
+    /// The body did not arrive within `server.body_read_timeout`.
+    #[error("the request body did not arrive in time")]
+    BodyTimeout,
     /// `DELETE /v1/tokens` without a filter.
     #[error("give flow_id, account_id or both as query parameters")]
     MissingFilter,
@@ -88,9 +104,12 @@ pub enum AuthError {
     /// An `Authorization` header that is not `Bearer <secret>`.
     #[error("malformed credentials: send Authorization: Bearer <your caller secret>")]
     Malformed,
-    /// A well-formed secret that matches no configured caller.
+    /// A well-formed secret, or a client certificate, that matches no configured caller.
     #[error("unknown credentials")]
     Unknown,
+    /// The secret belongs to a caller that must also present its client certificate.
+    #[error("this caller must also present its client certificate")]
+    CertificateRequired,
 }
 
 impl AuthError {
@@ -100,6 +119,7 @@ impl AuthError {
             AuthError::Missing => "missing",
             AuthError::Malformed => "malformed",
             AuthError::Unknown => "unknown",
+            AuthError::CertificateRequired => "certificate_required",
         }
     }
 }
@@ -227,8 +247,11 @@ impl BrokerError {
                 | RequestError::UnknownField { .. }
                 | RequestError::MalformedBody { .. }
                 | RequestError::MasterKeyHeader
+                | RequestError::AmbiguousFraming
                 | RequestError::MissingFilter => StatusCode::BAD_REQUEST,
                 RequestError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+                RequestError::Forbidden { .. } => StatusCode::FORBIDDEN,
+                RequestError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
                 RequestError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 RequestError::NotFound => StatusCode::NOT_FOUND,
                 RequestError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
@@ -264,7 +287,10 @@ impl BrokerError {
                 RequestError::MalformedBody { .. } => "malformed_body",
                 RequestError::MasterKeyHeader => "master_key_header_forbidden",
                 RequestError::MissingFilter => "missing_filter",
+                RequestError::AmbiguousFraming => "ambiguous_framing",
                 RequestError::PayloadTooLarge { .. } => "payload_too_large",
+                RequestError::Forbidden { .. } => "forbidden_by_policy",
+                RequestError::BodyTimeout => "body_timeout",
                 RequestError::UnsupportedMediaType => "unsupported_media_type",
                 RequestError::NotFound => "not_found",
                 RequestError::MethodNotAllowed { .. } => "method_not_allowed",
@@ -294,6 +320,9 @@ impl BrokerError {
         match self {
             BrokerError::Request(RequestError::MissingField { field })
             | BrokerError::Request(RequestError::ForbiddenValue { field, .. }) => Some(field),
+            BrokerError::Request(RequestError::Forbidden {
+                field: Some(field), ..
+            }) => Some(field),
             BrokerError::Request(RequestError::InvalidField { field, .. })
             | BrokerError::Request(RequestError::DuplicateField { field })
             | BrokerError::Request(RequestError::UnknownField { field }) => Some(field),
@@ -322,6 +351,8 @@ impl BrokerError {
             message: String,
             #[serde(skip_serializing_if = "Option::is_none")]
             field: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            rule: Option<&'a str>,
         }
         #[derive(Serialize)]
         struct Truora {
@@ -335,6 +366,10 @@ impl BrokerError {
                 error: self.code(),
                 message,
                 field: self.field(),
+                rule: match self {
+                    BrokerError::Request(RequestError::Forbidden { rule, .. }) => Some(rule),
+                    _ => None,
+                },
             }),
             Envelope::Truora => {
                 let status = self.status().as_u16();
@@ -431,6 +466,7 @@ mod tests {
             "master_key_header_forbidden",
         );
         check(RequestError::MissingFilter, 400, "missing_filter");
+        check(RequestError::AmbiguousFraming, 400, "ambiguous_framing");
     }
 
     #[test]
@@ -440,6 +476,24 @@ mod tests {
             413,
             "payload_too_large",
         );
+    }
+
+    #[test]
+    fn a_policy_denial_is_403_naming_the_rule() {
+        let err = BrokerError::from(RequestError::Forbidden {
+            rule: "allowed_flows",
+            field: Some("flow_id"),
+            message: "flow_id is not in this caller's allowed_flows",
+        });
+        let body: serde_json::Value = serde_json::from_slice(&err.body(Envelope::Broker)).unwrap();
+        assert_eq!(body["rule"], "allowed_flows");
+        assert_eq!(body["field"], "flow_id");
+        check(err, 403, "forbidden_by_policy");
+    }
+
+    #[test]
+    fn a_slow_body_is_408() {
+        check(RequestError::BodyTimeout, 408, "body_timeout");
     }
 
     #[test]
@@ -463,7 +517,12 @@ mod tests {
 
     #[test]
     fn every_auth_failure_is_401() {
-        for e in [AuthError::Missing, AuthError::Malformed, AuthError::Unknown] {
+        for e in [
+            AuthError::Missing,
+            AuthError::Malformed,
+            AuthError::Unknown,
+            AuthError::CertificateRequired,
+        ] {
             check(e, 401, "unauthorized");
         }
     }

@@ -7,7 +7,10 @@
 //! - [`cli`]: the command line (`serve`, `demo`, `check-config`, `hash-secret`).
 //! - [`config`]: the TOML file as serde structs, validated before any socket is bound.
 //! - [`server`]: listeners, the tower stack every caller request goes through, the admin endpoints.
-//! - [`auth`]: who the caller is (bearer secret -> configured client).
+//! - [`reload`]: rotation without restart (SIGHUP, `POST /admin/reload`): callers, master key, certificates.
+//! - [`tls`]: the caller listener's rustls configuration (TLS 1.2+, optional client certificates).
+//! - [`auth`]: who the caller is (bearer secret and/or client certificate -> configured client).
+//! - [`policy`]: what each caller may ask for (flows, countries, redirect hosts, drop-in).
 //! - [`request`]: the caller's form or JSON body, parsed once and validated into a [`request::TokenRequest`].
 //! - [`issuance`]: the core. Cache lookup, single-flight minting, response bytes. Knows nothing of hyper.
 //! - [`cache`]: the in-process token cache and its expiry policy.
@@ -27,10 +30,13 @@ pub mod config;
 pub mod error;
 pub mod issuance;
 pub mod metrics;
+pub mod policy;
+pub mod reload;
 pub mod request;
 pub mod resilience;
 pub mod sandbox;
 pub mod secret;
 pub mod server;
+pub mod tls;
 pub mod token;
 pub mod upstream;

@@ -52,6 +52,16 @@ pub struct Metrics {
     pub credential_rejected: IntGauge,
     /// `token_broker_upstream_in_flight`
     pub upstream_in_flight: IntGauge,
+    /// `token_broker_server_connections_open`
+    pub connections_open: IntGauge,
+    /// `token_broker_server_connections_rejected_total`
+    pub connections_rejected: IntCounter,
+    /// `token_broker_server_tls_handshake_failures_total`
+    pub tls_handshake_failures: IntCounter,
+    /// `token_broker_config_reloads_total{result}`
+    pub config_reloads: IntCounterVec,
+    /// `token_broker_config_last_reload_success_timestamp_seconds`
+    pub config_last_reload_success: Gauge,
     /// Pre-resolved `cache_lookups` children.
     pub lookup_hit: IntCounter,
     /// `result="miss"`: this request made the upstream call.
@@ -108,7 +118,7 @@ impl Metrics {
         let auth_failures = IntCounterVec::new(
             Opts::new(
                 "token_broker_auth_failures_total",
-                "Caller requests refused for authentication, by reason: missing, malformed, unknown.",
+                "Caller requests refused for authentication, by reason: missing, malformed, unknown, certificate_required.",
             ),
             &["reason"],
         )?;
@@ -142,6 +152,37 @@ impl Metrics {
             "token_broker_upstream_in_flight",
             "Calls to Truora in flight now (at most upstream.max_concurrent).",
         )?;
+        let connections_open = IntGauge::new(
+            "token_broker_server_connections_open",
+            "Caller connections open now (at most server.max_connections).",
+        )?;
+        let connections_rejected = IntCounter::new(
+            "token_broker_server_connections_rejected_total",
+            "Caller connections closed at once because server.max_connections were open.",
+        )?;
+        let tls_handshake_failures = IntCounter::new(
+            "token_broker_server_tls_handshake_failures_total",
+            "Caller connections whose TLS handshake failed or timed out.",
+        )?;
+        let config_reloads = IntCounterVec::new(
+            Opts::new(
+                "token_broker_config_reloads_total",
+                "Configuration reloads (SIGHUP, POST /admin/reload) by result: ok, or error (the old configuration is kept).",
+            ),
+            &["result"],
+        )?;
+        let config_last_reload_success = Gauge::new(
+            "token_broker_config_last_reload_success_timestamp_seconds",
+            "Unix time of the last configuration load that succeeded (start-up included).",
+        )?;
+        for result in ["ok", "error"] {
+            config_reloads.with_label_values(&[result]);
+        }
+        registry.register(Box::new(connections_open.clone()))?;
+        registry.register(Box::new(connections_rejected.clone()))?;
+        registry.register(Box::new(tls_handshake_failures.clone()))?;
+        registry.register(Box::new(config_reloads.clone()))?;
+        registry.register(Box::new(config_last_reload_success.clone()))?;
         registry.register(Box::new(upstream_retries.clone()))?;
         registry.register(Box::new(upstream_refused.clone()))?;
         registry.register(Box::new(breaker_state.clone()))?;
@@ -186,7 +227,7 @@ impl Metrics {
         ] {
             upstream_refused.with_label_values(&[reason]);
         }
-        for reason in ["missing", "malformed", "unknown"] {
+        for reason in ["missing", "malformed", "unknown", "certificate_required"] {
             auth_failures.with_label_values(&[reason]);
         }
         Ok(Self {
@@ -208,6 +249,11 @@ impl Metrics {
             throttle_remaining,
             credential_rejected,
             upstream_in_flight,
+            connections_open,
+            connections_rejected,
+            tls_handshake_failures,
+            config_reloads,
+            config_last_reload_success,
         })
     }
 

@@ -175,9 +175,16 @@ pub struct Policy {
     settings: ResilienceSettings,
     state: Mutex<State>,
     global: Mutex<Bucket>,
-    callers: HashMap<Arc<str>, Mutex<Bucket>>,
+    callers: Mutex<HashMap<Arc<str>, Bucket>>,
     permits: Arc<Semaphore>,
     metrics: Arc<Metrics>,
+}
+
+fn buckets(rates: &[(Arc<str>, u32)], now: Instant) -> HashMap<Arc<str>, Bucket> {
+    rates
+        .iter()
+        .map(|(id, rate)| (Arc::clone(id), Bucket::new(*rate, now)))
+        .collect()
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -207,11 +214,7 @@ impl Policy {
     /// A policy with the given settings.
     pub fn new(settings: ResilienceSettings, metrics: Arc<Metrics>) -> Self {
         let now = Instant::now();
-        let callers = settings
-            .caller_rates
-            .iter()
-            .map(|(id, rate)| (Arc::clone(id), Mutex::new(Bucket::new(*rate, now))))
-            .collect();
+        let callers = Mutex::new(buckets(&settings.caller_rates, now));
         Self {
             global: Mutex::new(Bucket::new(settings.mint_rate, now)),
             permits: Arc::new(Semaphore::new(settings.max_concurrent as usize)),
@@ -350,10 +353,25 @@ impl Policy {
         })
     }
 
+    /// Replaces the per-caller budgets (a reload); callers whose rate is unchanged keep their
+    /// bucket, so a reload does not refill anyone's budget.
+    pub fn set_caller_rates(&self, rates: &[(Arc<str>, u32)]) {
+        let mut callers = lock(&self.callers);
+        let mut fresh = buckets(rates, Instant::now());
+        for (id, bucket) in fresh.iter_mut() {
+            if let Some(old) = callers.remove(id) {
+                if old.rate == bucket.rate {
+                    *bucket = old;
+                }
+            }
+        }
+        *callers = fresh;
+    }
+
     fn spend_budget(&self, caller: &str) -> Result<(), BrokerError> {
         let now = Instant::now();
-        if let Some(bucket) = self.callers.get(caller) {
-            if let Err(wait) = lock(bucket).take(now) {
+        if let Some(bucket) = lock(&self.callers).get_mut(caller) {
+            if let Err(wait) = bucket.take(now) {
                 return Err(self.refuse(Refusal::BudgetExceeded {
                     scope: BudgetScope::Caller,
                     retry_after: wait,

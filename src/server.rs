@@ -21,7 +21,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{
-    HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE,
+    HeaderValue, ALLOW, CACHE_CONTROL, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER,
+    TRANSFER_ENCODING, WWW_AUTHENTICATE,
 };
 use http::{Method, Request, Response, StatusCode};
 use http_body::Body;
@@ -33,12 +34,13 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tower::{Layer, Service, ServiceBuilder};
 
-use crate::auth::{AuthLayer, Authed, Clients};
+use crate::auth::{AuthLayer, Authed, Clients, Peer, SharedClients};
 use crate::config::Config;
 use crate::error::{BrokerError, Envelope, RequestError};
 use crate::issuance::IssuerSettings;
 use crate::issuance::{CacheStatus, Issuer};
 use crate::metrics::Metrics;
+use crate::reload::Reloader;
 use crate::request::{invalidation_filter, TokenRequest};
 use crate::resilience::{Policy, ResilienceSettings};
 use crate::secret::MasterKey;
@@ -47,9 +49,6 @@ use crate::upstream::TruoraClient;
 /// The response type of every service here.
 pub type HttpResponse = Response<Full<Bytes>>;
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
-
-/// How long a connection may take to send its request head.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 static JSON: HeaderValue = HeaderValue::from_static("application/json");
 static NO_STORE: HeaderValue = HeaderValue::from_static("no-store");
@@ -61,12 +60,31 @@ static X_CACHE: http::HeaderName = http::HeaderName::from_static("x-cache");
 pub struct State {
     /// The issuance core.
     pub issuer: Arc<Issuer>,
-    /// The configured callers.
-    pub clients: Clients,
+    /// The configured callers, swapped whole by a reload.
+    pub clients: SharedClients,
     /// Every series.
     pub metrics: Arc<Metrics>,
     /// `server.max_body_bytes`.
     pub max_body_bytes: usize,
+    /// `server.body_read_timeout`.
+    pub body_read_timeout: Duration,
+    /// Re-reads the config file on SIGHUP and `POST /admin/reload`; absent for the demo.
+    pub reloader: std::sync::OnceLock<Arc<Reloader>>,
+}
+
+impl State {
+    /// State for `issuer` and `clients` with the default limits.
+    pub fn new(issuer: Arc<Issuer>, clients: Clients, metrics: Arc<Metrics>) -> Self {
+        let defaults = crate::config::ServerConfig::default();
+        Self {
+            issuer,
+            clients: Arc::new(arc_swap::ArcSwap::from_pointee(clients)),
+            metrics,
+            max_body_bytes: defaults.max_body_bytes,
+            body_read_timeout: defaults.body_read_timeout,
+            reloader: std::sync::OnceLock::new(),
+        }
+    }
 }
 
 /// The endpoint a request is for, decided once from its method and path.
@@ -124,9 +142,11 @@ pub struct Routed<B> {
     pub req: Request<B>,
 }
 
-/// The caller API as one tower stack, layers outermost first. What hyper sees cannot fail.
+/// The caller API for one connection from `peer`, as one tower stack, layers outermost first.
+/// What hyper sees cannot fail.
 pub fn caller_service<B>(
     state: Arc<State>,
+    peer: Arc<Peer>,
 ) -> impl Service<Request<B>, Response = HttpResponse, Error = Infallible, Future: Send> + Clone + Send
 where
     B: Body<Data = Bytes> + Send + 'static,
@@ -136,16 +156,71 @@ where
         // Outermost: decides the route once and counts and times every answer, errors
         // included, so `requests_total` and the latency histogram see exactly what callers see.
         .layer(ObserveLayer(Arc::clone(&state.metrics)))
+        // A panic below answers 500 to that request alone; the connection and the process
+        // carry on.
+        .layer(CatchPanicLayer)
         // Turns every error below into the route's JSON error shape; nothing below needs to
         // know how errors look on the wire.
         .layer(ErrorLayer)
         // Authenticates before the body is read: an unknown caller costs no body read, no
         // parse and never an upstream call.
         .layer(AuthLayer::new(
-            state.clients.clone(),
+            Arc::clone(&state.clients),
+            peer,
             Arc::clone(&state.metrics),
         ))
         .service(Api { state })
+}
+
+/// Layer: a panic in a handler becomes a 500 for that request. See [`caller_service`].
+#[derive(Clone)]
+pub struct CatchPanicLayer;
+
+impl<S> Layer<S> for CatchPanicLayer {
+    type Service = CatchPanic<S>;
+    fn layer(&self, inner: S) -> CatchPanic<S> {
+        CatchPanic { inner }
+    }
+}
+
+/// The service [`CatchPanicLayer`] builds.
+#[derive(Clone)]
+pub struct CatchPanic<S> {
+    inner: S,
+}
+
+impl<S, B> Service<Routed<B>> for CatchPanic<S>
+where
+    S: Service<Routed<B>, Response = HttpResponse, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = HttpResponse;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<HttpResponse, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, routed: Routed<B>) -> Self::Future {
+        use futures_util::FutureExt;
+        let route = routed.route;
+        let fut =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.inner.call(routed)));
+        Box::pin(async move {
+            let outcome = match fut {
+                Ok(fut) => std::panic::AssertUnwindSafe(fut).catch_unwind().await,
+                Err(payload) => Err(payload),
+            };
+            Ok(match outcome {
+                Ok(Ok(response)) => response,
+                Ok(Err(never)) => match never {},
+                Err(_) => {
+                    error_response(route, &BrokerError::Internal("a request handler panicked"))
+                }
+            })
+        })
+    }
 }
 
 /// Layer: route, count and time. See [`caller_service`].
@@ -279,6 +354,11 @@ pub fn error_response(route: Route, err: &BrokerError) -> HttpResponse {
     if let BrokerError::Request(RequestError::MethodNotAllowed { allow }) = err {
         h.insert(ALLOW, HeaderValue::from_static(allow));
     }
+    // After a request whose framing is doubtful, nothing more on this connection can be
+    // trusted to start where it seems to: close it.
+    if let BrokerError::Request(RequestError::AmbiguousFraming | RequestError::BodyTimeout) = err {
+        h.insert(CONNECTION, HeaderValue::from_static("close"));
+    }
     response
 }
 
@@ -304,6 +384,7 @@ where
     fn call(&mut self, authed: Authed<B>) -> Self::Future {
         let state = Arc::clone(&self.state);
         Box::pin(async move {
+            check_framing(authed.req.headers())?;
             match authed.route {
                 Route::Tokens | Route::ApiKeys => issue(&state, authed).await,
                 Route::Invalidate => invalidate(&state, &authed),
@@ -336,6 +417,16 @@ fn format_of<B>(req: &Request<B>) -> Result<Format, RequestError> {
     } else {
         Err(RequestError::UnsupportedMediaType)
     }
+}
+
+/// Refuses the request-smuggling shapes: both Content-Length and Transfer-Encoding, or several
+/// Content-Length values. (hyper already refuses most; this holds whatever reaches us.)
+fn check_framing(headers: &http::HeaderMap) -> Result<(), RequestError> {
+    let lengths = headers.get_all(CONTENT_LENGTH).iter().count();
+    if lengths > 1 || (lengths == 1 && headers.contains_key(TRANSFER_ENCODING)) {
+        return Err(RequestError::AmbiguousFraming);
+    }
+    Ok(())
 }
 
 /// Reads a body of at most `limit` bytes: refused from its Content-Length before reading when
@@ -372,12 +463,21 @@ where
     B::Error: std::error::Error + Send + Sync + 'static,
 {
     let Authed { route, caller, req } = authed;
+    if route == Route::ApiKeys {
+        caller.policy.check_drop_in()?;
+    }
     let format = format_of(&req)?;
-    let body = read_body(req, state.max_body_bytes).await?;
+    let body = tokio::time::timeout(
+        state.body_read_timeout,
+        read_body(req, state.max_body_bytes),
+    )
+    .await
+    .map_err(|_| RequestError::BodyTimeout)??;
     let request = match format {
         Format::Form => TokenRequest::from_form(&body)?,
         Format::Json => TokenRequest::from_json(&body)?,
     };
+    caller.policy.check(&request)?;
     let issued = state.issuer.issue(&caller.id, &request).await?;
     let body = match route {
         Route::ApiKeys => Bytes::copy_from_slice(issued.dropin_body()),
@@ -452,6 +552,19 @@ pub async fn admin<B>(state: Arc<State>, req: Request<B>) -> Result<HttpResponse
                     Bytes::from(body.to_string()),
                 )
             }
+            (&Method::POST, "/admin/reload") => match state.reloader.get() {
+                None => (
+                    StatusCode::CONFLICT,
+                    "application/json",
+                    Bytes::from_static(
+                        b"{\"reloaded\":false,\"error\":\"reload_unavailable\",\"message\":\"this broker was not started from a config file\"}",
+                    ),
+                ),
+                Some(reloader) => {
+                    let (status, body) = reloader.reload_answer();
+                    (status, "application/json", Bytes::from(body))
+                }
+            },
             (_, "/metrics" | "/healthz" | "/readyz") => (
                 StatusCode::METHOD_NOT_ALLOWED,
                 "text/plain",
@@ -471,12 +584,41 @@ pub async fn admin<B>(state: Arc<State>, req: Request<B>) -> Result<HttpResponse
     Ok(response)
 }
 
+/// The connection-level settings of `[server]`.
+#[derive(Debug, Clone)]
+struct ConnectionSettings {
+    shutdown_timeout: Duration,
+    header_read_timeout: Duration,
+    max_headers: usize,
+    max_header_bytes: usize,
+    max_connections: usize,
+    http2_max_streams: u32,
+}
+
+impl ConnectionSettings {
+    fn of(config: &crate::config::ServerConfig) -> Self {
+        Self {
+            shutdown_timeout: config.shutdown_timeout,
+            header_read_timeout: config.header_read_timeout,
+            max_headers: config.max_headers,
+            max_header_bytes: config.max_header_bytes,
+            max_connections: config.max_connections,
+            http2_max_streams: config.http2_max_streams,
+        }
+    }
+}
+
+/// The rustls configuration of the caller listener, swapped by a reload.
+pub type SharedTls = Arc<arc_swap::ArcSwap<rustls::ServerConfig>>;
+
 /// A broker with both listeners bound, ready to run.
 pub struct Server {
     state: Arc<State>,
     caller: TcpListener,
     admin: TcpListener,
-    shutdown_timeout: Duration,
+    tls: Option<SharedTls>,
+    client: Option<Arc<TruoraClient>>,
+    settings: ConnectionSettings,
 }
 
 impl Server {
@@ -486,13 +628,21 @@ impl Server {
             Metrics::new(prometheus::Registry::new())
                 .map_err(|e| io::Error::other(e.to_string()))?,
         );
-        let client = TruoraClient::new(
-            &config.upstream.account_url,
-            key,
-            config.upstream.connect_timeout,
-            config.upstream.timeout,
-        )
-        .map_err(io::Error::other)?;
+        let tls = match &config.server.tls {
+            Some(tls) => Some(Arc::new(arc_swap::ArcSwap::new(
+                crate::tls::server_config(tls).map_err(|e| io::Error::other(e.to_string()))?,
+            ))),
+            None => None,
+        };
+        let client = Arc::new(
+            TruoraClient::new(
+                &config.upstream.account_url,
+                key,
+                config.upstream.connect_timeout,
+                config.upstream.timeout,
+            )
+            .map_err(io::Error::other)?,
+        );
         let policy = Policy::new(
             ResilienceSettings::from_config(config),
             Arc::clone(&metrics),
@@ -504,23 +654,39 @@ impl Server {
                 web_url: config.upstream.web_url.clone(),
                 array_encoding: config.upstream.array_encoding,
             },
-            Arc::new(Arc::new(client)),
+            Arc::new(Arc::clone(&client)),
             policy,
             Arc::clone(&metrics),
         );
-        let state = Arc::new(State {
-            issuer,
-            clients: Clients::new(config.clients()),
-            metrics,
-            max_body_bytes: config.server.max_body_bytes,
-        });
-        Self::bind(
-            state,
+        let mut state = State::new(issuer, Clients::new(config.clients()), metrics);
+        state.max_body_bytes = config.server.max_body_bytes;
+        state.body_read_timeout = config.server.body_read_timeout;
+        let mut server = Self::bind(
+            Arc::new(state),
             config.server.listen,
             config.server.admin_listen,
-            config.server.shutdown_timeout,
+            Duration::ZERO,
         )
-        .await
+        .await?;
+        server.settings = ConnectionSettings::of(&config.server);
+        server.tls = tls;
+        server.client = Some(client);
+        Ok(server)
+    }
+
+    /// Lets SIGHUP and `POST /admin/reload` re-read `path` (the file this server was built from,
+    /// as `config`).
+    pub fn reload_from(&self, path: std::path::PathBuf, config: Config) -> Option<Arc<Reloader>> {
+        let client = self.client.as_ref()?;
+        let reloader = Arc::new(Reloader::new(
+            path,
+            config,
+            Arc::clone(&self.state),
+            Arc::clone(client),
+            self.tls.clone(),
+        ));
+        self.state.reloader.set(Arc::clone(&reloader)).ok()?;
+        Some(reloader)
     }
 
     /// The shared state, for tests.
@@ -528,7 +694,8 @@ impl Server {
         &self.state
     }
 
-    /// Binds both listeners. Nothing is served until [`Server::run`].
+    /// Binds both listeners for `state`, plain HTTP, default connection limits. Nothing is
+    /// served until [`Server::run`].
     pub async fn bind(
         state: Arc<State>,
         listen: SocketAddr,
@@ -547,11 +714,15 @@ impl Server {
                 format!("cannot listen on {admin_listen} (server.admin_listen): {e}"),
             )
         })?;
+        let mut settings = ConnectionSettings::of(&crate::config::ServerConfig::default());
+        settings.shutdown_timeout = shutdown_timeout;
         Ok(Self {
             state,
             caller,
             admin,
-            shutdown_timeout,
+            tls: None,
+            client: None,
+            settings,
         })
     }
 
@@ -569,14 +740,26 @@ impl Server {
     /// finish for at most `server.shutdown_timeout`.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let graceful = GracefulShutdown::new();
+        let s = &self.settings;
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT);
-        builder.http2().timer(TokioTimer::new());
+            .header_read_timeout(s.header_read_timeout)
+            .max_headers(s.max_headers)
+            .max_buf_size(s.max_header_bytes);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(s.http2_max_streams)
+            // Bounds on the HTTP/2 reset floods (CVE-2023-44487 "rapid reset" and the like).
+            .max_pending_accept_reset_streams(Some(32))
+            .max_local_error_reset_streams(Some(256))
+            .max_header_list_size(s.max_header_bytes as u32)
+            .keep_alive_interval(Some(Duration::from_secs(30)))
+            .keep_alive_timeout(Duration::from_secs(10));
+        let connections = Arc::new(tokio::sync::Semaphore::new(s.max_connections));
 
-        let callers = caller_service(Arc::clone(&self.state));
         let admin_state = Arc::clone(&self.state);
         let admin = tower::service_fn(move |req| admin(Arc::clone(&admin_state), req));
 
@@ -584,15 +767,53 @@ impl Server {
         loop {
             tokio::select! {
                 accepted = self.caller.accept() => {
-                    if let Some(io) = connection(accepted) {
-                        let conn = builder.serve_connection(io, TowerToHyperService::new(callers.clone()));
-                        let conn = graceful.watch(conn.into_owned());
-                        tokio::spawn(conn);
+                    let Some(stream) = accepted_stream(accepted) else { continue };
+                    let Ok(permit) = Arc::clone(&connections).try_acquire_owned() else {
+                        // Over server.max_connections: close at once rather than let slow or
+                        // idle clients pile up.
+                        self.state.metrics.connections_rejected.inc();
+                        continue;
+                    };
+                    let open = OpenConnection::new(&self.state.metrics, permit);
+                    let state = Arc::clone(&self.state);
+                    match &self.tls {
+                        None => {
+                            let svc = caller_service(state, Arc::new(Peer::default()));
+                            let conn = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc));
+                            let conn = graceful.watch(conn.into_owned());
+                            tokio::spawn(async move {
+                                let _ = conn.await;
+                                drop(open);
+                            });
+                        }
+                        Some(tls) => {
+                            let acceptor = tokio_rustls::TlsAcceptor::from(tls.load_full());
+                            let builder = builder.clone();
+                            let watcher = graceful.watcher();
+                            let handshake_timeout = s.header_read_timeout;
+                            tokio::spawn(async move {
+                                let handshake = tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await;
+                                let Ok(Ok(tls_stream)) = handshake else {
+                                    state.metrics.tls_handshake_failures.inc();
+                                    return;
+                                };
+                                let certificate = tls_stream
+                                    .get_ref()
+                                    .1
+                                    .peer_certificates()
+                                    .and_then(|chain| chain.first())
+                                    .map(|c| Arc::new(c.clone().into_owned()));
+                                let svc = caller_service(state, Arc::new(Peer { certificate }));
+                                let conn = builder.serve_connection(TokioIo::new(tls_stream), TowerToHyperService::new(svc));
+                                let _ = watcher.watch(conn.into_owned()).await;
+                                drop(open);
+                            });
+                        }
                     }
                 }
                 accepted = self.admin.accept() => {
-                    if let Some(io) = connection(accepted) {
-                        let conn = builder.serve_connection(io, TowerToHyperService::new(admin.clone()));
+                    if let Some(stream) = accepted_stream(accepted) {
+                        let conn = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(admin.clone()));
                         let conn = graceful.watch(conn.into_owned());
                         tokio::spawn(conn);
                     }
@@ -603,7 +824,7 @@ impl Server {
         drop(self.caller);
         drop(self.admin);
         tracing::info!("shutting down: no new connections, waiting for in-flight requests");
-        if tokio::time::timeout(self.shutdown_timeout, graceful.shutdown())
+        if tokio::time::timeout(self.settings.shutdown_timeout, graceful.shutdown())
             .await
             .is_err()
         {
@@ -614,13 +835,36 @@ impl Server {
     }
 }
 
-fn connection(
+/// Counts an open caller connection for as long as it lives, holding its place under
+/// `server.max_connections`.
+struct OpenConnection {
+    metrics: Arc<Metrics>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl OpenConnection {
+    fn new(metrics: &Arc<Metrics>, permit: tokio::sync::OwnedSemaphorePermit) -> Self {
+        metrics.connections_open.inc();
+        Self {
+            metrics: Arc::clone(metrics),
+            _permit: permit,
+        }
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.metrics.connections_open.dec();
+    }
+}
+
+fn accepted_stream(
     accepted: io::Result<(tokio::net::TcpStream, SocketAddr)>,
-) -> Option<TokioIo<tokio::net::TcpStream>> {
+) -> Option<tokio::net::TcpStream> {
     match accepted {
         Ok((stream, _)) => {
             let _ = stream.set_nodelay(true);
-            Some(TokioIo::new(stream))
+            Some(stream)
         }
         Err(e) => {
             // Out of file descriptors and the like: keep serving the connections we have.
@@ -637,7 +881,6 @@ mod tests {
     use crate::error::UpstreamError;
     use crate::issuance::IssuerSettings;
     use crate::resilience::{Policy, ResilienceSettings};
-    use crate::secret::SecretDigest;
     use crate::upstream::{Mint, MintFuture};
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Mutex;
@@ -695,18 +938,10 @@ mod tests {
             ),
             Arc::clone(&metrics),
         );
-        let clients = Clients::new(vec![Client {
-            id: "checkout".into(),
-            digest: SecretDigest::of(SECRET.as_bytes()),
-            mint_rate: None,
-        }]);
-        let state = Arc::new(State {
-            issuer,
-            clients,
-            metrics,
-            max_body_bytes: 1024,
-        });
-        (state, fake)
+        let clients = Clients::new(vec![Client::with_secret("checkout", SECRET.as_bytes())]);
+        let mut state = State::new(issuer, clients, metrics);
+        state.max_body_bytes = 1024;
+        (Arc::new(state), fake)
     }
 
     fn post(path: &str, content_type: &str, body: &str) -> Request<Full<Bytes>> {
@@ -729,7 +964,7 @@ mod tests {
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: std::error::Error + Send + Sync + 'static,
     {
-        let response = caller_service(Arc::clone(state))
+        let response = caller_service(Arc::clone(state), Arc::new(Peer::default()))
             .oneshot(req)
             .await
             .unwrap();

@@ -51,7 +51,7 @@ pub trait Mint: Send + Sync + 'static {
 pub struct TruoraClient {
     client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     url: Uri,
-    key: MasterKey,
+    key: arc_swap::ArcSwap<MasterKey>,
     timeout: Duration,
 }
 
@@ -87,16 +87,22 @@ impl TruoraClient {
         Ok(Self {
             client,
             url,
-            key,
+            key: arc_swap::ArcSwap::from_pointee(key),
             timeout,
         })
     }
 
+    /// Uses `key` from the next call on (a rotated master key); calls in flight keep theirs.
+    pub fn set_key(&self, key: MasterKey) {
+        self.key.store(Arc::new(key));
+    }
+
     async fn call(&self, form: String) -> Result<String, UpstreamError> {
-        let mut key =
-            HeaderValue::from_str(self.key.expose()).map_err(|_| UpstreamError::BadResponse {
+        let mut key = HeaderValue::from_str(self.key.load().expose()).map_err(|_| {
+            UpstreamError::BadResponse {
                 reason: "the master key holds characters not allowed in a header",
-            })?;
+            }
+        })?;
         key.set_sensitive(true);
         let request = Request::builder()
             .method(Method::POST)

@@ -38,8 +38,8 @@ pub fn config(upstream_url: &str) -> Config {
     for (id, secret) in [("checkout", CHECKOUT_SECRET), ("billing", BILLING_SECRET)] {
         c.clients.push(ClientConfig {
             id: id.into(),
-            token_sha256: SecretDigest::of(secret.as_bytes()).to_hex(),
-            mint_rate: None,
+            token_sha256: Some(SecretDigest::of(secret.as_bytes()).to_hex()),
+            ..Default::default()
         });
     }
     c

@@ -1,0 +1,192 @@
+//! Rotation without restart: SIGHUP and `POST /admin/reload` re-read the config file and the
+//! master key file, validate them whole, and swap in what can change while running.
+//!
+//! What a reload applies: the `[[clients]]` (new callers, changed secrets, certificates, policies
+//! and budgets; a removed caller is refused from the next request on and its cached tokens are
+//! dropped at once), the master key (from `upstream.api_key_file`, or `TRUORA_API_KEY`), and the
+//! TLS certificate, key and client CA files. Any other change (addresses, timeouts, cache sizes)
+//! needs a restart: the reload says which keys, and keeps running with the old values.
+//!
+//! A bad new config is refused as a whole: the old one stays in force, the failure is logged and
+//! counted, and the caller of `/admin/reload` gets the reason. Requests in flight finish with
+//! the settings they started with, since each took its own snapshot.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use http::StatusCode;
+
+use crate::auth::Clients;
+use crate::config::{Config, ConfigError};
+use crate::resilience::ResilienceSettings;
+use crate::server::{SharedTls, State};
+use crate::upstream::TruoraClient;
+
+/// What a successful reload did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reloaded {
+    /// Callers configured now.
+    pub callers: usize,
+    /// Callers removed, whose cached tokens were dropped.
+    pub revoked: Vec<String>,
+    /// Sections that changed but only take effect at the next start.
+    pub restart_required: Vec<&'static str>,
+}
+
+/// Re-reads one config file into a running broker.
+pub struct Reloader {
+    path: PathBuf,
+    running: Mutex<Config>,
+    state: Arc<State>,
+    client: Arc<TruoraClient>,
+    tls: Option<SharedTls>,
+}
+
+impl Reloader {
+    /// A reloader for the broker built from `config`, read from `path`.
+    pub fn new(
+        path: PathBuf,
+        config: Config,
+        state: Arc<State>,
+        client: Arc<TruoraClient>,
+        tls: Option<SharedTls>,
+    ) -> Self {
+        state.metrics.config_last_reload_success.set(unix_now());
+        Self {
+            path,
+            running: Mutex::new(config),
+            state,
+            client,
+            tls,
+        }
+    }
+
+    /// Reloads, logs and counts the outcome.
+    pub fn reload(&self) -> Result<Reloaded, ConfigError> {
+        let outcome = self.try_reload();
+        let metrics = &self.state.metrics;
+        match &outcome {
+            Ok(done) => {
+                metrics.config_reloads.with_label_values(&["ok"]).inc();
+                metrics.config_last_reload_success.set(unix_now());
+                tracing::info!(
+                    callers = done.callers,
+                    revoked = ?done.revoked,
+                    restart_required = ?done.restart_required,
+                    "configuration reloaded"
+                );
+            }
+            Err(e) => {
+                metrics.config_reloads.with_label_values(&["error"]).inc();
+                tracing::error!("configuration reload refused, the running one is kept: {e}");
+            }
+        }
+        outcome
+    }
+
+    /// [`Reloader::reload`] as the status and JSON body of `POST /admin/reload`.
+    pub fn reload_answer(&self) -> (StatusCode, String) {
+        match self.reload() {
+            Ok(done) => (
+                StatusCode::OK,
+                serde_json::json!({
+                    "reloaded": true,
+                    "callers": done.callers,
+                    "revoked": done.revoked,
+                    "restart_required": done.restart_required,
+                })
+                .to_string(),
+            ),
+            Err(e) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                serde_json::json!({
+                    "reloaded": false,
+                    "error": "bad_config",
+                    "message": e.to_string(),
+                })
+                .to_string(),
+            ),
+        }
+    }
+
+    fn try_reload(&self) -> Result<Reloaded, ConfigError> {
+        // Everything is read and checked before anything is applied.
+        let new = Config::load(&self.path)?;
+        let key = new.master_key()?;
+        let tls = match (&new.server.tls, &self.tls) {
+            (Some(t), Some(_)) => Some(crate::tls::server_config(t)?),
+            _ => None,
+        };
+        let mut running = self
+            .running
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let restart_required = restart_required(&running, &new);
+
+        self.client.set_key(key);
+        if let (Some(slot), Some(tls)) = (&self.tls, tls) {
+            slot.store(tls);
+        }
+        let kept: HashSet<&str> = new.clients.iter().map(|c| c.id.as_str()).collect();
+        let revoked: Vec<String> = running
+            .clients
+            .iter()
+            .filter(|c| !kept.contains(c.id.as_str()))
+            .map(|c| c.id.clone())
+            .collect();
+        self.state
+            .clients
+            .store(Arc::new(Clients::new(new.clients())));
+        self.state
+            .issuer
+            .policy()
+            .set_caller_rates(&ResilienceSettings::from_config(&new).caller_rates);
+        for id in &revoked {
+            let dropped = self.state.issuer.invalidate(id, None, None);
+            tracing::info!(target: "audit", caller = %id, dropped, "caller revoked");
+        }
+        let callers = new.clients.len();
+        *running = new;
+        Ok(Reloaded {
+            callers,
+            revoked,
+            restart_required,
+        })
+    }
+}
+
+/// The sections whose change only a restart applies.
+fn restart_required(old: &Config, new: &Config) -> Vec<&'static str> {
+    fn same<T: serde::Serialize>(a: &T, b: &T) -> bool {
+        serde_json::to_value(a).ok() == serde_json::to_value(b).ok()
+    }
+    let mut changed = Vec::new();
+    let (mut old_server, mut new_server) = (old.server.clone(), new.server.clone());
+    // Certificate files are re-read by the reload itself; turning TLS on or off is not.
+    if old_server.tls.is_some() == new_server.tls.is_some() {
+        old_server.tls = None;
+        new_server.tls = None;
+    }
+    if !same(&old_server, &new_server) {
+        changed.push("server");
+    }
+    let (mut old_up, mut new_up) = (old.upstream.clone(), new.upstream.clone());
+    old_up.api_key_file = None;
+    new_up.api_key_file = None;
+    if !same(&old_up, &new_up) {
+        changed.push("upstream");
+    }
+    if !same(&old.cache, &new.cache) {
+        changed.push("cache");
+    }
+    changed
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
