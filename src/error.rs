@@ -69,12 +69,15 @@ pub enum RequestError {
         field: Option<&'static str>,
         message: &'static str,
     },
-    /// Content-Length together with Transfer-Encoding, or several Content-Lengths: the shapes
-    /// of request smuggling. The connection is closed after the answer.
-    #[error(
-        "ambiguous message framing: send either one Content-Length or chunked Transfer-Encoding"
-    )]
+    /// Several Content-Length headers: a shape of request smuggling. The connection is closed
+    /// after the answer.
+    #[error("ambiguous message framing: send one Content-Length")]
     AmbiguousFraming,
+    /// A body framed by Transfer-Encoding. Token requests are small and always have a length;
+    /// chunked framing is refused because it is where request smuggling hides (Content-Length
+    /// and Transfer-Encoding together). The connection is closed after the answer.
+    #[error("send the body with a Content-Length: Transfer-Encoding is not accepted")]
+    LengthRequired,
     /// The body did not arrive within `server.body_read_timeout`.
     #[error("the request body did not arrive in time")]
     BodyTimeout,
@@ -250,6 +253,7 @@ impl BrokerError {
                 | RequestError::AmbiguousFraming
                 | RequestError::MissingFilter => StatusCode::BAD_REQUEST,
                 RequestError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+                RequestError::LengthRequired => StatusCode::LENGTH_REQUIRED,
                 RequestError::Forbidden { .. } => StatusCode::FORBIDDEN,
                 RequestError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
                 RequestError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -288,6 +292,7 @@ impl BrokerError {
                 RequestError::MasterKeyHeader => "master_key_header_forbidden",
                 RequestError::MissingFilter => "missing_filter",
                 RequestError::AmbiguousFraming => "ambiguous_framing",
+                RequestError::LengthRequired => "length_required",
                 RequestError::PayloadTooLarge { .. } => "payload_too_large",
                 RequestError::Forbidden { .. } => "forbidden_by_policy",
                 RequestError::BodyTimeout => "body_timeout",
@@ -489,6 +494,11 @@ mod tests {
         assert_eq!(body["rule"], "allowed_flows");
         assert_eq!(body["field"], "flow_id");
         check(err, 403, "forbidden_by_policy");
+    }
+
+    #[test]
+    fn a_chunked_body_is_411() {
+        check(RequestError::LengthRequired, 411, "length_required");
     }
 
     #[test]

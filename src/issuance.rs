@@ -116,6 +116,7 @@ struct Subject {
     caller: Arc<str>,
     flow_id: Box<str>,
     account_id: Option<Box<str>>,
+    user: String,
     form: String,
 }
 
@@ -219,7 +220,21 @@ impl Issuer {
     /// Drops this caller's cached tokens for the flow and/or account; returns how many.
     pub fn invalidate(&self, caller: &str, flow_id: Option<&str>, account_id: Option<&str>) -> u64 {
         let n = self.cache.invalidate(caller, flow_id, account_id);
-        tracing::info!(target: "audit", caller, flow_id, invalidated = n, "tokens invalidated");
+        let user = account_id.map(|a| {
+            TokenRequest {
+                account_id: Some(a.into()),
+                ..Default::default()
+            }
+            .user_tag()
+        });
+        tracing::info!(
+            target: "audit",
+            caller,
+            flow_id,
+            user = user.as_deref().unwrap_or("-"),
+            invalidated = n,
+            "tokens invalidated"
+        );
         n
     }
 
@@ -255,6 +270,7 @@ impl Issuer {
             caller: Arc::clone(caller),
             flow_id: req.flow_id.as_ref().into(),
             account_id: req.account_id.as_deref().map(Into::into),
+            user: req.user_tag(),
             form: req.upstream_form(self.settings.array_encoding),
         }
     }
@@ -296,6 +312,7 @@ impl Issuer {
             target: "audit",
             caller = &*subject.caller,
             flow_id = &*subject.flow_id,
+            user = %subject.user,
             lifetime_s = lifetime.as_secs(),
             "token minted"
         );

@@ -356,7 +356,10 @@ pub fn error_response(route: Route, err: &BrokerError) -> HttpResponse {
     }
     // After a request whose framing is doubtful, nothing more on this connection can be
     // trusted to start where it seems to: close it.
-    if let BrokerError::Request(RequestError::AmbiguousFraming | RequestError::BodyTimeout) = err {
+    if let BrokerError::Request(
+        RequestError::AmbiguousFraming | RequestError::LengthRequired | RequestError::BodyTimeout,
+    ) = err
+    {
         h.insert(CONNECTION, HeaderValue::from_static("close"));
     }
     response
@@ -419,11 +422,15 @@ fn format_of<B>(req: &Request<B>) -> Result<Format, RequestError> {
     }
 }
 
-/// Refuses the request-smuggling shapes: both Content-Length and Transfer-Encoding, or several
-/// Content-Length values. (hyper already refuses most; this holds whatever reaches us.)
+/// Refuses the request-smuggling shapes. hyper refuses differing Content-Lengths itself and,
+/// given Content-Length and Transfer-Encoding together, drops the length before we see the
+/// request: so any Transfer-Encoding is refused here (411), as is any repeated length that
+/// reaches us.
 fn check_framing(headers: &http::HeaderMap) -> Result<(), RequestError> {
-    let lengths = headers.get_all(CONTENT_LENGTH).iter().count();
-    if lengths > 1 || (lengths == 1 && headers.contains_key(TRANSFER_ENCODING)) {
+    if headers.contains_key(TRANSFER_ENCODING) {
+        return Err(RequestError::LengthRequired);
+    }
+    if headers.get_all(CONTENT_LENGTH).iter().count() > 1 {
         return Err(RequestError::AmbiguousFraming);
     }
     Ok(())
@@ -1240,6 +1247,66 @@ mod tests {
         assert!(text.contains(r#"token_broker_requests_total{route="tokens",status="200"} 1"#));
         assert!(text.contains(r#"token_broker_requests_total{route="tokens",status="400"} 1"#));
         assert!(text.contains(r#"token_broker_request_duration_seconds_count{route="tokens"} 2"#));
+    }
+
+    #[tokio::test]
+    async fn a_panic_in_a_handler_answers_500_to_that_request_only() {
+        let (state, _) = state();
+        let panicking = tower::service_fn(|routed: Routed<Full<Bytes>>| async move {
+            if routed.req.uri().path() == "/boom" {
+                panic!("handler bug");
+            }
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"fine"))))
+        });
+        let svc = ServiceBuilder::new()
+            .layer(ObserveLayer(Arc::clone(&state.metrics)))
+            .layer(CatchPanicLayer)
+            .service(panicking);
+        let boom = svc.clone().oneshot(form("/boom", "")).await.unwrap();
+        assert_eq!(boom.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let body = boom.into_body().collect().await.unwrap().to_bytes();
+        assert!(String::from_utf8_lossy(&body).contains("internal_error"));
+        assert!(!String::from_utf8_lossy(&body).contains("handler bug"));
+        let fine = svc.oneshot(form("/v1/tokens", "")).await.unwrap();
+        assert_eq!(fine.status(), StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn a_panicking_upstream_call_is_500_and_the_next_request_is_served() {
+        struct Panics(AtomicUsize);
+        impl Mint for Panics {
+            fn mint(&self, _: String) -> MintFuture {
+                let first = self.0.fetch_add(1, Ordering::SeqCst) == 0;
+                Box::pin(async move {
+                    assert!(!first, "a bug in the upstream path");
+                    use base64::Engine;
+                    let e = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+                    Ok(format!("h.{}.s", e.encode(r#"{"iat":0,"exp":7200}"#)))
+                })
+            }
+        }
+        let metrics = Arc::new(Metrics::new(prometheus::Registry::new()).unwrap());
+        let issuer = Issuer::new(
+            IssuerSettings {
+                min_remaining: Duration::from_secs(900),
+                max_entries: 100,
+                web_url: "https://identity.truora.com".into(),
+                array_encoding: ArrayEncoding::Repeat,
+            },
+            Arc::new(Panics(AtomicUsize::new(0))),
+            Policy::new(
+                ResilienceSettings::from_config(&crate::config::Config::default()),
+                Arc::clone(&metrics),
+            ),
+            Arc::clone(&metrics),
+        );
+        let clients = Clients::new(vec![Client::with_secret("checkout", SECRET.as_bytes())]);
+        let state = Arc::new(State::new(issuer, clients, metrics));
+        let (status, _, body) = call(&state, form("/v1/tokens", FORM)).await;
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(body["error"], "internal_error");
+        let (status, _, _) = call(&state, form("/v1/tokens", FORM)).await;
+        assert_eq!(status, StatusCode::OK);
     }
 
     #[tokio::test]

@@ -153,8 +153,12 @@ impl Running {
     }
 
     fn sigterm(&self) {
+        self.signal("-TERM");
+    }
+
+    fn signal(&self, which: &str) {
         let status = Command::new("kill")
-            .args(["-TERM", &self.child.0.id().to_string()])
+            .args([which, &self.child.0.id().to_string()])
             .status()
             .unwrap();
         assert!(status.success());
@@ -403,16 +407,88 @@ async fn serve_drains_in_flight_requests_on_sigterm_and_leaks_no_secret() {
     let output = broker.output();
     assert!(output.contains("callers=2"), "{output}");
     assert!(output.contains(&format!("127.0.0.1:{listen}")), "{output}");
-    assert!(!output.contains(MASTER_KEY), "master key in the logs");
-    assert!(
-        !output.contains(CHECKOUT_SECRET),
-        "caller secret in the logs"
-    );
+    assert_no_secret_in(&output);
     assert!(!output.contains("eyJ"), "a token in the logs");
+    // Every mint has an audit line: caller, flow and a one-way user tag, never the user's id.
+    let audit = output
+        .lines()
+        .find(|l| l.contains("token minted"))
+        .expect("an audit line");
+    assert!(
+        audit.contains("caller=\"checkout\"") || audit.contains("caller=checkout"),
+        "{audit}"
+    );
+    assert!(audit.contains("IPF0a1b2c"), "{audit}");
+    assert!(audit.contains("user="), "{audit}");
+    assert!(!output.contains("user-1"), "a user id in the logs");
     // New connections are refused once it has stopped.
     assert!(tokio::net::TcpStream::connect(("127.0.0.1", listen))
         .await
         .is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_turns_core_dumps_off_and_reloads_on_sighup() {
+    let sandbox = Sandbox::start(SandboxOptions::new(MASTER_KEY))
+        .await
+        .unwrap();
+    let (listen, admin) = (free_port(), free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let text = config_text(listen, admin, &sandbox.url());
+    let path = write_config(dir.path(), &text);
+    let broker = Running::spawn(
+        &["serve", "--config", path.to_str().unwrap()],
+        &[("TRUORA_API_KEY", MASTER_KEY)],
+    );
+    broker
+        .wait_ready(SocketAddr::from(([127, 0, 0, 1], admin)))
+        .await;
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", broker.child.0.id())).unwrap();
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap();
+    assert_eq!(core.split_whitespace().nth(4), Some("0"), "{core}");
+    assert_eq!(core.split_whitespace().nth(5), Some("0"), "{core}");
+
+    let newcomer = "newcomer-secret-0123456789abcdef";
+    let url = format!("http://127.0.0.1:{listen}/v1/tokens");
+    let post = |secret: &str| {
+        let url = url.clone();
+        let auth = format!("Bearer {secret}");
+        async move {
+            send(
+                Method::POST,
+                &url,
+                &[
+                    ("authorization", auth.as_str()),
+                    ("content-type", "application/x-www-form-urlencoded"),
+                ],
+                FORM,
+            )
+            .await
+        }
+    };
+    assert_eq!(post(newcomer).await.status, StatusCode::UNAUTHORIZED);
+    let more = format!(
+        "{text}\n[[clients]]\nid = \"newcomer\"\ntoken_sha256 = \"{}\"\n",
+        SecretDigest::of(newcomer.as_bytes()).to_hex()
+    );
+    std::fs::write(&path, more).unwrap();
+    broker.signal("-HUP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if post(newcomer).await.status == StatusCode::OK {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "SIGHUP did not reload: {}",
+            broker.output()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(broker.output().contains("configuration reloaded"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -144,6 +144,27 @@ impl Resp {
     }
 }
 
+/// Fails if the master key or a caller secret appears in `text`, raw or encoded (base64,
+/// URL, hex): the canary check every end-to-end answer goes through.
+pub fn assert_no_secret_in(text: &str) {
+    use base64::Engine;
+    for secret in [MASTER_KEY, CHECKOUT_SECRET, BILLING_SECRET] {
+        let forms = [
+            secret.to_owned(),
+            base64::engine::general_purpose::STANDARD.encode(secret),
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret),
+            form_urlencoded::byte_serialize(secret.as_bytes()).collect(),
+            token_broker::secret::hex(secret.as_bytes()),
+        ];
+        for form in forms {
+            assert!(
+                !text.contains(&form),
+                "a secret ({form}) appears in the output"
+            );
+        }
+    }
+}
+
 /// One request on a fresh connection, bounded to 20 s.
 pub async fn send(method: Method, url: &str, headers: &[(&str, &str)], body: &str) -> Resp {
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
@@ -158,9 +179,11 @@ pub async fn send(method: Method, url: &str, headers: &[(&str, &str)], body: &st
         .expect("request failed");
     let (parts, body) = response.into_parts();
     let body = body.collect().await.unwrap().to_bytes();
-    Resp {
+    let resp = Resp {
         status: parts.status,
         headers: parts.headers,
         body,
-    }
+    };
+    assert_no_secret_in(&resp.everything());
+    resp
 }

@@ -1,0 +1,726 @@
+//! Security end to end: TLS and client certificates (generated here with rcgen), per-caller
+//! policy, hostile HTTP (oversized heads, slow clients, smuggling shapes, connection floods),
+//! process hardening, and rotation without restart.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, SanType,
+};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use token_broker::config::{ClientConfig, Config, TlsConfig};
+use token_broker::sandbox::{Sandbox, SandboxOptions};
+use token_broker::secret::{MasterKey, SecretDigest};
+use token_broker::server::Server;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// A certificate authority for the tests, and certificates it signs.
+struct Pki {
+    ca: rcgen::Certificate,
+    ca_key: KeyPair,
+}
+
+/// A PEM certificate and key on disk.
+struct Issued {
+    cert_pem: String,
+    key_pem: String,
+}
+
+impl Pki {
+    fn new(name: &str) -> Self {
+        let ca_key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        let ca = params.self_signed(&ca_key).unwrap();
+        Pki { ca, ca_key }
+    }
+
+    fn issue(&self, dns: &str, usage: ExtendedKeyUsagePurpose) -> Issued {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec![dns.to_owned()]).unwrap();
+        if dns == "localhost" {
+            params
+                .subject_alt_names
+                .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
+        }
+        params.extended_key_usages = vec![usage];
+        params.distinguished_name.push(DnType::CommonName, dns);
+        let cert = params.signed_by(&key, &self.ca, &self.ca_key).unwrap();
+        Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        }
+    }
+
+    fn ca_pem(&self) -> String {
+        self.ca.pem()
+    }
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// An HTTPS client trusting `ca`, presenting `identity` when given.
+fn https_client(
+    ca: &str,
+    identity: Option<&Issued>,
+) -> Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    Full<Bytes>,
+> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots);
+    let config = match identity {
+        Some(id) => {
+            let chain = CertificateDer::pem_slice_iter(id.cert_pem.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .unwrap();
+            let key = PrivateKeyDer::from_pem_slice(id.key_pem.as_bytes()).unwrap();
+            builder.with_client_auth_cert(chain, key).unwrap()
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(config)
+        .https_only()
+        .enable_http1()
+        .enable_http2()
+        .build();
+    Client::builder(TokioExecutor::new()).build(https)
+}
+
+async fn https_post(
+    client: &Client<
+        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+        Full<Bytes>,
+    >,
+    url: &str,
+    bearer: Option<&str>,
+    form: &str,
+) -> Result<Resp, String> {
+    let mut req = Request::post(url).header("content-type", "application/x-www-form-urlencoded");
+    if let Some(secret) = bearer {
+        req = req.header("authorization", format!("Bearer {secret}"));
+    }
+    let req = req.body(Full::new(Bytes::from(form.to_owned()))).unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+        .await
+        .map_err(|_| "timed out".to_owned())?
+        .map_err(|e| format!("{e:?}"))?;
+    let version = response.version();
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+    let mut headers = parts.headers;
+    headers.insert(
+        "x-test-version",
+        http::HeaderValue::from_str(&format!("{version:?}")).unwrap(),
+    );
+    Ok(Resp {
+        status: parts.status,
+        headers,
+        body,
+    })
+}
+
+/// A broker with TLS on the caller listener and client certificates checked against `pki`.
+struct TlsBroker {
+    url: String,
+    sandbox: Sandbox,
+    pki: Pki,
+    _dir: tempfile::TempDir,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TlsBroker {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn tls_broker(tweak: impl FnOnce(&mut Config)) -> TlsBroker {
+    let pki = Pki::new("token-broker test CA");
+    let dir = tempfile::tempdir().unwrap();
+    let server = pki.issue("localhost", ExtendedKeyUsagePurpose::ServerAuth);
+    let sandbox = Sandbox::start(SandboxOptions::new(MASTER_KEY))
+        .await
+        .unwrap();
+    let mut cfg = config(&sandbox.url());
+    cfg.server.tls = Some(TlsConfig {
+        cert_file: write(dir.path(), "server.pem", &server.cert_pem),
+        key_file: write(dir.path(), "server.key", &server.key_pem),
+        client_ca_file: Some(write(dir.path(), "ca.pem", &pki.ca_pem())),
+    });
+    // checkout: bearer secret and certificate; billing: bearer only; batch: certificate only.
+    cfg.clients[0].tls_san = Some("checkout.internal".into());
+    cfg.clients.push(ClientConfig {
+        id: "batch".into(),
+        tls_san: Some("batch.internal".into()),
+        ..Default::default()
+    });
+    tweak(&mut cfg);
+    cfg.validate().unwrap();
+    let server = Server::from_config(&cfg, MasterKey::new(MASTER_KEY).unwrap())
+        .await
+        .unwrap();
+    let url = format!(
+        "https://localhost:{}/v1/tokens",
+        server.caller_addr().unwrap().port()
+    );
+    let task = tokio::spawn(server.run(std::future::pending()));
+    TlsBroker {
+        url,
+        sandbox,
+        pki,
+        _dir: dir,
+        task,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_callers_are_served_over_http2_and_http1() {
+    let b = tls_broker(|_| {}).await;
+    let client = https_client(&b.pki.ca_pem(), None);
+    let r = https_post(&client, &b.url, Some(BILLING_SECRET), FORM)
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.header("x-test-version"), "HTTP/2.0", "ALPN offers h2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_alone_authenticates_a_tls_san_only_caller() {
+    let b = tls_broker(|_| {}).await;
+    let batch = b
+        .pki
+        .issue("batch.internal", ExtendedKeyUsagePurpose::ClientAuth);
+    let client = https_client(&b.pki.ca_pem(), Some(&batch));
+    let r = https_post(&client, &b.url, None, FORM).await.unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    // Without a certificate, or with one for another name, there is no caller.
+    let anonymous = https_client(&b.pki.ca_pem(), None);
+    let r = https_post(&anonymous, &b.url, None, FORM).await.unwrap();
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    let stranger = b
+        .pki
+        .issue("stranger.internal", ExtendedKeyUsagePurpose::ClientAuth);
+    let client = https_client(&b.pki.ca_pem(), Some(&stranger));
+    let r = https_post(&client, &b.url, None, FORM).await.unwrap();
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(b.sandbox.calls(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_with_secret_and_san_needs_both() {
+    let b = tls_broker(|_| {}).await;
+    let no_cert = https_client(&b.pki.ca_pem(), None);
+    let r = https_post(&no_cert, &b.url, Some(CHECKOUT_SECRET), FORM)
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    let wrong = b
+        .pki
+        .issue("batch.internal", ExtendedKeyUsagePurpose::ClientAuth);
+    let r = https_post(
+        &https_client(&b.pki.ca_pem(), Some(&wrong)),
+        &b.url,
+        Some(CHECKOUT_SECRET),
+        FORM,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    let right = b
+        .pki
+        .issue("checkout.internal", ExtendedKeyUsagePurpose::ClientAuth);
+    let with_cert = https_client(&b.pki.ca_pem(), Some(&right));
+    let r = https_post(&with_cert, &b.url, Some(CHECKOUT_SECRET), FORM)
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    // The certificate alone is not enough for a caller that also has a secret.
+    let r = https_post(&with_cert, &b.url, None, FORM).await.unwrap();
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(b.sandbox.calls(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_from_another_ca_fails_the_handshake() {
+    let b = tls_broker(|_| {}).await;
+    let rogue_ca = Pki::new("rogue CA");
+    let rogue = rogue_ca.issue("batch.internal", ExtendedKeyUsagePurpose::ClientAuth);
+    let client = https_client(&b.pki.ca_pem(), Some(&rogue));
+    let r = https_post(&client, &b.url, None, FORM).await;
+    assert!(r.is_err() || r.unwrap().status == StatusCode::UNAUTHORIZED);
+    assert_eq!(b.sandbox.calls(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http_to_the_tls_listener_gets_nothing() {
+    let b = tls_broker(|_| {}).await;
+    let plain = b.url.replace("https://localhost", "http://127.0.0.1");
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let req = Request::post(plain)
+        .body(Full::new(Bytes::from(FORM)))
+        .unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(5), client.request(req))
+        .await
+        .unwrap();
+    assert!(r.is_err());
+}
+
+#[test]
+fn the_tls_listener_speaks_only_tls_1_2_and_1_3() {
+    let pki = Pki::new("ca");
+    let dir = tempfile::tempdir().unwrap();
+    let server = pki.issue("localhost", ExtendedKeyUsagePurpose::ServerAuth);
+    let config = token_broker::tls::server_config(&TlsConfig {
+        cert_file: write(dir.path(), "s.pem", &server.cert_pem),
+        key_file: write(dir.path(), "s.key", &server.key_pem),
+        client_ca_file: None,
+    })
+    .unwrap();
+    // rustls has no TLS 1.1 or older at all; these are the versions it will negotiate.
+    let suites: Vec<_> = config
+        .crypto_provider()
+        .cipher_suites
+        .iter()
+        .map(|s| s.version().version)
+        .collect();
+    assert!(suites.contains(&rustls::ProtocolVersion::TLSv1_3));
+    assert!(suites.iter().all(|v| matches!(
+        v,
+        rustls::ProtocolVersion::TLSv1_2 | rustls::ProtocolVersion::TLSv1_3
+    )));
+    assert_eq!(
+        config.alpn_protocols,
+        vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_caller_policy_denies_with_403_naming_the_rule_and_no_upstream_call() {
+    let b = Broker::start(|c, _| {
+        c.clients[0].allowed_flows = Some(vec!["IPFallowed".into()]);
+        c.clients[0].allowed_countries = Some(vec!["CO".into(), "MX".into()]);
+        c.clients[0].allowed_redirect_hosts = Some(vec!["*.example".into()]);
+        c.clients[0].drop_in = false;
+    })
+    .await;
+    let allowed = FORM.replace("IPF0a1b2c", "IPFallowed");
+    assert_eq!(
+        b.tokens(CHECKOUT_SECRET, &allowed).await.status,
+        StatusCode::OK
+    );
+    let cases = [
+        (FORM.to_owned(), "allowed_flows", "flow_id"),
+        (
+            allowed.replace("country=CO", "country=BR"),
+            "allowed_countries",
+            "country",
+        ),
+        (
+            allowed.replace("shop.example", "evil.test"),
+            "allowed_redirect_hosts",
+            "redirect_url",
+        ),
+    ];
+    for (form, rule, field) in cases {
+        let r = b.tokens(CHECKOUT_SECRET, &form).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{form}");
+        assert_eq!(r.json()["error"], "forbidden_by_policy");
+        assert_eq!(r.json()["rule"], rule);
+        assert_eq!(r.json()["field"], field);
+    }
+    let r = send(
+        Method::POST,
+        &format!("{}/v1/api-keys", b.url),
+        &[
+            ("authorization", &format!("Bearer {CHECKOUT_SECRET}")),
+            ("content-type", "application/x-www-form-urlencoded"),
+        ],
+        &allowed,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert_eq!(r.json()["http_code"], 403);
+    assert!(r.json()["message"].as_str().unwrap().contains("drop_in"));
+    // Another caller without a policy is unaffected.
+    assert_eq!(b.tokens(BILLING_SECRET, FORM).await.status, StatusCode::OK);
+    assert_eq!(b.sandbox.calls(), 2);
+    b.stop().await;
+}
+
+/// Sends raw bytes on a new connection and reads until the server closes or `wait` passes.
+async fn raw(addr: &str, bytes: &[u8], wait: Duration) -> (String, bool) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + wait;
+    let mut closed = false;
+    while Instant::now() < deadline {
+        match tokio::time::timeout(deadline - Instant::now(), stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                closed = true;
+                break;
+            }
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            Err(_) => break,
+        }
+    }
+    (String::from_utf8_lossy(&out).into_owned(), closed)
+}
+
+fn head(extra: &str, body: &str) -> Vec<u8> {
+    format!(
+        "POST /v1/tokens HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {CHECKOUT_SECRET}\r\nContent-Type: application/x-www-form-urlencoded\r\n{extra}\r\n{body}"
+    )
+    .into_bytes()
+}
+
+fn addr_of(url: &str) -> String {
+    url.trim_start_matches("http://").to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_or_too_large_headers_get_431() {
+    let b = Broker::start(|c, _| {
+        c.server.max_headers = 16;
+        c.server.max_header_bytes = 8192;
+    })
+    .await;
+    let addr = addr_of(&b.url);
+    let many: String = (0..40).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let (answer, _) = raw(
+        &addr,
+        &head(&format!("{many}Content-Length: 0\r\n"), ""),
+        Duration::from_secs(3),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    let large = format!("X-Big: {}\r\nContent-Length: 0\r\n", "a".repeat(20_000));
+    let (answer, _) = raw(&addr, &head(&large, ""), Duration::from_secs(3)).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_too_slow_with_its_head_is_disconnected() {
+    let b = Broker::start(|c, _| c.server.header_read_timeout = Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let (_, closed) = raw(
+        &addr_of(&b.url),
+        b"POST /v1/tokens HTTP/1.1\r\nHost: x\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(closed, "the connection was not closed");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_too_slow_with_its_body_gets_408() {
+    let b = Broker::start(|c, _| c.server.body_read_timeout = Duration::from_millis(300)).await;
+    let (answer, closed) = raw(
+        &addr_of(&b.url),
+        &head("Content-Length: 200\r\n", "country=CO"),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("body_timeout"));
+    assert!(closed);
+    assert_eq!(b.sandbox.calls(), 0);
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smuggling_shapes_are_refused_and_the_connection_closed() {
+    let b = Broker::start(|_, _| {}).await;
+    let addr = addr_of(&b.url);
+    let chunked = format!("{:x}\r\n{FORM}\r\n0\r\n\r\n", FORM.len());
+    for (headers, body, status) in [
+        (
+            format!(
+                "Content-Length: {}\r\nTransfer-Encoding: chunked\r\n",
+                chunked.len()
+            ),
+            chunked.clone(),
+            "411",
+        ),
+        (
+            format!(
+                "Transfer-Encoding: chunked\r\nContent-Length: {}\r\n",
+                chunked.len()
+            ),
+            chunked.clone(),
+            "411",
+        ),
+        (
+            format!("Content-Length: {}\r\nContent-Length: 5\r\n", FORM.len()),
+            FORM.to_owned(),
+            "400",
+        ),
+    ] {
+        // A second request is pipelined behind: it must not be answered.
+        let mut bytes = head(&headers, &body);
+        bytes.extend_from_slice(&head(&format!("Content-Length: {}\r\n", FORM.len()), FORM));
+        let (answer, closed) = raw(&addr, &bytes, Duration::from_secs(3)).await;
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "{headers}: {answer}"
+        );
+        assert_eq!(answer.matches("HTTP/1.1").count(), 1, "{answer}");
+        assert!(closed, "{headers}");
+    }
+    assert_eq!(b.sandbox.calls(), 0);
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_cap_are_closed_and_counted() {
+    let b = Broker::start(|c, _| c.server.max_connections = 2).await;
+    let addr = addr_of(&b.url);
+    let _one = TcpStream::connect(&addr).await.unwrap();
+    let _two = TcpStream::connect(&addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (answer, closed) = raw(
+        &addr,
+        &head(&format!("Content-Length: {}\r\n", FORM.len()), FORM),
+        Duration::from_secs(3),
+    )
+    .await;
+    assert!(closed && answer.is_empty(), "{answer}");
+    let m = b.metrics().await;
+    assert!(
+        m.contains("token_broker_server_connections_rejected_total 1"),
+        "{m}"
+    );
+    assert!(m.contains("token_broker_server_connections_open 2"), "{m}");
+    drop((_one, _two));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(b.tokens(CHECKOUT_SECRET, FORM).await.status, StatusCode::OK);
+    b.stop().await;
+}
+
+/// A broker run from a config file, with reload enabled.
+struct FileBroker {
+    url: String,
+    admin: String,
+    path: PathBuf,
+    key_path: PathBuf,
+    config: Config,
+    sandbox: Sandbox,
+    _dir: tempfile::TempDir,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FileBroker {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FileBroker {
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let sandbox = Sandbox::start(SandboxOptions::new(MASTER_KEY))
+            .await
+            .unwrap();
+        sandbox.set_options(|o| o.delay = Duration::from_millis(50));
+        let key_path = write(dir.path(), "key", MASTER_KEY);
+        let mut cfg = config(&sandbox.url());
+        cfg.upstream.api_key_file = Some(key_path.clone());
+        let path = dir.path().join("broker.toml");
+        std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
+        let loaded = Config::load(&path).unwrap();
+        let server = Server::from_config(&loaded, loaded.master_key().unwrap())
+            .await
+            .unwrap();
+        server.reload_from(path.clone(), loaded.clone()).unwrap();
+        let url = format!("http://{}", server.caller_addr().unwrap());
+        let admin = format!("http://{}", server.admin_addr().unwrap());
+        let task = tokio::spawn(server.run(std::future::pending()));
+        FileBroker {
+            url,
+            admin,
+            path,
+            key_path,
+            config: loaded,
+            sandbox,
+            _dir: dir,
+            task,
+        }
+    }
+
+    fn rewrite(&mut self, f: impl FnOnce(&mut Config)) {
+        f(&mut self.config);
+        std::fs::write(&self.path, toml::to_string(&self.config).unwrap()).unwrap();
+    }
+
+    async fn reload(&self) -> Resp {
+        send(
+            Method::POST,
+            &format!("{}/admin/reload", self.admin),
+            &[],
+            "",
+        )
+        .await
+    }
+
+    async fn tokens(&self, secret: &str, form: &str) -> Resp {
+        send(
+            Method::POST,
+            &format!("{}/v1/tokens", self.url),
+            &[
+                ("authorization", &format!("Bearer {secret}")),
+                ("content-type", "application/x-www-form-urlencoded"),
+            ],
+            form,
+        )
+        .await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_adds_and_revokes_callers_at_once_cached_tokens_included() {
+    let mut b = FileBroker::start().await;
+    assert_eq!(b.tokens(BILLING_SECRET, FORM).await.status, StatusCode::OK);
+    let newcomer = "newcomer-secret-0123456789abcdef";
+    b.rewrite(|c| {
+        c.clients.retain(|c| c.id != "billing");
+        c.clients.push(ClientConfig {
+            id: "newcomer".into(),
+            token_sha256: Some(SecretDigest::of(newcomer.as_bytes()).to_hex()),
+            ..Default::default()
+        });
+    });
+    assert_eq!(
+        b.tokens(newcomer, FORM).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    let r = b.reload().await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json()["revoked"], serde_json::json!(["billing"]));
+    assert_eq!(b.tokens(newcomer, FORM).await.status, StatusCode::OK);
+    assert_eq!(
+        b.tokens(BILLING_SECRET, FORM).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(b.tokens(CHECKOUT_SECRET, FORM).await.status, StatusCode::OK);
+    // billing's cached token is gone: restoring billing mints afresh.
+    b.rewrite(|c| {
+        c.clients.push(ClientConfig {
+            id: "billing".into(),
+            token_sha256: Some(SecretDigest::of(BILLING_SECRET.as_bytes()).to_hex()),
+            ..Default::default()
+        });
+    });
+    assert_eq!(b.reload().await.status, StatusCode::OK);
+    assert_eq!(
+        b.tokens(BILLING_SECRET, FORM).await.header("x-cache"),
+        "MISS"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_new_config_is_refused_and_the_old_one_kept() {
+    let b = FileBroker::start().await;
+    std::fs::write(&b.path, "[server]\nlisten = 5\n").unwrap();
+    let r = b.reload().await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(r.json()["reloaded"], false);
+    assert!(r.json()["message"].as_str().unwrap().contains("listen"));
+    assert_eq!(b.tokens(CHECKOUT_SECRET, FORM).await.status, StatusCode::OK);
+    let m = send(Method::GET, &format!("{}/metrics", b.admin), &[], "")
+        .await
+        .text();
+    assert!(
+        m.contains(r#"token_broker_config_reloads_total{result="error"} 1"#),
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_master_key_is_used_after_reload() {
+    let b = FileBroker::start().await;
+    let rotated = "CANARY-rotated-master-key-42";
+    b.sandbox.set_options(|o| o.master_key = rotated.into());
+    let r = b.tokens(CHECKOUT_SECRET, FORM).await;
+    assert_eq!(r.json()["error"], "upstream_credential_rejected");
+    std::fs::write(&b.key_path, format!("{rotated}\n")).unwrap();
+    assert_eq!(b.reload().await.status, StatusCode::OK);
+    let r = b.tokens(CHECKOUT_SECRET, FORM).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert!(b.sandbox.received().last().unwrap().key_matched);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_in_flight_finish_on_the_settings_they_started_with() {
+    let mut b = FileBroker::start().await;
+    b.sandbox
+        .set_options(|o| o.delay = Duration::from_millis(600));
+    let url = b.url.clone();
+    let in_flight = tokio::spawn(async move {
+        send(
+            Method::POST,
+            &format!("{url}/v1/tokens"),
+            &[
+                ("authorization", &format!("Bearer {BILLING_SECRET}")),
+                ("content-type", "application/x-www-form-urlencoded"),
+            ],
+            FORM,
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    b.rewrite(|c| c.clients.retain(|c| c.id != "billing"));
+    assert_eq!(b.reload().await.status, StatusCode::OK);
+    assert_eq!(in_flight.await.unwrap().status, StatusCode::OK);
+    assert_eq!(
+        b.tokens(BILLING_SECRET, FORM).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_that_need_a_restart_are_named_not_applied() {
+    let mut b = FileBroker::start().await;
+    b.rewrite(|c| c.cache.max_entries = 5);
+    let r = b.reload().await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.json()["restart_required"], serde_json::json!(["cache"]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_has_no_file_to_reload() {
+    let b = Broker::start(|_, _| {}).await;
+    let r = send(Method::POST, &format!("{}/admin/reload", b.admin), &[], "").await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+    b.stop().await;
+}
