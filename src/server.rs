@@ -927,6 +927,12 @@ mod tests {
 
     fn state() -> (Arc<State>, Arc<Fake>) {
         let fake = Arc::new(Fake::default());
+        let state = state_with(Arc::new(Handle(Arc::clone(&fake))));
+        (state, fake)
+    }
+
+    /// A caller listener's state for one caller, minting through `mint`, without retries.
+    fn state_with(mint: Arc<dyn Mint>) -> Arc<State> {
         let metrics = Arc::new(Metrics::new(prometheus::Registry::new()).unwrap());
         let issuer = Issuer::new(
             IssuerSettings {
@@ -935,7 +941,7 @@ mod tests {
                 web_url: "https://identity.truora.com".into(),
                 array_encoding: ArrayEncoding::Repeat,
             },
-            Arc::new(Handle(Arc::clone(&fake))),
+            mint,
             Policy::new(
                 ResilienceSettings {
                     max_retries: 0,
@@ -948,7 +954,7 @@ mod tests {
         let clients = Clients::new(vec![Client::with_secret("checkout", SECRET.as_bytes())]);
         let mut state = State::new(issuer, clients, metrics);
         state.max_body_bytes = 1024;
-        (Arc::new(state), fake)
+        Arc::new(state)
     }
 
     fn post(path: &str, content_type: &str, body: &str) -> Request<Full<Bytes>> {
@@ -1285,23 +1291,7 @@ mod tests {
                 })
             }
         }
-        let metrics = Arc::new(Metrics::new(prometheus::Registry::new()).unwrap());
-        let issuer = Issuer::new(
-            IssuerSettings {
-                min_remaining: Duration::from_secs(900),
-                max_entries: 100,
-                web_url: "https://identity.truora.com".into(),
-                array_encoding: ArrayEncoding::Repeat,
-            },
-            Arc::new(Panics(AtomicUsize::new(0))),
-            Policy::new(
-                ResilienceSettings::from_config(&crate::config::Config::default()),
-                Arc::clone(&metrics),
-            ),
-            Arc::clone(&metrics),
-        );
-        let clients = Clients::new(vec![Client::with_secret("checkout", SECRET.as_bytes())]);
-        let state = Arc::new(State::new(issuer, clients, metrics));
+        let state = state_with(Arc::new(Panics(AtomicUsize::new(0))));
         let (status, _, body) = call(&state, form("/v1/tokens", FORM)).await;
         assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
         assert_eq!(body["error"], "internal_error");

@@ -594,16 +594,7 @@ impl FileBroker {
     }
 
     async fn tokens(&self, secret: &str, form: &str) -> Resp {
-        send(
-            Method::POST,
-            &format!("{}/v1/tokens", self.url),
-            &[
-                ("authorization", &format!("Bearer {secret}")),
-                ("content-type", "application/x-www-form-urlencoded"),
-            ],
-            form,
-        )
-        .await
+        post_tokens(&self.url, secret, form).await
     }
 }
 

@@ -81,16 +81,7 @@ impl Broker {
     }
 
     pub async fn tokens(&self, secret: &str, form: &str) -> Resp {
-        send(
-            Method::POST,
-            &format!("{}/v1/tokens", self.url),
-            &[
-                ("authorization", &format!("Bearer {secret}")),
-                ("content-type", "application/x-www-form-urlencoded"),
-            ],
-            form,
-        )
-        .await
+        post_tokens(&self.url, secret, form).await
     }
 
     pub async fn metrics(&self) -> String {
@@ -142,6 +133,20 @@ impl Resp {
         s.push_str(&self.text());
         s
     }
+}
+
+/// `POST <base>/v1/tokens` with a bearer secret and a form body.
+pub async fn post_tokens(base: &str, secret: &str, form: &str) -> Resp {
+    send(
+        Method::POST,
+        &format!("{base}/v1/tokens"),
+        &[
+            ("authorization", &format!("Bearer {secret}")),
+            ("content-type", "application/x-www-form-urlencoded"),
+        ],
+        form,
+    )
+    .await
 }
 
 /// Fails if the master key or a caller secret appears in `text`, raw or encoded (base64,
