@@ -20,6 +20,7 @@
 //! - [`metrics`]: the Prometheus registry and every series the broker exports.
 //! - [`error`]: one error type, whose kind gives the HTTP status.
 //! - [`secret`]: redacting, zeroizing holders for the master key and caller secrets.
+//! - [`invariants`]: what must hold for any input; the fuzz targets and their regression tests.
 //! - [`sandbox`]: an embedded imitation of Truora for `demo` and the tests.
 #![forbid(unsafe_code)]
 
@@ -28,6 +29,7 @@ pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod invariants;
 pub mod issuance;
 pub mod metrics;
 pub mod policy;

@@ -23,7 +23,10 @@ fn fields() -> impl Strategy<Value = Vec<(String, String)>> {
             let mut f = vec![
                 ("country".to_owned(), country.to_owned()),
                 ("flow_id".to_owned(), flow),
-                ("redirect_url".to_owned(), format!("https://{host}.example/x")),
+                (
+                    "redirect_url".to_owned(),
+                    format!("https://{host}.example/x"),
+                ),
             ];
             if let Some(a) = account {
                 f.push(("account_id".into(), a));

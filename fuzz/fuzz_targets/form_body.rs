@@ -1,0 +1,6 @@
+//! Fuzz target: `token_broker::invariants::form_body` (see that function for what must hold).
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    token_broker::invariants::form_body(data);
+});

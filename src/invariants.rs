@@ -1,0 +1,145 @@
+//! Invariants over hostile input, checked by the fuzz targets in `fuzz/` and, for every input a
+//! fuzzer ever found, by `tests/fuzz_regressions.rs` in `make test`. Each function takes
+//! arbitrary bytes and panics only when an invariant breaks:
+//!
+//! - the form and JSON parsers never panic, and whatever they accept is a valid request that
+//!   survives the trip to Truora's form and back unchanged, with the same cache key;
+//! - reading Truora's answer never panics, and a token it accepts is safe to embed unescaped.
+
+use crate::config::ArrayEncoding;
+use crate::request::TokenRequest;
+use crate::{cache, token, upstream};
+
+/// Parses `data` as a form body; what parses must round-trip through the upstream form.
+pub fn form_body(data: &[u8]) {
+    if let Ok(req) = TokenRequest::from_form(data) {
+        round_trip(&req);
+    }
+}
+
+/// Parses `data` as a JSON body; what parses must round-trip through the upstream form.
+pub fn json_body(data: &[u8]) {
+    if let Ok(req) = TokenRequest::from_json(data) {
+        round_trip(&req);
+    }
+}
+
+fn round_trip(req: &TokenRequest<'_>) {
+    let form = req.upstream_form(ArrayEncoding::Repeat);
+    let again = TokenRequest::from_form(form.as_bytes())
+        .unwrap_or_else(|e| panic!("an accepted request does not re-parse: {e}"));
+    assert_eq!(&again, req, "the upstream form changes the request");
+    assert_eq!(cache::key("c", &again), cache::key("c", req));
+    assert_ne!(cache::key("c", req), cache::key("d", req));
+    let _ = req.user_tag();
+}
+
+/// Splits `data` on newlines into field values (country, flow_id, host, account_id, then
+/// metadata), builds a form in that order and in reverse: when it parses, both orders must give
+/// one key, and moving a byte between two metadata values must change it.
+pub fn cache_key(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let mut values = text.split('\n');
+    let mut fields: Vec<(String, String)> = Vec::new();
+    for name in ["country", "flow_id", "redirect_url", "account_id"] {
+        let Some(v) = values.next() else { return };
+        let v = if name == "redirect_url" {
+            format!("https://{v}.example/")
+        } else {
+            v.to_owned()
+        };
+        fields.push((name.to_owned(), v));
+    }
+    for (i, v) in values.take(8).enumerate() {
+        fields.push((format!("start_variables.metadata.m{i}"), v.to_owned()));
+    }
+    let encode = |fields: &mut dyn Iterator<Item = &(String, String)>| {
+        let mut s = form_urlencoded::Serializer::new(String::new());
+        for (k, v) in fields {
+            s.append_pair(k, v);
+        }
+        s.finish()
+    };
+    let forward = encode(&mut fields.iter());
+    let backward = encode(&mut fields.iter().rev());
+    let (Ok(a), Ok(b)) = (
+        TokenRequest::from_form(forward.as_bytes()),
+        TokenRequest::from_form(backward.as_bytes()),
+    ) else {
+        return;
+    };
+    assert_eq!(
+        cache::key("c", &a),
+        cache::key("c", &b),
+        "field order changed the key"
+    );
+    // Shift the last byte of metadata m0 to the front of m1: same bytes, other request.
+    if fields.len() >= 6 {
+        let (m0, m1) = (fields[4].1.clone(), fields[5].1.clone());
+        if let Some(last) = m0.chars().last() {
+            let mut shifted = fields.clone();
+            shifted[4].1 = m0[..m0.len() - last.len_utf8()].to_owned();
+            shifted[5].1 = format!("{last}{m1}");
+            let body = encode(&mut shifted.iter());
+            if let Ok(c) = TokenRequest::from_form(body.as_bytes()) {
+                assert_ne!(
+                    cache::key("c", &a),
+                    cache::key("c", &c),
+                    "a delimiter collision"
+                );
+            }
+        }
+    }
+}
+
+/// Reads `data` as Truora's answer: first byte picks the status, the rest is the body.
+pub fn upstream_answer(data: &[u8]) {
+    let Some((&selector, body)) = data.split_first() else {
+        return;
+    };
+    let status = [200, 201, 400, 401, 403, 404, 429, 500, 503][usize::from(selector) % 9];
+    let retry_after = std::str::from_utf8(body)
+        .ok()
+        .and_then(|s| s.lines().next());
+    if let Ok(token) = upstream::read_answer(status, retry_after, body) {
+        assert!(
+            token::plausible(&token),
+            "an implausible token was accepted"
+        );
+        let _ = token::lifetime(&token);
+    }
+    if let Ok(text) = std::str::from_utf8(data) {
+        let _ = token::lifetime(text);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn valid_inputs_pass_every_invariant() {
+        form_body(b"country=CO&flow_id=IPF1&redirect_url=https://a.example&emails=a@b.co,c@d.co&start_variables.metadata.x=1");
+        json_body(br#"{"country":"CO","flow_id":"IPF1","redirect_url":"https://a.example","phones":["+573100000000"]}"#);
+        upstream_answer(b"\x00{\"api_key\":\"a.b.c\"}");
+        cache_key(b"CO\nIPF1\nshop\nu1\nab\ncd");
+    }
+
+    #[test]
+    fn garbage_is_refused_without_panicking() {
+        for data in [
+            &b""[..],
+            b"\xff\xfe",
+            b"=&=&",
+            b"%",
+            b"{\"country\":",
+            b"[[[[",
+            b"\x05",
+        ] {
+            form_body(data);
+            json_body(data);
+            upstream_answer(data);
+            cache_key(data);
+        }
+    }
+}
