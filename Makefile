@@ -1,15 +1,29 @@
 # token-broker: the two commands of the README are `make run` and `make test`.
 CARGO ?= cargo
+PYTHON ?= python3
 
-.PHONY: run test check fmt fmt-check clippy build bench clean
+.PHONY: run test test-py lint-deploy check fmt fmt-check clippy build bench clean
 
 ## Build and run the demo: broker on 127.0.0.1:8080 (admin 9090) in front of an embedded sandbox Truora.
 run:
 	$(CARGO) run --locked --bin token-broker -- demo
 
-## The whole test suite: unit, service (no sockets), end-to-end (loopback) and CLI tests.
+## The whole test suite: unit, service (no sockets), end-to-end (loopback) and CLI tests, then
+## the Python checks of tests/py against the debug binary cargo test has just built: the OpenAPI
+## document against live answers, the README's shell snippets against the demo, the client
+## examples, the Dockerfile, the Kubernetes manifests and the systemd unit.
+## The Python packages: pip install -r tests/py/requirements.txt (.ci/run does).
 test:
 	$(CARGO) test --locked
+	$(MAKE) --no-print-directory test-py
+
+## Only the Python checks (needs target/debug/token-broker: `cargo build` or `make test`).
+test-py:
+	$(PYTHON) -m unittest discover --start-directory tests/py --top-level-directory tests/py
+
+## Only the static checks of deploy/ (Dockerfile conventions, Kubernetes schemas, systemd unit).
+lint-deploy:
+	$(PYTHON) -m unittest discover --start-directory tests/py --top-level-directory tests/py --pattern 'test_deploy_*.py'
 
 ## Everything a commit must pass: formatting, clippy with warnings as errors, the tests.
 check: fmt-check clippy test
