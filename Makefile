@@ -1,6 +1,9 @@
 # token-broker: the two commands of the README are `make run` and `make test`.
 CARGO ?= cargo
 PYTHON ?= python3
+# The container image's HEALTHCHECK probe is a crate of its own (deploy/docker/healthcheck).
+HEALTHCHECK := --manifest-path deploy/docker/healthcheck/Cargo.toml
+HEALTHCHECK_TARGET := --target-dir $(or $(CARGO_TARGET_DIR),target)/healthcheck
 
 .PHONY: run test test-py lint-deploy check fmt fmt-check clippy build bench clean
 
@@ -30,12 +33,15 @@ check: fmt-check clippy test
 
 fmt:
 	$(CARGO) fmt
+	$(CARGO) fmt $(HEALTHCHECK)
 
 fmt-check:
 	$(CARGO) fmt --check
+	$(CARGO) fmt --check $(HEALTHCHECK)
 
 clippy:
 	$(CARGO) clippy --locked --all-targets -- -D warnings
+	$(CARGO) clippy --locked $(HEALTHCHECK) $(HEALTHCHECK_TARGET) -- -D warnings
 
 ## The release binary: target/release/token-broker.
 build:

@@ -95,6 +95,7 @@ class Process:
             self.proc.wait(timeout=TIMEOUT)
         finally:
             self._reader.join(timeout=5)
+            self.proc.stdout.close()
 
     def __enter__(self):
         return self
