@@ -50,7 +50,7 @@ Exit statuses:
   64  unusable configuration or secret, reported before any socket is bound
   1   failure at run time, such as an address already in use
 
-Documentation: README.md, docs/api.md, docs/configuration.md.";
+Documentation: README.md, docs/api.md, docs/configuration.md, docs/operations.md.";
 
 /// The subcommands.
 #[derive(Debug, Subcommand)]

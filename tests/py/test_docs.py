@@ -21,7 +21,7 @@ import re
 import shutil
 import unittest
 
-from support import DOCS, ROOT, Demo, binary, clean_env, run
+from support import DOCS, ROOT, Demo, binary, clean_env, request, run
 
 SKIP = ("make run", "make test")
 STABLE = {"error", "field", "cache", "message", "invalidated", "code", "http_code", "ready"}
@@ -183,6 +183,36 @@ class ClientExamples(unittest.TestCase):
             self.check_form(got["form"], got["answer"]["api_key"])
             self.check_form(got["escaped"], 'a"b<c>&d')
             self.assertEqual(got["refused"], [503, "upstream_throttled", 2])
+
+
+class NamesInTheDocs(unittest.TestCase):
+    """Names the docs give operators exist in the broker: metrics, and every error code."""
+
+    def test_every_metric_named_exists(self):
+        pages = [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
+        named = set()
+        for page in pages:
+            named |= set(re.findall(r"\btoken_broker_[a-z_]+[a-z]", page.read_text(encoding="utf-8")))
+        self.assertIn("token_broker_upstream_requests_total", named)
+        with Demo() as demo:
+            # requests_total gets its first series with the first answer.
+            request("GET", f"{demo.url}/v1/tokens", {"Authorization": "Bearer demo-secret"})
+            exposed = set(re.findall(r"^# TYPE (\S+)", request("GET", f"{demo.admin}/metrics").text(), re.M))
+        for name in sorted(named):
+            base = re.sub(r"_(bucket|sum|count)$", "", name)
+            self.assertTrue(name in exposed or base in exposed, f"{name} is not a metric of the broker")
+
+    def test_the_runbook_covers_every_error_code(self):
+        import yaml
+
+        spec = yaml.safe_load((DOCS / "openapi.yaml").read_text(encoding="utf-8"))
+        runbook = (DOCS / "operations.md").read_text(encoding="utf-8")
+        codes = spec["components"]["schemas"]["Error"]["properties"]["error"]["enum"]
+        self.assertGreater(len(codes), 15)
+        for code in codes:
+            if code in ("not_found", "method_not_allowed"):
+                continue  # listed by status (404, 405)
+            self.assertIn(f"`{code}`", runbook)
 
 
 class Links(unittest.TestCase):
