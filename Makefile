@@ -22,11 +22,11 @@ test:
 
 ## Only the Python checks (needs target/debug/token-broker: `cargo build` or `make test`).
 test-py:
-	$(PYTHON) -m unittest discover --start-directory tests/py --top-level-directory tests/py
+	PYTHONDONTWRITEBYTECODE=1 $(PYTHON) -m unittest discover --start-directory tests/py --top-level-directory tests/py
 
 ## Only the static checks of deploy/ (Dockerfile conventions, Kubernetes schemas, systemd unit).
 lint-deploy:
-	$(PYTHON) -m unittest discover --start-directory tests/py --top-level-directory tests/py --pattern 'test_deploy_*.py'
+	PYTHONDONTWRITEBYTECODE=1 $(PYTHON) -m unittest discover --start-directory tests/py --top-level-directory tests/py --pattern 'test_deploy_*.py'
 
 ## Everything a commit must pass: formatting, clippy with warnings as errors, the tests.
 check: fmt-check clippy test
