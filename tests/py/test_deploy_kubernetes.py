@@ -148,7 +148,8 @@ class WhatTheIssueAsks:
         self.assertGreaterEqual(r.deployment["spec"]["replicas"], 2)
         hpa = one(r.resources, "HorizontalPodAutoscaler")
         self.assertEqual(hpa["spec"]["scaleTargetRef"], {"apiVersion": "apps/v1", "kind": "Deployment", "name": "token-broker"})
-        self.assertGreaterEqual(hpa["spec"]["minReplicas"], 2)
+        self.assertEqual(hpa["spec"]["minReplicas"], r.deployment["spec"]["replicas"],
+                         "an apply sets replicas back; the HPA must not then scale below it")
         self.assertGreater(hpa["spec"]["maxReplicas"], hpa["spec"]["minReplicas"])
         pdb = one(r.resources, "PodDisruptionBudget")
         pod_labels = r.deployment["spec"]["template"]["metadata"]["labels"]
