@@ -61,6 +61,8 @@ class TheUnit(unittest.TestCase):
         self.assertEqual(service("ProtectHome"), "yes")
         self.assertEqual(service("CapabilityBoundingSet"), "")
         self.assertEqual(service("PrivateTmp"), "yes")
+        # A filtered system call must fail, not kill the broker (SIGSYS is the default).
+        self.assertEqual(service("SystemCallErrorNumber"), "EPERM")
 
     def test_the_key_comes_from_a_credential_the_config_names(self):
         name, _, source = service("LoadCredential").partition(":")
