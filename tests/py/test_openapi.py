@@ -202,7 +202,6 @@ def cases():
         Case("tokens upstream 500", "demo", "POST", "/v1/tokens", 502, {**DEMO_AUTH, **FORM_CT}, sandbox(500), tokens, True),
         Case("tokens key rejected", "demo", "POST", "/v1/tokens", 502, {**DEMO_AUTH, **FORM_CT}, sandbox(401), tokens, True),
         Case("tokens upstream 400", "demo", "POST", "/v1/tokens", 502, {**DEMO_AUTH, **FORM_CT}, sandbox(400), tokens, True),
-        Case("tokens throttled", "demo", "POST", "/v1/tokens", 503, {**DEMO_AUTH, **FORM_CT}, sandbox(429), tokens, True),
         Case("tokens timeout", "hang", "POST", "/v1/tokens", 504, {**AUTH, **FORM_CT}, FORM, tokens, True),
         Case("tokens unreachable", "closed", "POST", "/v1/tokens", 502, {**AUTH, **FORM_CT}, FORM, tokens, True,
              expecting("upstream_unreachable", lambda r: r.json()["error"] == "upstream_unreachable")),
@@ -218,7 +217,6 @@ def cases():
         Case("drop-in too large", "demo", "POST", "/v1/api-keys", 413, {**DEMO_AUTH, **FORM_CT}, big, api_keys),
         Case("drop-in no content type", "demo", "POST", "/v1/api-keys", 415, DEMO_AUTH, FORM, api_keys),
         Case("drop-in upstream 500", "demo", "POST", "/v1/api-keys", 502, {**DEMO_AUTH, **FORM_CT}, sandbox(500), api_keys, True),
-        Case("drop-in throttled", "demo", "POST", "/v1/api-keys", 503, {**DEMO_AUTH, **FORM_CT}, sandbox(429), api_keys, True),
         Case("drop-in timeout", "hang", "POST", "/v1/api-keys", 504, {**AUTH, **FORM_CT}, FORM, api_keys, True),
         # DELETE /v1/tokens
         Case("delete", "demo", "DELETE", "/v1/tokens?account_id=openapi-user-1", 200, DEMO_AUTH, "", delete,
@@ -241,6 +239,9 @@ def cases():
         Case("DELETE readyz", "admin", "DELETE", "/readyz", 405, {}, "", op_doc("/readyz", "get")),
         Case("admin never serves tokens", "admin", "POST", "/v1/tokens", 404, {**DEMO_AUTH, **FORM_CT}, FORM,
              "AdminNotFound"),
+        # Throttling last: a broker may hold back further mints for a while after a 429.
+        Case("tokens throttled", "demo", "POST", "/v1/tokens", 503, {**DEMO_AUTH, **FORM_CT}, sandbox(429), tokens, True),
+        Case("drop-in throttled", "demo", "POST", "/v1/api-keys", 503, {**DEMO_AUTH, **FORM_CT}, sandbox(429), api_keys, True),
     ]
 
 
