@@ -1,7 +1,7 @@
 # token-broker: the two commands of the README are `make run` and `make test`.
 CARGO ?= cargo
 
-.PHONY: run test check fmt fmt-check clippy build bench clean
+.PHONY: run test check fmt fmt-check clippy build bench clean rules
 
 ## Build and run the demo: broker on 127.0.0.1:8080 (admin 9090) in front of an embedded sandbox Truora.
 run:
@@ -33,3 +33,8 @@ bench:
 
 clean:
 	$(CARGO) clean
+
+## Check and unit-test the Prometheus rules alone (promtool: Debian package prometheus).
+rules:
+	promtool check rules deploy/prometheus/*.rules.yml
+	promtool test rules deploy/prometheus/tests/*.test.yml
