@@ -238,9 +238,9 @@ async fn the_series_count_does_not_grow_with_users_flows_or_tokens() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_new_series_count_what_happened() {
-    let b = Broker::start(|_, s| s.delay = Duration::from_millis(300)).await;
+    let b = Broker::start(|_, s| s.delay = Duration::from_millis(1000)).await;
     let b = Arc::new(b);
-    // 12 identical misses at once: one fill, 12 waiters.
+    // 12 identical misses at once (the sandbox answers after 1 s): one fill, 12 waiters.
     let mut tasks = Vec::new();
     for _ in 0..12 {
         let b = Arc::clone(&b);
