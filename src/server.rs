@@ -452,7 +452,7 @@ pub async fn admin<B>(state: Arc<State>, req: Request<B>) -> Result<HttpResponse
             (&Method::GET, "/metrics") => {
                 let m = &state.metrics;
                 m.cache_entries.set(state.issuer.cache().len() as i64);
-                let upstream = crate::status::breaker_now(state.issuer.policy().snapshot());
+                let upstream = state.issuer.policy().snapshot();
                 m.breaker_state.set(upstream.breaker.gauge());
                 m.throttle_remaining
                     .set(upstream.throttled_for.as_secs_f64());

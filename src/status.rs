@@ -86,15 +86,10 @@ pub struct StatusView {
     pub callers: Vec<CallerRow>,
 }
 
-/// The breaker as the next miss would meet it: an open breaker whose cooldown has passed lets
-/// that miss through as a probe, so it reads as half-open (`/metrics` and this page alike).
-pub fn breaker_now(mut upstream: Snapshot) -> Snapshot {
-    if let BreakerState::Open { until } = upstream.breaker {
-        if until <= tokio::time::Instant::now() {
-            upstream.breaker = BreakerState::HalfOpen { probing: false };
-        }
-    }
-    upstream
+/// True when the breaker is open but its cooldown has passed: the next miss will be let
+/// through as a probe. The breaker (and its gauge) still say "open" until that miss comes.
+pub fn cooldown_over(upstream: &Snapshot) -> bool {
+    matches!(upstream.breaker, BreakerState::Open { until } if until <= tokio::time::Instant::now())
 }
 
 fn sum_by(vec: &IntCounterVec, mut keep: impl FnMut(&str) -> bool, label: &str) -> u64 {
@@ -118,7 +113,7 @@ impl StatusView {
     /// Reads the broker's state now.
     pub fn gather(state: &State) -> Self {
         let m: &Metrics = &state.metrics;
-        let upstream = breaker_now(state.issuer.policy().snapshot());
+        let upstream = state.issuer.policy().snapshot();
         let last_success = m.upstream_last_success.get();
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -260,6 +255,9 @@ impl StatusView {
             &match self.upstream.breaker {
                 BreakerState::Closed { failures } => {
                     format!("{failures} consecutive failure(s)")
+                }
+                BreakerState::Open { .. } if cooldown_over(&self.upstream) => {
+                    "cooldown over: the next miss probes".into()
                 }
                 BreakerState::Open { .. } => "misses refused".into(),
                 BreakerState::HalfOpen { .. } => "one probe allowed".into(),
@@ -554,16 +552,19 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn an_open_breaker_past_its_cooldown_reads_half_open() {
-        let now = tokio::time::Instant::now();
-        let open = |until| Snapshot {
-            breaker: BreakerState::Open { until },
-            ..view().upstream
+    async fn an_open_breaker_past_its_cooldown_says_the_next_miss_probes() {
+        let mut v = view();
+        v.upstream.breaker = BreakerState::Open {
+            until: tokio::time::Instant::now() + Duration::from_secs(10),
         };
-        let later = now + Duration::from_secs(10);
-        assert_eq!(breaker_now(open(later)).breaker.name(), "open");
+        assert!(v.html().contains("misses refused"));
         tokio::time::advance(Duration::from_secs(11)).await;
-        assert_eq!(breaker_now(open(later)).breaker.name(), "half_open");
+        let html = v.html();
+        assert!(html.contains(r#"id="breaker" data-value="open""#));
+        assert!(
+            html.contains("cooldown over: the next miss probes"),
+            "{html}"
+        );
     }
 
     #[test]
