@@ -5,7 +5,7 @@ PYTHON ?= python3
 HEALTHCHECK := --manifest-path deploy/docker/healthcheck/Cargo.toml
 HEALTHCHECK_TARGET := --target-dir $(or $(CARGO_TARGET_DIR),target)/healthcheck
 
-.PHONY: run test test-py lint-deploy check fmt fmt-check clippy build bench clean fuzz deny
+.PHONY: run test test-py lint-deploy check fmt fmt-check clippy build bench clean fuzz deny rules status-screenshot
 
 FUZZ_TARGETS = form_body json_body cache_key upstream_answer
 FUZZ_SECONDS ?= 60
@@ -18,7 +18,8 @@ run:
 ## the Python checks of tests/py against the debug binary cargo test has just built: the OpenAPI
 ## document against live answers, the README's shell snippets against the demo, the client
 ## examples, the Dockerfile, the Kubernetes manifests and the systemd unit.
-## The Python packages: pip install -r tests/py/requirements.txt (.ci/run does).
+## tests/observability.rs runs promtool (check rules, test rules, check metrics on a live scrape)
+## and headless Chromium on the status page. .ci/run installs all of it.
 test:
 	$(CARGO) test --locked
 	$(MAKE) --no-print-directory test-py
@@ -74,3 +75,12 @@ deny:
 
 clean:
 	$(CARGO) clean
+
+## Check and unit-test the Prometheus rules alone (promtool: Debian package prometheus).
+rules:
+	promtool check rules deploy/prometheus/*.rules.yml
+	promtool test rules deploy/prometheus/tests/*.test.yml
+
+## Refresh docs/status-page.png from the browser test.
+status-screenshot:
+	TOKEN_BROKER_STATUS_SCREENSHOT=$(CURDIR)/docs/status-page.png $(CARGO) test --locked --test observability -- status_page

@@ -208,6 +208,9 @@ where
         let clients = self.clients.load();
         match clients.authenticate(req.headers(), &self.peer) {
             Ok(client) => {
+                // The access line and per-caller series name the caller from here on, even
+                // when a later step refuses the request.
+                crate::access::note_caller(self.metrics.caller_slot(&client.id));
                 let caller = client.clone();
                 Box::pin(self.inner.call(Authed { route, caller, req }))
             }

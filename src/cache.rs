@@ -9,9 +9,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use moka::notification::RemovalCause;
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
+use crate::metrics::Metrics;
 use crate::request::{Field, TokenRequest};
 
 /// A cache key: SHA-256 over the caller and the canonical request.
@@ -125,6 +127,26 @@ impl TokenCache {
         }
     }
 
+    /// A cache of at most `max_entries` tokens whose evictions are counted, by cause, in
+    /// `token_broker_cache_evictions_total`.
+    pub fn observed(max_entries: u64, metrics: Arc<Metrics>) -> Self {
+        Self {
+            inner: moka::sync::Cache::builder()
+                .max_capacity(max_entries)
+                .expire_after(ServeUntil)
+                .eviction_listener(move |_key, _entry, cause| {
+                    let i = match cause {
+                        RemovalCause::Expired => 0,
+                        RemovalCause::Explicit => 1,
+                        RemovalCause::Replaced => 2,
+                        RemovalCause::Size => 3,
+                    };
+                    metrics.evictions[i].inc();
+                })
+                .build(),
+        }
+    }
+
     /// The entry for `key` if it may still be handed out at `now`.
     pub fn get(&self, key: &CacheKey, now: Instant) -> Option<Arc<Entry>> {
         self.inner.get(key).filter(|e| e.serve_until > now)
@@ -165,6 +187,7 @@ impl TokenCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metrics::EVICTION_CAUSES;
 
     fn req(body: &str) -> TokenRequest<'static> {
         TokenRequest::from_form(body.as_bytes())
@@ -248,6 +271,37 @@ mod tests {
         assert_eq!(cache.invalidate("c", Some("f1"), None), 1);
         assert_eq!(cache.len(), 1);
         assert!(cache.get(&[4; 32], Instant::now()).is_some());
+    }
+
+    #[test]
+    fn evictions_are_counted_by_cause() {
+        let metrics = Arc::new(Metrics::new(prometheus::Registry::new()).unwrap());
+        let cache = TokenCache::observed(2, Arc::clone(&metrics));
+        let count = |cause: &str| {
+            let i = EVICTION_CAUSES.iter().position(|c| *c == cause).unwrap();
+            metrics.evictions[i].get()
+        };
+        let long = Duration::from_secs(600);
+        cache.insert([1; 32], entry("c", "f", Some("u1"), long));
+        cache.insert([1; 32], entry("c", "f", Some("u1"), long));
+        cache.len();
+        assert_eq!(count("replaced"), 1);
+        assert_eq!(cache.invalidate("c", None, Some("u1")), 1);
+        cache.len();
+        assert_eq!(count("explicit"), 1);
+        cache.insert([2; 32], entry("c", "f", None, Duration::from_millis(50)));
+        // moka's timer wheel ticks about once a second: wait for it, for at most 5 s.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while count("expired") == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+            cache.len();
+        }
+        assert_eq!(count("expired"), 1);
+        for i in 10..30u8 {
+            cache.insert([i; 32], entry("c", "f", None, long));
+            cache.len();
+        }
+        assert!(count("size") >= 18, "{}", count("size"));
     }
 
     #[test]

@@ -205,6 +205,10 @@ fn config_failure(e: &ConfigError) -> ExitCode {
     ExitCode::from(EXIT_CONFIG)
 }
 
+/// Logs go to stderr, filtered by `RUST_LOG` (default `info`). Every caller request writes one
+/// access line (target `access`, see [`crate::access`]); `RUST_LOG=info,access=off` silences it.
+/// In JSON each line is one flat object: `timestamp`, `level`, `target`, `message` and the
+/// event's own fields side by side, ready for a log pipeline to index.
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -214,7 +218,12 @@ fn init_logging(format: LogFormat) {
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .try_init(),
     };
 }
 

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::watch;
 use zeroize::Zeroizing;
 
+use crate::access::{self, CacheNote};
 use crate::cache::{self, CacheKey, Entry, TokenCache};
 use crate::config::{ArrayEncoding, DEFAULT_TOKEN_LIFETIME};
 use crate::error::{BrokerError, UpstreamError};
@@ -128,8 +129,11 @@ impl Issuer {
         policy: Policy,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
+        metrics
+            .cache_max_entries
+            .set(i64::try_from(settings.max_entries).unwrap_or(i64::MAX));
         Arc::new(Self {
-            cache: TokenCache::new(settings.max_entries),
+            cache: TokenCache::observed(settings.max_entries, Arc::clone(&metrics)),
             inflight: Mutex::new(HashMap::new()),
             mint,
             policy,
@@ -154,8 +158,10 @@ impl Issuer {
         caller: &Arc<str>,
         req: &TokenRequest<'_>,
     ) -> Result<Issued, BrokerError> {
+        let slot = self.metrics.caller_slot(caller);
         if !req.names_user() {
             self.metrics.lookup_uncacheable.inc();
+            access::note(slot, CacheNote::Uncacheable);
             // In its own task like a shared flight, so that a caller going away mid-call
             // cannot cut an upstream call (or a breaker probe) short.
             let this = Arc::clone(self);
@@ -163,19 +169,15 @@ impl Issuer {
             let entry = tokio::spawn(async move { this.mint_entry(subject).await })
                 .await
                 .map_err(|_| BrokerError::Internal("the upstream call was lost"))??;
-            return Ok(Issued {
-                entry,
-                cache: CacheStatus::Miss,
-            });
+            return Ok(self.answer(entry, CacheStatus::Miss, Instant::now()));
         }
 
         let key = cache::key(caller, req);
-        if let Some(entry) = self.cache.get(&key, Instant::now()) {
+        let now = Instant::now();
+        if let Some(entry) = self.cache.get(&key, now) {
             self.metrics.lookup_hit.inc();
-            return Ok(Issued {
-                entry,
-                cache: CacheStatus::Hit,
-            });
+            access::note(slot, CacheNote::Hit);
+            return Ok(self.answer(entry, CacheStatus::Hit, now));
         }
 
         let mut rx = {
@@ -185,16 +187,16 @@ impl Issuer {
                 .map_err(|_| BrokerError::Internal("in-flight table poisoned"))?;
             if let Some(rx) = inflight.get(&key) {
                 self.metrics.lookup_coalesced.inc();
+                access::note(slot, CacheNote::Coalesced);
                 rx.clone()
             } else if let Some(entry) = self.cache.get(&key, Instant::now()) {
                 // A flight finished between our lookup and taking the lock.
                 self.metrics.lookup_hit.inc();
-                return Ok(Issued {
-                    entry,
-                    cache: CacheStatus::Hit,
-                });
+                access::note(slot, CacheNote::Hit);
+                return Ok(self.answer(entry, CacheStatus::Hit, Instant::now()));
             } else {
                 self.metrics.lookup_miss.inc();
+                access::note(slot, CacheNote::Miss);
                 let (tx, rx) = watch::channel(None);
                 inflight.insert(key, rx.clone());
                 tokio::spawn(Arc::clone(self).fly(key, self.subject(caller, req), tx));
@@ -208,17 +210,23 @@ impl Issuer {
             .map_err(|_| BrokerError::Internal("the upstream call was lost"))?
             .clone();
         match result {
-            Some(Ok(entry)) => Ok(Issued {
-                entry,
-                cache: CacheStatus::Miss,
-            }),
+            Some(Ok(entry)) => Ok(self.answer(entry, CacheStatus::Miss, Instant::now())),
             Some(Err(e)) => Err(e),
             None => Err(BrokerError::Internal("the upstream call was lost")),
         }
     }
 
+    /// A token answered now: counted in `token_broker_token_remaining_seconds`.
+    fn answer(&self, entry: Arc<Entry>, cache: CacheStatus, now: Instant) -> Issued {
+        self.metrics
+            .token_remaining
+            .observe(entry.remaining(now).as_secs_f64());
+        Issued { entry, cache }
+    }
+
     /// Drops this caller's cached tokens for the flow and/or account; returns how many.
     pub fn invalidate(&self, caller: &str, flow_id: Option<&str>, account_id: Option<&str>) -> u64 {
+        access::note_caller(self.metrics.caller_slot(&Arc::from(caller)));
         let n = self.cache.invalidate(caller, flow_id, account_id);
         let user = account_id.map(|a| {
             TokenRequest {
@@ -262,6 +270,10 @@ impl Issuer {
             }
         }
         drop(leave);
+        // Every request still waiting holds a receiver; the table's went with `leave`.
+        self.metrics
+            .fill_waiters
+            .observe(tx.receiver_count() as f64);
         tx.send_replace(Some(result));
     }
 
@@ -284,6 +296,12 @@ impl Issuer {
         );
         let received = Instant::now();
         let received_wall = SystemTime::now();
+        if let Some(series) = self
+            .metrics
+            .caller(self.metrics.caller_slot(&subject.caller))
+        {
+            series.mints.inc();
+        }
         let lifetime = match token::lifetime(&token) {
             None => DEFAULT_TOKEN_LIFETIME,
             Some(l) if l.is_zero() => {

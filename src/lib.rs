@@ -18,12 +18,15 @@
 //! - [`upstream`]: the call to Truora's `POST /v1/api-keys` and the reading of its answer.
 //! - [`token`]: reading a minted token's JWT claims for its lifetime.
 //! - [`metrics`]: the Prometheus registry and every series the broker exports.
+//! - [`access`]: request ids and the access log line of every caller request.
+//! - [`status`]: the HTML status page on the admin listener.
 //! - [`error`]: one error type, whose kind gives the HTTP status.
 //! - [`secret`]: redacting, zeroizing holders for the master key and caller secrets.
 //! - [`invariants`]: what must hold for any input; the fuzz targets and their regression tests.
 //! - [`sandbox`]: an embedded imitation of Truora for `demo` and the tests.
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod auth;
 pub mod cache;
 pub mod cli;
@@ -39,6 +42,7 @@ pub mod resilience;
 pub mod sandbox;
 pub mod secret;
 pub mod server;
+pub mod status;
 pub mod tls;
 pub mod token;
 pub mod upstream;

@@ -1,13 +1,21 @@
 //! Every Prometheus series the broker exports, registered in one explicit [`Registry`] that is
 //! passed in (no globals), so tests can build as many brokers as they like.
 //!
-//! Names follow `token_broker_<subsystem>_<what>_<unit|total>`. Label values are bounded: routes
-//! and outcomes are fixed sets, and no label ever holds a user, a flow or a token. The hot-path
-//! children are resolved once here, so a hit does no label lookup for them.
+//! Names follow `token_broker_<subsystem>_<what>_<unit|total>`. Label values are bounded: routes,
+//! statuses, outcomes, reasons and causes are fixed sets, and `caller` holds only ids from the
+//! config file (`[[clients]] id`). No label ever holds a user, a flow or a token, so the number
+//! of series does not grow with traffic. The hot-path children are resolved once (at start, or
+//! on first use for a status code or a caller), so a request does no label hashing.
+//!
+//! docs/observability.md lists every series with its meaning; keep the two in step.
 
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use http::StatusCode;
 use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    Opts, Registry, TextEncoder,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Request latency buckets: 50 us (a cache hit) to 10 s (past any upstream timeout).
@@ -19,25 +27,99 @@ const REQUEST_BUCKETS: &[f64] = &[
 const UPSTREAM_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
+/// Life left in a token when it is handed out, in seconds. Truora's tokens live 2 h (7200 s) and
+/// the cache stops serving one at `cache.min_remaining` (900 s by default), so hits fall between
+/// 900 and 7200 in steps of 15 min; 60 and 300 catch short-lived tokens handed over uncached,
+/// 14400 anything longer than Truora's usual life.
+const REMAINING_BUCKETS: &[f64] = &[
+    60.0, 300.0, 900.0, 1800.0, 2700.0, 3600.0, 4500.0, 5400.0, 6300.0, 7200.0, 14400.0,
+];
+/// Requests waiting on one cache fill when it completes: 1 (no coalescing) to 1000 (a stampede
+/// of identical misses).
+const WAITER_BUCKETS: &[f64] = &[
+    1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0,
+];
 
 /// The `route` label values: one per endpoint, plus the catch-all for anything else.
 pub const ROUTES: [&str; 4] = ["tokens", "api_keys", "invalidate", "other"];
+/// The status codes the caller API answers with, whose `requests_total` children are kept
+/// resolved; any other status is counted too, through a label lookup.
+const STATUSES: [u16; 12] = [200, 400, 401, 404, 405, 413, 415, 429, 500, 502, 503, 504];
+/// The `cause` label of `token_broker_cache_evictions_total`, as moka reports them.
+pub const EVICTION_CAUSES: [&str; 4] = ["expired", "explicit", "replaced", "size"];
+/// The `cache` label of `token_broker_caller_requests_total`, indexed by [`CallerCache`].
+pub const CALLER_CACHE: [&str; 4] = ["hit", "miss", "uncacheable", "none"];
+/// Callers with their own series; beyond this many distinct ids (never, with a sane config) the
+/// rest share the `caller="(other)"` series.
+pub const MAX_CALLERS: usize = 256;
+/// The `caller` label of the series shared beyond [`MAX_CALLERS`].
+pub const OTHER_CALLER: &str = "(other)";
+/// The `version` label of `token_broker_build_info`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The `revision` label of `token_broker_build_info`: `TOKEN_BROKER_REVISION` at build time
+/// (a release pipeline sets it to the commit), else `unknown`.
+pub const REVISION: &str = match option_env!("TOKEN_BROKER_REVISION") {
+    Some(r) => r,
+    None => "unknown",
+};
+
+/// What the cache did for one caller request, for `token_broker_caller_requests_total{cache}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallerCache {
+    /// A token from the cache.
+    Hit = 0,
+    /// A token minted for this request, or for an identical one it waited on.
+    Miss = 1,
+    /// The request names no user: minted, never cached.
+    Uncacheable = 2,
+    /// No cache lookup made (an invalidation, a request refused before the lookup).
+    None = 3,
+}
+
+/// One configured caller's series.
+pub struct CallerSeries {
+    /// The caller's `[[clients]] id`.
+    pub id: Arc<str>,
+    /// `token_broker_caller_requests_total{caller,cache}`, indexed by [`CallerCache`].
+    pub requests: [IntCounter; 4],
+    /// `token_broker_caller_mints_total{caller}`.
+    pub mints: IntCounter,
+}
+
+/// One route's resolved children.
+struct RouteSeries {
+    duration: Histogram,
+    statuses: [OnceLock<IntCounter>; STATUSES.len()],
+}
 
 /// The broker's series.
 pub struct Metrics {
     registry: Registry,
+    started: Instant,
     /// `token_broker_requests_total{route,status}`
     pub requests: IntCounterVec,
     /// `token_broker_request_duration_seconds{route}`
     pub request_duration: HistogramVec,
+    /// `token_broker_requests_in_flight`
+    pub requests_in_flight: IntGauge,
     /// `token_broker_cache_lookups_total{result}`
     pub cache_lookups: IntCounterVec,
     /// `token_broker_cache_entries`
     pub cache_entries: IntGauge,
+    /// `token_broker_cache_max_entries`
+    pub cache_max_entries: IntGauge,
+    /// `token_broker_cache_evictions_total{cause}`, indexed as [`EVICTION_CAUSES`].
+    pub evictions: [IntCounter; 4],
+    /// `token_broker_cache_fill_waiters`
+    pub fill_waiters: Histogram,
+    /// `token_broker_token_remaining_seconds`
+    pub token_remaining: Histogram,
     /// `token_broker_upstream_requests_total{outcome}`
     pub upstream_requests: IntCounterVec,
     /// `token_broker_upstream_duration_seconds`
     pub upstream_duration: Histogram,
+    /// `token_broker_upstream_last_success_timestamp_seconds`
+    pub upstream_last_success: Gauge,
     /// `token_broker_auth_failures_total{reason}`
     pub auth_failures: IntCounterVec,
     /// `token_broker_upstream_retries_total{reason}`
@@ -70,16 +152,29 @@ pub struct Metrics {
     pub lookup_coalesced: IntCounter,
     /// `result="uncacheable"`: the request names no user, so it is never cached.
     pub lookup_uncacheable: IntCounter,
+    routes: [RouteSeries; 4],
+    caller_requests: IntCounterVec,
+    caller_mints: IntCounterVec,
+    /// Append-only: a slot, once set, keeps its caller, so a slot number is a stable handle.
+    /// The last slot is the shared `(other)` one.
+    callers: Box<[OnceLock<CallerSeries>]>,
+    callers_grow: Mutex<()>,
+}
+
+fn counter(name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntCounterVec> {
+    IntCounterVec::new(Opts::new(name, help), labels)
+}
+
+fn histogram(name: &str, help: &str, buckets: &[f64]) -> prometheus::Result<Histogram> {
+    Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))
 }
 
 impl Metrics {
     /// Creates and registers every series in `registry`.
     pub fn new(registry: Registry) -> prometheus::Result<Self> {
-        let requests = IntCounterVec::new(
-            Opts::new(
-                "token_broker_requests_total",
-                "Caller API requests answered, by route and HTTP status.",
-            ),
+        let requests = counter(
+            "token_broker_requests_total",
+            "Caller API requests answered, by route and HTTP status.",
             &["route", "status"],
         )?;
         let request_duration = HistogramVec::new(
@@ -90,50 +185,65 @@ impl Metrics {
             .buckets(REQUEST_BUCKETS.to_vec()),
             &["route"],
         )?;
-        let cache_lookups = IntCounterVec::new(
-            Opts::new(
-                "token_broker_cache_lookups_total",
-                "Token cache lookups by result: hit, miss (made the upstream call), coalesced (waited on another request's call), uncacheable (no user named).",
-            ),
+        let requests_in_flight = IntGauge::new(
+            "token_broker_requests_in_flight",
+            "Caller API requests received and not yet answered.",
+        )?;
+        let cache_lookups = counter(
+            "token_broker_cache_lookups_total",
+            "Token cache lookups by result: hit, miss (made the upstream call), coalesced (waited on another request's call), uncacheable (no user named).",
             &["result"],
         )?;
         let cache_entries = IntGauge::new(
             "token_broker_cache_entries",
             "Tokens held in the in-process cache.",
         )?;
-        let upstream_requests = IntCounterVec::new(
-            Opts::new(
-                "token_broker_upstream_requests_total",
-                "Calls to Truora's POST /v1/api-keys by outcome.",
-            ),
+        let cache_max_entries = IntGauge::new(
+            "token_broker_cache_max_entries",
+            "The cache's bound (cache.max_entries); past it the least useful entries are evicted (cause=\"size\").",
+        )?;
+        let evictions_vec = counter(
+            "token_broker_cache_evictions_total",
+            "Tokens that left the cache, by cause: expired (reached expiry minus cache.min_remaining), explicit (DELETE /v1/tokens), replaced (a fresh token for the same key), size (cache.max_entries reached).",
+            &["cause"],
+        )?;
+        let fill_waiters = histogram(
+            "token_broker_cache_fill_waiters",
+            "Requests waiting on one cache fill (one upstream call) when it completed, the one that started it included: above 1, identical misses were coalesced.",
+            WAITER_BUCKETS,
+        )?;
+        let token_remaining = histogram(
+            "token_broker_token_remaining_seconds",
+            "Life left in each token handed out (hits and misses), in seconds, when it was answered.",
+            REMAINING_BUCKETS,
+        )?;
+        let upstream_requests = counter(
+            "token_broker_upstream_requests_total",
+            "Calls to Truora's POST /v1/api-keys by outcome.",
             &["outcome"],
         )?;
-        let upstream_duration = Histogram::with_opts(
-            HistogramOpts::new(
-                "token_broker_upstream_duration_seconds",
-                "Duration of calls to Truora's POST /v1/api-keys, answer read included.",
-            )
-            .buckets(UPSTREAM_BUCKETS.to_vec()),
+        let upstream_duration = histogram(
+            "token_broker_upstream_duration_seconds",
+            "Duration of calls to Truora's POST /v1/api-keys, answer read included.",
+            UPSTREAM_BUCKETS,
         )?;
-        let auth_failures = IntCounterVec::new(
-            Opts::new(
-                "token_broker_auth_failures_total",
-                "Caller requests refused for authentication, by reason: missing, malformed, unknown, certificate_required.",
-            ),
+        let upstream_last_success = Gauge::new(
+            "token_broker_upstream_last_success_timestamp_seconds",
+            "Unix time of the last call to Truora that minted a token; 0 until the first one.",
+        )?;
+        let auth_failures = counter(
+            "token_broker_auth_failures_total",
+            "Caller requests refused for authentication, by reason: missing, malformed, unknown, certificate_required.",
             &["reason"],
         )?;
-        let upstream_retries = IntCounterVec::new(
-            Opts::new(
-                "token_broker_upstream_retries_total",
-                "Upstream attempts retried, by the outcome that caused the retry (unreachable, throttled, server_error).",
-            ),
+        let upstream_retries = counter(
+            "token_broker_upstream_retries_total",
+            "Upstream attempts retried, by the outcome that caused the retry (unreachable, throttled, server_error).",
             &["reason"],
         )?;
-        let upstream_refused = IntCounterVec::new(
-            Opts::new(
-                "token_broker_upstream_refused_total",
-                "Misses answered without calling Truora, by reason: throttled (inside a Retry-After window), circuit_open, saturated (max_concurrent reached), budget_global, budget_caller (mint_rate spent).",
-            ),
+        let upstream_refused = counter(
+            "token_broker_upstream_refused_total",
+            "Misses answered without calling Truora, by reason: throttled (inside a Retry-After window), circuit_open, saturated (max_concurrent reached), budget_global, budget_caller (mint_rate spent).",
             &["reason"],
         )?;
         let breaker_state = IntGauge::new(
@@ -164,11 +274,9 @@ impl Metrics {
             "token_broker_server_tls_handshake_failures_total",
             "Caller connections whose TLS handshake failed or timed out.",
         )?;
-        let config_reloads = IntCounterVec::new(
-            Opts::new(
-                "token_broker_config_reloads_total",
-                "Configuration reloads (SIGHUP, POST /admin/reload) by result: ok, or error (the old configuration is kept).",
-            ),
+        let config_reloads = counter(
+            "token_broker_config_reloads_total",
+            "Configuration reloads (SIGHUP, POST /admin/reload) by result: ok, or error (the old configuration is kept).",
             &["result"],
         )?;
         let config_last_reload_success = Gauge::new(
@@ -183,6 +291,25 @@ impl Metrics {
         registry.register(Box::new(tls_handshake_failures.clone()))?;
         registry.register(Box::new(config_reloads.clone()))?;
         registry.register(Box::new(config_last_reload_success.clone()))?;
+        let caller_requests = counter(
+            "token_broker_caller_requests_total",
+            "Caller API requests answered per configured caller, by what the cache did: hit, miss (minted, or waited on an identical mint), uncacheable (names no user), none (no cache lookup made).",
+            &["caller", "cache"],
+        )?;
+        let caller_mints = counter(
+            "token_broker_caller_mints_total",
+            "Tokens minted at Truora per configured caller.",
+            &["caller"],
+        )?;
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                "token_broker_build_info",
+                "Always 1; the labels tell the running build: version, and revision when the build set TOKEN_BROKER_REVISION.",
+            ),
+            &["version", "revision"],
+        )?;
+        build_info.with_label_values(&[VERSION, REVISION]).set(1);
+
         registry.register(Box::new(upstream_retries.clone()))?;
         registry.register(Box::new(upstream_refused.clone()))?;
         registry.register(Box::new(breaker_state.clone()))?;
@@ -196,12 +323,24 @@ impl Metrics {
         registry.register(Box::new(upstream_requests.clone()))?;
         registry.register(Box::new(upstream_duration.clone()))?;
         registry.register(Box::new(auth_failures.clone()))?;
+        registry.register(Box::new(requests_in_flight.clone()))?;
+        registry.register(Box::new(cache_max_entries.clone()))?;
+        registry.register(Box::new(evictions_vec.clone()))?;
+        registry.register(Box::new(fill_waiters.clone()))?;
+        registry.register(Box::new(token_remaining.clone()))?;
+        registry.register(Box::new(upstream_last_success.clone()))?;
+        registry.register(Box::new(caller_requests.clone()))?;
+        registry.register(Box::new(caller_mints.clone()))?;
+        registry.register(Box::new(build_info))?;
+        // The standard process_* set (resident memory, CPU seconds, open file descriptors,
+        // start time, threads), read from /proc at scrape time.
+        #[cfg(target_os = "linux")]
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
 
         // Make every bounded series visible from the start, so rates and alerts have a zero to
         // start from instead of a missing series.
-        for route in ROUTES {
-            request_duration.with_label_values(&[route]);
-        }
         for outcome in [
             "ok",
             "credential_rejected",
@@ -230,18 +369,31 @@ impl Metrics {
         for reason in ["missing", "malformed", "unknown", "certificate_required"] {
             auth_failures.with_label_values(&[reason]);
         }
+        let routes = ROUTES.map(|route| RouteSeries {
+            duration: request_duration.with_label_values(&[route]),
+            statuses: Default::default(),
+        });
+        let mut callers = Vec::with_capacity(MAX_CALLERS + 1);
+        callers.resize_with(MAX_CALLERS + 1, OnceLock::new);
         Ok(Self {
             lookup_hit: cache_lookups.with_label_values(&["hit"]),
             lookup_miss: cache_lookups.with_label_values(&["miss"]),
             lookup_coalesced: cache_lookups.with_label_values(&["coalesced"]),
             lookup_uncacheable: cache_lookups.with_label_values(&["uncacheable"]),
+            evictions: EVICTION_CAUSES.map(|cause| evictions_vec.with_label_values(&[cause])),
             registry,
+            started: Instant::now(),
             requests,
             request_duration,
+            requests_in_flight,
             cache_lookups,
             cache_entries,
+            cache_max_entries,
+            fill_waiters,
+            token_remaining,
             upstream_requests,
             upstream_duration,
+            upstream_last_success,
             auth_failures,
             upstream_retries,
             upstream_refused,
@@ -254,12 +406,109 @@ impl Metrics {
             tls_handshake_failures,
             config_reloads,
             config_last_reload_success,
+            routes,
+            caller_requests,
+            caller_mints,
+            callers: callers.into_boxed_slice(),
+            callers_grow: Mutex::new(()),
         })
+    }
+
+    /// Counts and times one answered caller request. `route` is one of [`ROUTES`].
+    pub fn request_done(&self, route: &'static str, status: StatusCode, elapsed: Duration) {
+        let series = match route {
+            "tokens" => &self.routes[0],
+            "api_keys" => &self.routes[1],
+            "invalidate" => &self.routes[2],
+            _ => &self.routes[3],
+        };
+        series.duration.observe(elapsed.as_secs_f64());
+        match STATUSES.iter().position(|s| *s == status.as_u16()) {
+            Some(i) => series.statuses[i]
+                .get_or_init(|| self.requests.with_label_values(&[route, status.as_str()]))
+                .inc(),
+            None => self
+                .requests
+                .with_label_values(&[route, status.as_str()])
+                .inc(),
+        }
+    }
+
+    /// The slot of `caller`'s series, created on first sight. `caller` must come from the config
+    /// (an authenticated caller), which bounds the label. The common case compares pointers
+    /// only: callers are handed the same `Arc` on every request.
+    pub fn caller_slot(&self, caller: &Arc<str>) -> usize {
+        for (i, slot) in self.callers[..MAX_CALLERS].iter().enumerate() {
+            match slot.get() {
+                Some(s) if Arc::ptr_eq(&s.id, caller) || *s.id == **caller => return i,
+                Some(_) => {}
+                None => return self.add_caller(caller),
+            }
+        }
+        self.add_caller(caller)
+    }
+
+    fn add_caller(&self, caller: &Arc<str>) -> usize {
+        let _grow = self
+            .callers_grow
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        for (i, slot) in self.callers[..MAX_CALLERS].iter().enumerate() {
+            match slot.get() {
+                Some(s) if *s.id == **caller => return i,
+                Some(_) => {}
+                None => {
+                    slot.get_or_init(|| self.caller_series(Arc::clone(caller)));
+                    return i;
+                }
+            }
+        }
+        self.callers[MAX_CALLERS].get_or_init(|| self.caller_series(OTHER_CALLER.into()));
+        MAX_CALLERS
+    }
+
+    fn caller_series(&self, id: Arc<str>) -> CallerSeries {
+        CallerSeries {
+            requests: CALLER_CACHE
+                .map(|cache| self.caller_requests.with_label_values(&[&id, cache])),
+            mints: self.caller_mints.with_label_values(&[&id]),
+            id,
+        }
+    }
+
+    /// Creates the series of these callers now, so they are exported (at zero) from the start.
+    pub fn register_callers<'a>(&self, ids: impl IntoIterator<Item = &'a Arc<str>>) {
+        for id in ids {
+            self.caller_slot(id);
+        }
+    }
+
+    /// The series in `slot`, from [`Metrics::caller_slot`].
+    pub fn caller(&self, slot: usize) -> Option<&CallerSeries> {
+        self.callers.get(slot).and_then(OnceLock::get)
+    }
+
+    /// Every caller seen (or registered) so far, in order of first sight.
+    pub fn callers(&self) -> impl Iterator<Item = &CallerSeries> {
+        self.callers.iter().filter_map(OnceLock::get)
+    }
+
+    /// Notes a successful mint at the current wall-clock time.
+    pub fn upstream_succeeded(&self) {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        self.upstream_last_success.set(now.as_secs_f64());
+    }
+
+    /// Time since these series were created (the broker's uptime).
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
     }
 
     /// The Prometheus text exposition of every registered series.
     pub fn render(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(8 * 1024);
+        let mut out = Vec::with_capacity(16 * 1024);
         // Encoding into a Vec cannot fail for well-formed families.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         out
@@ -275,30 +524,119 @@ impl Metrics {
 mod tests {
     use super::*;
 
+    fn text(m: &Metrics) -> String {
+        String::from_utf8(m.render()).unwrap()
+    }
+
     #[test]
     fn every_required_series_is_exported_with_help() {
         let m = Metrics::new(Registry::new()).unwrap();
         m.requests.with_label_values(&["tokens", "200"]).inc();
         m.lookup_hit.inc();
         m.upstream_duration.observe(0.1);
-        let text = String::from_utf8(m.render()).unwrap();
+        m.register_callers([&Arc::from("checkout")]);
+        let text = text(&m);
         for name in [
             "token_broker_requests_total",
             "token_broker_request_duration_seconds",
+            "token_broker_requests_in_flight",
             "token_broker_cache_lookups_total",
             "token_broker_cache_entries",
+            "token_broker_cache_max_entries",
+            "token_broker_cache_evictions_total",
+            "token_broker_cache_fill_waiters",
+            "token_broker_token_remaining_seconds",
             "token_broker_upstream_requests_total",
             "token_broker_upstream_duration_seconds",
+            "token_broker_upstream_last_success_timestamp_seconds",
+            "token_broker_upstream_retries_total",
+            "token_broker_upstream_refused_total",
+            "token_broker_upstream_breaker_state",
+            "token_broker_upstream_throttle_remaining_seconds",
+            "token_broker_upstream_credential_rejected",
+            "token_broker_upstream_in_flight",
             "token_broker_auth_failures_total",
+            "token_broker_caller_requests_total",
+            "token_broker_caller_mints_total",
+            "token_broker_build_info",
         ] {
             assert!(text.contains(&format!("# HELP {name} ")), "{name}");
         }
         assert!(text.contains(r#"token_broker_cache_lookups_total{result="hit"} 1"#));
+        assert!(text.contains(&format!(
+            r#"token_broker_build_info{{revision="{REVISION}",version="{VERSION}"}} 1"#
+        )));
+        for cause in EVICTION_CAUSES {
+            assert!(text.contains(&format!(
+                r#"token_broker_cache_evictions_total{{cause="{cause}"}} 0"#
+            )));
+        }
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_standard_process_series_are_exported() {
+        let text = text(&Metrics::new(Registry::new()).unwrap());
+        for name in [
+            "process_resident_memory_bytes",
+            "process_virtual_memory_bytes",
+            "process_cpu_seconds_total",
+            "process_open_fds",
+            "process_max_fds",
+            "process_start_time_seconds",
+            "process_threads",
+        ] {
+            assert!(text.contains(&format!("# TYPE {name} ")), "{name}");
+        }
     }
 
     #[test]
     fn two_brokers_can_each_have_a_registry() {
         Metrics::new(Registry::new()).unwrap();
         Metrics::new(Registry::new()).unwrap();
+    }
+
+    #[test]
+    fn requests_are_counted_by_route_and_status_whatever_the_status() {
+        let m = Metrics::new(Registry::new()).unwrap();
+        let ms = Duration::from_millis(1);
+        m.request_done("tokens", StatusCode::OK, ms);
+        m.request_done("tokens", StatusCode::OK, ms);
+        m.request_done("invalidate", StatusCode::IM_A_TEAPOT, ms);
+        let text = text(&m);
+        assert!(text.contains(r#"token_broker_requests_total{route="tokens",status="200"} 2"#));
+        assert!(text.contains(r#"token_broker_requests_total{route="invalidate",status="418"} 1"#));
+        assert!(text.contains(r#"token_broker_request_duration_seconds_count{route="tokens"} 2"#));
+    }
+
+    #[test]
+    fn a_caller_keeps_its_slot_and_its_series_are_labelled_with_its_id() {
+        let m = Metrics::new(Registry::new()).unwrap();
+        let a: Arc<str> = "checkout".into();
+        let b: Arc<str> = "billing".into();
+        let slot = m.caller_slot(&a);
+        assert_eq!(m.caller_slot(&b), slot + 1);
+        // Another Arc with the same id (a reloaded config) finds the same slot.
+        assert_eq!(m.caller_slot(&Arc::from("checkout")), slot);
+        m.caller(slot).unwrap().requests[CallerCache::Hit as usize].inc();
+        m.caller(slot).unwrap().mints.inc();
+        let text = text(&m);
+        assert!(
+            text.contains(r#"token_broker_caller_requests_total{cache="hit",caller="checkout"} 1"#)
+        );
+        assert!(text.contains(r#"token_broker_caller_mints_total{caller="checkout"} 1"#));
+        let ids: Vec<&str> = m.callers().map(|c| &*c.id).collect();
+        assert_eq!(ids, ["checkout", "billing"]);
+    }
+
+    #[test]
+    fn callers_beyond_the_bound_share_one_series() {
+        let m = Metrics::new(Registry::new()).unwrap();
+        for i in 0..MAX_CALLERS + 10 {
+            m.caller_slot(&Arc::from(format!("c{i}")));
+        }
+        assert_eq!(m.caller_slot(&Arc::from("late")), MAX_CALLERS);
+        assert_eq!(m.callers().count(), MAX_CALLERS + 1);
+        assert!(text(&m).contains(r#"token_broker_caller_mints_total{caller="(other)"} 0"#));
     }
 }

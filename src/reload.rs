@@ -136,9 +136,11 @@ impl Reloader {
             .filter(|c| !kept.contains(c.id.as_str()))
             .map(|c| c.id.clone())
             .collect();
+        let clients = new.clients();
         self.state
-            .clients
-            .store(Arc::new(Clients::new(new.clients())));
+            .metrics
+            .register_callers(clients.iter().map(|c| &c.id));
+        self.state.clients.store(Arc::new(Clients::new(clients)));
         self.state
             .issuer
             .policy()

@@ -441,6 +441,7 @@ impl Policy {
         let mut st = lock(&self.state);
         let healthy = match result {
             Ok(_) => {
+                self.metrics.upstream_succeeded();
                 if st.credential_rejected {
                     st.credential_rejected = false;
                     self.metrics.credential_rejected.set(0);

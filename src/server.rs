@@ -34,6 +34,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tower::{Layer, Service, ServiceBuilder};
 
+use crate::access;
 use crate::auth::{AuthLayer, Authed, Clients, Peer, SharedClients};
 use crate::config::Config;
 use crate::error::{BrokerError, Envelope, RequestError};
@@ -44,6 +45,7 @@ use crate::reload::Reloader;
 use crate::request::{invalidation_filter, TokenRequest};
 use crate::resilience::{Policy, ResilienceSettings};
 use crate::secret::MasterKey;
+use crate::status::StatusView;
 use crate::upstream::TruoraClient;
 
 /// The response type of every service here.
@@ -260,28 +262,54 @@ where
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let started = Instant::now();
         let route = Route::of(req.method(), req.uri().path());
-        let fut = self.inner.call(Routed { route, req });
-        let metrics = Arc::clone(&self.metrics);
+        let request_id = access::request_id(req.headers());
+        let in_flight = InFlight::enter(Arc::clone(&self.metrics));
+        // The layers below note the caller and what the cache did (see `access`), whether
+        // they learn it while building the future or while it runs.
+        let (fut, noted) = access::sync_scope(|| self.inner.call(Routed { route, req }));
         Box::pin(async move {
-            let response = fut.await?;
+            let metrics = &*in_flight.0;
+            let (response, note) = access::scope(noted, fut).await;
+            let mut response = response?;
             let elapsed = started.elapsed();
             let label = route.label();
-            metrics
-                .requests
-                .with_label_values(&[label, response.status().as_str()])
-                .inc();
-            metrics
-                .request_duration
-                .with_label_values(&[label])
-                .observe(elapsed.as_secs_f64());
-            tracing::debug!(
-                route = label,
-                status = response.status().as_u16(),
+            let status = response.status();
+            metrics.request_done(label, status, elapsed);
+            let caller = note.caller.and_then(|slot| metrics.caller(slot));
+            if let Some(c) = caller {
+                c.requests[note.cache.caller_cache() as usize].inc();
+            }
+            tracing::info!(
+                target: "access",
+                request_id = %request_id.to_str().unwrap_or("-"),
+                caller = %caller.map_or("-", |c| &*c.id),
+                route = %label,
+                status = status.as_u16(),
+                cache = %note.cache.label(),
                 latency_us = elapsed.as_micros() as u64,
                 "request"
             );
+            response
+                .headers_mut()
+                .insert(access::X_REQUEST_ID.clone(), request_id);
             Ok(response)
         })
+    }
+}
+
+/// Counts a request in `token_broker_requests_in_flight` until dropped (answered or abandoned).
+struct InFlight(Arc<Metrics>);
+
+impl InFlight {
+    fn enter(metrics: Arc<Metrics>) -> Self {
+        metrics.requests_in_flight.inc();
+        Self(metrics)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.requests_in_flight.dec();
     }
 }
 
@@ -518,10 +546,16 @@ fn invalidate<B>(state: &State, authed: &Authed<B>) -> Result<HttpResponse, Brok
     Ok(response)
 }
 
-/// The admin endpoints: `/metrics`, `/healthz`, `/readyz`. Nothing else, above all no tokens.
+/// The admin endpoints: the status page `/`, `/metrics`, `/healthz`, `/readyz`. Nothing else,
+/// above all no tokens.
 pub async fn admin<B>(state: Arc<State>, req: Request<B>) -> Result<HttpResponse, Infallible> {
     let (status, content_type, body): (StatusCode, &'static str, Bytes) =
         match (req.method(), req.uri().path()) {
+            (&Method::GET, "/") => (
+                StatusCode::OK,
+                "text/html; charset=utf-8",
+                Bytes::from(StatusView::gather(&state).html()),
+            ),
             (&Method::GET, "/metrics") => {
                 let m = &state.metrics;
                 m.cache_entries.set(state.issuer.cache().len() as i64);
@@ -572,7 +606,7 @@ pub async fn admin<B>(state: Arc<State>, req: Request<B>) -> Result<HttpResponse
                     (status, "application/json", Bytes::from(body))
                 }
             },
-            (_, "/metrics" | "/healthz" | "/readyz") => (
+            (_, "/" | "/metrics" | "/healthz" | "/readyz") => (
                 StatusCode::METHOD_NOT_ALLOWED,
                 "text/plain",
                 Bytes::from_static(b"use GET\n"),
@@ -580,14 +614,23 @@ pub async fn admin<B>(state: Arc<State>, req: Request<B>) -> Result<HttpResponse
             _ => (
                 StatusCode::NOT_FOUND,
                 "text/plain",
-                Bytes::from_static(b"admin endpoints: /metrics, /healthz, /readyz\n"),
+                Bytes::from_static(
+                    b"admin endpoints: / (status page), /metrics, /healthz, /readyz\n",
+                ),
             ),
         };
     let mut response = Response::new(Full::new(body));
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    let h = response.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    if content_type.starts_with("text/html") {
+        // The status page loads nothing from anywhere: inline CSS only, no script.
+        h.insert(CACHE_CONTROL, NO_STORE.clone());
+        h.insert(
+            http::header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static("default-src 'none'; style-src 'unsafe-inline'"),
+        );
+    }
     Ok(response)
 }
 
@@ -665,7 +708,9 @@ impl Server {
             policy,
             Arc::clone(&metrics),
         );
-        let mut state = State::new(issuer, Clients::new(config.clients()), metrics);
+        let clients = config.clients();
+        metrics.register_callers(clients.iter().map(|c| &c.id));
+        let mut state = State::new(issuer, Clients::new(clients), metrics);
         state.max_body_bytes = config.server.max_body_bytes;
         state.body_read_timeout = config.server.body_read_timeout;
         let mut server = Self::bind(

@@ -491,7 +491,11 @@ async fn serve_turns_core_dumps_off_and_reloads_on_sighup() {
     // The log line is collected by a reader thread: give it a moment.
     let deadline = Instant::now() + Duration::from_secs(5);
     while !broker.output().contains("configuration reloaded") {
-        assert!(Instant::now() < deadline, "no reload log line: {}", broker.output());
+        assert!(
+            Instant::now() < deadline,
+            "no reload log line: {}",
+            broker.output()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
