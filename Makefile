@@ -72,6 +72,11 @@ fuzz:
 deny:
 	@command -v cargo-deny >/dev/null || { echo "make deny needs cargo-deny: cargo install cargo-deny"; exit 1; }
 	$(CARGO) deny check bans licenses sources
+	@if ls -d $$HOME/.cargo/advisory-dbs/*/.git >/dev/null 2>&1; then \
+	    $(CARGO) deny check --disable-fetch advisories; \
+	else \
+	    echo "cargo deny: advisories not checked: the RustSec database is fetched from GitHub, which this machine cannot reach (clone it to ~/.cargo/advisory-dbs to check)"; \
+	fi
 
 clean:
 	$(CARGO) clean
