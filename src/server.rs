@@ -611,18 +611,30 @@ pub async fn admin<B>(state: Arc<State>, req: Request<B>) -> Result<HttpResponse
                 "text/plain",
                 Bytes::from_static(b"use GET\n"),
             ),
+            (_, "/admin/reload") => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "text/plain",
+                Bytes::from_static(b"use POST\n"),
+            ),
             _ => (
                 StatusCode::NOT_FOUND,
                 "text/plain",
                 Bytes::from_static(
-                    b"admin endpoints: / (status page), /metrics, /healthz, /readyz\n",
+                    b"admin endpoints: / (status page), /metrics, /healthz, /readyz, POST /admin/reload\n",
                 ),
             ),
         };
+    let allow = match req.uri().path() {
+        "/admin/reload" => "POST",
+        _ => "GET",
+    };
     let mut response = Response::new(Full::new(body));
     *response.status_mut() = status;
     let h = response.headers_mut();
     h.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    if status == StatusCode::METHOD_NOT_ALLOWED {
+        h.insert(ALLOW, HeaderValue::from_static(allow));
+    }
     if content_type.starts_with("text/html") {
         // The status page loads nothing from anywhere: inline CSS only, no script.
         h.insert(CACHE_CONTROL, NO_STORE.clone());
@@ -1360,5 +1372,15 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(r.status(), StatusCode::NOT_FOUND);
+        let r = admin(Arc::clone(&state), form("/metrics", ""))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(r.headers()[ALLOW], "GET");
+        let r = admin(Arc::clone(&state), get("/admin/reload"))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(r.headers()[ALLOW], "POST");
     }
 }
