@@ -528,6 +528,30 @@ async fn connections_beyond_the_cap_are_closed_and_counted() {
     b.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_connections_are_held_to_the_stream_cap() {
+    let b = Broker::start(|c, _| c.server.http2_max_streams = 7).await;
+    let tcp = TcpStream::connect(addr_of(&b.url)).await.unwrap();
+    let (mut client, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    // One exchange, so the broker's SETTINGS have certainly arrived.
+    let req = Request::post("/v1/tokens")
+        .header("authorization", format!("Bearer {CHECKOUT_SECRET}"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("content-length", FORM.len().to_string())
+        .body(())
+        .unwrap();
+    let (response, mut body) = client.send_request(req, false).unwrap();
+    body.send_data(Bytes::from(FORM), true).unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(10), response)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(client.current_max_send_streams(), 7);
+    b.stop().await;
+}
+
 /// A broker run from a config file, with reload enabled.
 struct FileBroker {
     url: String,
