@@ -106,11 +106,14 @@ impl Clients {
     }
 }
 
-/// What the connection tells about the peer: its verified client certificate, if it sent one.
+/// What the connection tells about the peer: its address, and its verified client
+/// certificate if it sent one.
 #[derive(Debug, Clone, Default)]
 pub struct Peer {
     /// The end-entity certificate, its chain already verified by rustls against the client CA.
     pub certificate: Option<Arc<rustls_pki_types::CertificateDer<'static>>>,
+    /// The TCP peer's address (for X-Forwarded-For on pass-through).
+    pub addr: Option<std::net::SocketAddr>,
 }
 
 impl Peer {
@@ -137,6 +140,8 @@ pub struct Authed<B> {
     pub caller: Client,
     /// The request, body unread.
     pub req: Request<B>,
+    /// The caller's IP address, when the connection has one.
+    pub peer_ip: Option<std::net::IpAddr>,
 }
 
 /// The callers as of the last (re)load, swapped whole by a reload.
@@ -212,7 +217,13 @@ where
                 // when a later step refuses the request.
                 crate::access::note_caller(self.metrics.caller_slot(&client.id));
                 let caller = client.clone();
-                Box::pin(self.inner.call(Authed { route, caller, req }))
+                let peer_ip = self.peer.addr.map(|a| a.ip());
+                Box::pin(self.inner.call(Authed {
+                    route,
+                    caller,
+                    req,
+                    peer_ip,
+                }))
             }
             Err(e) => {
                 self.metrics

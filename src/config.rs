@@ -102,6 +102,15 @@ pub struct UpstreamConfig {
     /// Base URL of Truora's account API, where `POST /v1/api-keys` mints tokens.
     #[serde(default = "default_account_url")]
     pub account_url: String,
+    /// Base URL of Truora's identity API, where `/truora/identity/...` pass-through goes.
+    #[serde(default = "default_identity_url")]
+    pub identity_url: String,
+    /// The longest a pass-through request may wait for Truora's answer head; past it, 504.
+    #[serde(default = "default_passthrough_timeout", with = "humantime_serde")]
+    pub passthrough_timeout: Duration,
+    /// Largest pass-through request body, in bytes, streamed and cut off beyond it (413).
+    #[serde(default = "default_passthrough_max_body_bytes")]
+    pub passthrough_max_body_bytes: usize,
     /// Base URL of Truora's identity web page; responses carry `<web_url>/?token=<api_key>`.
     #[serde(default = "default_web_url")]
     pub web_url: String,
@@ -169,6 +178,10 @@ pub struct CacheConfig {
     /// A cached token is handed out only while it has at least this much life left.
     #[serde(default = "default_min_remaining", with = "humantime_serde")]
     pub min_remaining: Duration,
+    /// How long a final process result (`status` success or failure) read through
+    /// `GET /truora/identity/v1/processes/*/result` is kept, per caller and path. `0s`: off.
+    #[serde(default, with = "humantime_serde")]
+    pub result_ttl: Duration,
 }
 
 /// One `[[clients]]` entry: an internal caller. It authenticates with a bearer secret
@@ -202,6 +215,10 @@ pub struct ClientConfig {
     /// Whether this caller may use the drop-in `POST /v1/api-keys`.
     #[serde(default = "default_true")]
     pub drop_in: bool,
+    /// Truora endpoints this caller may reach through the broker, as `"METHOD /truora/..."`
+    /// (`*` matches one path segment). Empty: no pass-through.
+    #[serde(default)]
+    pub passthrough: Vec<String>,
 }
 
 impl Default for ClientConfig {
@@ -215,6 +232,7 @@ impl Default for ClientConfig {
             allowed_countries: None,
             allowed_redirect_hosts: None,
             drop_in: true,
+            passthrough: Vec::new(),
         }
     }
 }
@@ -255,6 +273,15 @@ fn default_http2_max_streams() -> u32 {
 }
 fn default_account_url() -> String {
     "https://api.account.truora.com".into()
+}
+fn default_identity_url() -> String {
+    "https://api.identity.truora.com".into()
+}
+fn default_passthrough_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_passthrough_max_body_bytes() -> usize {
+    10 * 1024 * 1024
 }
 fn default_web_url() -> String {
     "https://identity.truora.com".into()
@@ -318,6 +345,9 @@ impl Default for UpstreamConfig {
     fn default() -> Self {
         Self {
             account_url: default_account_url(),
+            identity_url: default_identity_url(),
+            passthrough_timeout: default_passthrough_timeout(),
+            passthrough_max_body_bytes: default_passthrough_max_body_bytes(),
             web_url: default_web_url(),
             api_key_file: None,
             timeout: default_upstream_timeout(),
@@ -340,6 +370,7 @@ impl Default for CacheConfig {
         Self {
             max_entries: default_max_entries(),
             min_remaining: default_min_remaining(),
+            result_ttl: Duration::ZERO,
         }
     }
 }
@@ -378,6 +409,8 @@ pub struct Client {
     pub mint_rate: Option<u32>,
     /// From the `allowed_*` lists and `drop_in`.
     pub policy: Arc<CallerPolicy>,
+    /// From `[[clients]] passthrough`.
+    pub passthrough: Arc<[crate::passthrough::Pattern]>,
 }
 
 impl Client {
@@ -389,6 +422,7 @@ impl Client {
             tls_san: None,
             mint_rate: None,
             policy: Arc::new(CallerPolicy::default()),
+            passthrough: Arc::new([]),
         }
     }
 }
@@ -474,6 +508,19 @@ impl Config {
         let u = &self.upstream;
         check_base_url("upstream.account_url", &u.account_url)?;
         check_base_url("upstream.web_url", &u.web_url)?;
+        check_base_url("upstream.identity_url", &u.identity_url)?;
+        if u.passthrough_timeout.is_zero() || u.passthrough_timeout > Duration::from_secs(600) {
+            return Err(invalid(
+                "upstream.passthrough_timeout",
+                "must be more than 0s and at most 10m",
+            ));
+        }
+        if !(1024..=1024 * 1024 * 1024).contains(&u.passthrough_max_body_bytes) {
+            return Err(invalid(
+                "upstream.passthrough_max_body_bytes",
+                "must be between 1024 and 1073741824",
+            ));
+        }
         if u.timeout.is_zero() || u.timeout > Duration::from_secs(120) {
             return Err(invalid(
                 "upstream.timeout",
@@ -529,6 +576,9 @@ impl Config {
         let c = &self.cache;
         if c.max_entries == 0 {
             return Err(invalid("cache.max_entries", "must be at least 1"));
+        }
+        if c.result_ttl > Duration::from_secs(3600) {
+            return Err(invalid("cache.result_ttl", "must be at most 1h"));
         }
         if c.min_remaining >= DEFAULT_TOKEN_LIFETIME {
             return Err(invalid(
@@ -624,6 +674,14 @@ impl Config {
                         && rustls::pki_types::ServerName::try_from(bare).is_ok()
                 },
             )?;
+            for (j, entry) in client.passthrough.iter().enumerate() {
+                if let Err(reason) = crate::passthrough::Pattern::parse(entry) {
+                    return Err(invalid(
+                        format!("clients[{i}].passthrough[{j}]"),
+                        format!("\"{entry}\": {reason}"),
+                    ));
+                }
+            }
             let Some(hex) = &client.token_sha256 else {
                 continue;
             };
@@ -661,6 +719,11 @@ impl Config {
                         .map(|hosts| hosts.iter().map(|h| h.to_ascii_lowercase()).collect()),
                     drop_in: c.drop_in,
                 }),
+                passthrough: c
+                    .passthrough
+                    .iter()
+                    .filter_map(|p| crate::passthrough::Pattern::parse(p).ok())
+                    .collect(),
             })
             .collect()
     }

@@ -10,6 +10,7 @@
 //! - [`reload`]: rotation without restart (SIGHUP, `POST /admin/reload`): callers, master key, certificates.
 //! - [`tls`]: the caller listener's rustls configuration (TLS 1.2+, optional client certificates).
 //! - [`auth`]: who the caller is (bearer secret and/or client certificate -> configured client).
+//! - [`passthrough`]: callers reaching Truora's other endpoints through the broker, key injected.
 //! - [`policy`]: what each caller may ask for (flows, countries, redirect hosts, drop-in).
 //! - [`request`]: the caller's form or JSON body, parsed once and validated into a [`request::TokenRequest`].
 //! - [`issuance`]: the core. Cache lookup, single-flight minting, response bytes. Knows nothing of hyper.
@@ -35,6 +36,7 @@ pub mod error;
 pub mod invariants;
 pub mod issuance;
 pub mod metrics;
+pub mod passthrough;
 pub mod policy;
 pub mod reload;
 pub mod request;

@@ -41,7 +41,7 @@ const WAITER_BUCKETS: &[f64] = &[
 ];
 
 /// The `route` label values: one per endpoint, plus the catch-all for anything else.
-pub const ROUTES: [&str; 4] = ["tokens", "api_keys", "invalidate", "other"];
+pub const ROUTES: [&str; 5] = ["tokens", "api_keys", "invalidate", "passthrough", "other"];
 /// The status codes the caller API answers with, whose `requests_total` children are kept
 /// resolved; any other status is counted too, through a label lookup.
 const STATUSES: [u16; 12] = [200, 400, 401, 404, 405, 413, 415, 429, 500, 502, 503, 504];
@@ -134,6 +134,10 @@ pub struct Metrics {
     pub credential_rejected: IntGauge,
     /// `token_broker_upstream_in_flight`
     pub upstream_in_flight: IntGauge,
+    /// `token_broker_passthrough_requests_total{pattern,status}`
+    pub passthrough_requests: IntCounterVec,
+    /// `token_broker_passthrough_duration_seconds{pattern}`
+    pub passthrough_duration: HistogramVec,
     /// `token_broker_server_connections_open`
     pub connections_open: IntGauge,
     /// `token_broker_server_connections_rejected_total`
@@ -152,7 +156,7 @@ pub struct Metrics {
     pub lookup_coalesced: IntCounter,
     /// `result="uncacheable"`: the request names no user, so it is never cached.
     pub lookup_uncacheable: IntCounter,
-    routes: [RouteSeries; 4],
+    routes: [RouteSeries; 5],
     caller_requests: IntCounterVec,
     caller_mints: IntCounterVec,
     /// Append-only: a slot, once set, keeps its caller, so a slot number is a stable handle.
@@ -316,6 +320,23 @@ impl Metrics {
         registry.register(Box::new(throttle_remaining.clone()))?;
         registry.register(Box::new(credential_rejected.clone()))?;
         registry.register(Box::new(upstream_in_flight.clone()))?;
+        // The pattern label is the matched `[[clients]] passthrough` entry (from the config, so
+        // bounded) or "denied".
+        let passthrough_requests = counter(
+            "token_broker_passthrough_requests_total",
+            "Pass-through requests to Truora's other endpoints, by the allowlist pattern they matched (or denied) and the status answered.",
+            &["pattern", "status"],
+        )?;
+        let passthrough_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "token_broker_passthrough_duration_seconds",
+                "Time to Truora's answer head for pass-through requests, by pattern.",
+            )
+            .buckets(UPSTREAM_BUCKETS.to_vec()),
+            &["pattern"],
+        )?;
+        registry.register(Box::new(passthrough_requests.clone()))?;
+        registry.register(Box::new(passthrough_duration.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(request_duration.clone()))?;
         registry.register(Box::new(cache_lookups.clone()))?;
@@ -401,6 +422,8 @@ impl Metrics {
             throttle_remaining,
             credential_rejected,
             upstream_in_flight,
+            passthrough_requests,
+            passthrough_duration,
             connections_open,
             connections_rejected,
             tls_handshake_failures,
@@ -420,7 +443,8 @@ impl Metrics {
             "tokens" => &self.routes[0],
             "api_keys" => &self.routes[1],
             "invalidate" => &self.routes[2],
-            _ => &self.routes[3],
+            "passthrough" => &self.routes[3],
+            _ => &self.routes[4],
         };
         series.duration.observe(elapsed.as_secs_f64());
         match STATUSES.iter().position(|s| *s == status.as_u16()) {

@@ -97,6 +97,7 @@ struct Shared {
     signing_key: [u8; 32],
     calls: AtomicUsize,
     received: Mutex<Vec<Received>>,
+    forwarded: Mutex<Vec<Forwarded>>,
 }
 
 /// A running sandbox; stops when dropped.
@@ -130,6 +131,7 @@ impl Sandbox {
             signing_key,
             calls: AtomicUsize::new(0),
             received: Mutex::new(Vec::new()),
+            forwarded: Mutex::new(Vec::new()),
         });
         let serving = Arc::clone(&shared);
         let task = tokio::spawn(async move {
@@ -167,6 +169,11 @@ impl Sandbox {
         lock(&self.shared.received).clone()
     }
 
+    /// Every identity-API (pass-through) request received so far.
+    pub fn forwarded(&self) -> Vec<Forwarded> {
+        lock(&self.shared.forwarded).clone()
+    }
+
     /// Misbehave from now on (`None`: behave).
     pub fn set_fault(&self, fault: Option<Fault>) {
         *lock(&self.shared.fault) = fault.map(|f| (f, None));
@@ -187,8 +194,17 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-fn json(status: StatusCode, body: String) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
+/// The sandbox's answer bodies: whole, or streamed (the large pass-through answers).
+pub type SandBody = http_body_util::combinators::UnsyncBoxBody<Bytes, io::Error>;
+
+fn whole(bytes: impl Into<Bytes>) -> SandBody {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+fn json(status: StatusCode, body: String) -> Response<SandBody> {
+    let mut r = Response::new(whole(body));
     *r.status_mut() = status;
     r.headers_mut().insert(
         http::header::CONTENT_TYPE,
@@ -198,7 +214,7 @@ fn json(status: StatusCode, body: String) -> Response<Full<Bytes>> {
 }
 
 /// Truora's documented error answer for a status.
-fn truora_error(status: u16) -> Response<Full<Bytes>> {
+fn truora_error(status: u16) -> Response<SandBody> {
     let body = match status {
         401 => r#"{"message":"Unauthorized"}"#.to_owned(),
         403 => r#"{"code":10403,"http_code":403,"message":"Insufficient permissions: sandbox"}"#
@@ -226,10 +242,11 @@ fn truora_error(status: u16) -> Response<Full<Bytes>> {
 }
 
 /// An `Err` makes hyper close the connection without an answer (a reset, as the client sees it).
-async fn handle(shared: &Shared, req: Request<Incoming>) -> io::Result<Response<Full<Bytes>>> {
+async fn handle(shared: &Shared, req: Request<Incoming>) -> io::Result<Response<SandBody>> {
     Ok(match (req.method(), req.uri().path()) {
         (&Method::POST, "/v1/api-keys") => return mint(shared, req).await,
         (&Method::GET, "/") => identity_page(req.uri().query().unwrap_or("")),
+        (_, path) if path.starts_with("/v1/") => return identity_api(shared, req).await,
         _ => json(
             StatusCode::FORBIDDEN,
             r#"{"message":"Missing Authentication Token"}"#.to_owned(),
@@ -257,7 +274,7 @@ fn take_fault(shared: &Shared) -> Option<Fault> {
     }
 }
 
-async fn mint(shared: &Shared, req: Request<Incoming>) -> io::Result<Response<Full<Bytes>>> {
+async fn mint(shared: &Shared, req: Request<Incoming>) -> io::Result<Response<SandBody>> {
     shared.calls.fetch_add(1, Ordering::SeqCst);
     let options = lock(&shared.options).clone();
     let presented = req
@@ -303,7 +320,136 @@ async fn mint(shared: &Shared, req: Request<Incoming>) -> io::Result<Response<Fu
     Ok(answer(shared, &options, key_matched, &form))
 }
 
-fn with_retry_after(mut r: Response<Full<Bytes>>, secs: u64) -> Response<Full<Bytes>> {
+/// What a pass-through request looked like when it reached the sandbox.
+#[derive(Debug, Clone)]
+pub struct Forwarded {
+    /// Method.
+    pub method: String,
+    /// Path and query.
+    pub path_and_query: String,
+    /// Whether `Truora-API-Key` held the right key.
+    pub key_matched: bool,
+    /// The Host header.
+    pub host: String,
+    /// The X-Forwarded-For header.
+    pub forwarded_for: String,
+    /// Every header name received, lower-case.
+    pub header_names: Vec<String>,
+    /// Body bytes received.
+    pub body_bytes: u64,
+}
+
+/// A body of `left` bytes of `x`, produced 64 KiB at a time as it is read.
+struct Stream {
+    left: u64,
+}
+
+impl http_body::Body for Stream {
+    type Data = Bytes;
+    type Error = io::Error;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, io::Error>>> {
+        const CHUNK: &[u8] = &[b'x'; 64 * 1024];
+        if self.left == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        let n = self.left.min(CHUNK.len() as u64);
+        self.left -= n;
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from_static(
+            &CHUNK[..n as usize],
+        )))))
+    }
+}
+
+/// Truora's identity API, as far as the pass-through tests need it:
+/// `GET /v1/processes/<id>/result` (`pending...` ids are pending, `missing` is 404),
+/// `GET /v1/stream?bytes=N` (N bytes, streamed), and any other call echoing what it received.
+async fn identity_api(shared: &Shared, req: Request<Incoming>) -> io::Result<Response<SandBody>> {
+    let options = lock(&shared.options).clone();
+    let header = |name: &str| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned()
+    };
+    let key_matched = req.headers().get("truora-api-key").map(|v| v.as_bytes())
+        == Some(options.master_key.as_bytes());
+    let mut forwarded = Forwarded {
+        method: req.method().to_string(),
+        path_and_query: req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str().to_owned())
+            .unwrap_or_default(),
+        key_matched,
+        host: header("host"),
+        forwarded_for: header("x-forwarded-for"),
+        header_names: req
+            .headers()
+            .keys()
+            .map(|k| k.as_str().to_owned())
+            .collect(),
+        body_bytes: 0,
+    };
+    let query = req.uri().query().unwrap_or("").to_owned();
+    let path = req.uri().path().to_owned();
+    let mut body = req.into_body();
+    while let Some(frame) = body.frame().await {
+        if let Some(data) = frame.map_err(io::Error::other)?.data_ref() {
+            forwarded.body_bytes += data.len() as u64;
+        }
+    }
+    lock(&shared.forwarded).push(forwarded.clone());
+    if !key_matched {
+        return Ok(truora_error(401));
+    }
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let mut response = match segments.as_slice() {
+        ["v1", "processes", "missing", "result"] => json(
+            StatusCode::NOT_FOUND,
+            r#"{"code":10404,"http_code":404,"message":"process not found"}"#.to_owned(),
+        ),
+        ["v1", "processes", id, "result"] => {
+            let status = if id.starts_with("pending") { "pending" } else { "success" };
+            json(
+                StatusCode::OK,
+                serde_json::json!({ "process_id": id, "status": status, "validations": [] })
+                    .to_string(),
+            )
+        }
+        ["v1", "stream"] => {
+            let bytes = form_urlencoded::parse(query.as_bytes())
+                .find(|(k, _)| k == "bytes")
+                .and_then(|(_, v)| v.parse().ok())
+                .unwrap_or(0);
+            let mut r = Response::new(Stream { left: bytes }.boxed_unsync());
+            r.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/octet-stream"),
+            );
+            r
+        }
+        _ => json(
+            StatusCode::OK,
+            serde_json::json!({ "method": forwarded.method, "path": forwarded.path_and_query, "received_bytes": forwarded.body_bytes }).to_string(),
+        ),
+    };
+    // Hop-by-hop headers a proxy must not pass on.
+    response.headers_mut().insert(
+        http::header::HeaderName::from_static("keep-alive"),
+        http::HeaderValue::from_static("timeout=5"),
+    );
+    response.headers_mut().insert(
+        http::header::HeaderName::from_static("proxy-authenticate"),
+        http::HeaderValue::from_static("Basic"),
+    );
+    Ok(response)
+}
+
+fn with_retry_after(mut r: Response<SandBody>, secs: u64) -> Response<SandBody> {
     r.headers_mut()
         .insert(http::header::RETRY_AFTER, http::HeaderValue::from(secs));
     r
@@ -315,7 +461,7 @@ fn answer(
     options: &SandboxOptions,
     key_matched: bool,
     form: &[(String, String)],
-) -> Response<Full<Bytes>> {
+) -> Response<SandBody> {
     if !key_matched {
         return truora_error(401);
     }
@@ -397,7 +543,7 @@ fn sign(key: &[u8], claims: &str) -> String {
     format!("{signing_input}.{}", b64.encode(signature))
 }
 
-fn identity_page(query: &str) -> Response<Full<Bytes>> {
+fn identity_page(query: &str) -> Response<SandBody> {
     let has_token =
         form_urlencoded::parse(query.as_bytes()).any(|(k, v)| k == "token" && !v.is_empty());
     let body = if has_token {
@@ -407,7 +553,7 @@ fn identity_page(query: &str) -> Response<Full<Bytes>> {
     } else {
         "<!doctype html><title>Sandbox identity page</title><p>No token given.</p>"
     };
-    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    let mut r = Response::new(whole(Bytes::from_static(body.as_bytes())));
     r.headers_mut().insert(
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("text/html; charset=utf-8"),

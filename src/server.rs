@@ -26,7 +26,8 @@ use http::header::{
 };
 use http::{Method, Request, Response, StatusCode};
 use http_body::Body;
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -41,6 +42,7 @@ use crate::error::{BrokerError, Envelope, RequestError};
 use crate::issuance::IssuerSettings;
 use crate::issuance::{CacheStatus, Issuer};
 use crate::metrics::Metrics;
+use crate::passthrough::{check_path, Api as PassApi, Forwarder, ResultCache};
 use crate::reload::Reloader;
 use crate::request::{invalidation_filter, TokenRequest};
 use crate::resilience::{Policy, ResilienceSettings};
@@ -48,8 +50,18 @@ use crate::secret::MasterKey;
 use crate::status::StatusView;
 use crate::upstream::TruoraClient;
 
+/// Error of a streamed body.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// A response body: whole bytes for everything the broker writes itself, a stream for what
+/// pass-through relays from Truora (never buffered whole).
+pub type ResponseBody = Either<Full<Bytes>, UnsyncBoxBody<Bytes, BoxError>>;
 /// The response type of every service here.
-pub type HttpResponse = Response<Full<Bytes>>;
+pub type HttpResponse = Response<ResponseBody>;
+
+/// A body of whole bytes.
+pub fn full(bytes: impl Into<Bytes>) -> ResponseBody {
+    Either::Left(Full::new(bytes.into()))
+}
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 static JSON: HeaderValue = HeaderValue::from_static("application/json");
@@ -72,6 +84,10 @@ pub struct State {
     pub body_read_timeout: Duration,
     /// Re-reads the config file on SIGHUP and `POST /admin/reload`; absent for the demo.
     pub reloader: std::sync::OnceLock<Arc<Reloader>>,
+    /// Relays `/truora/...` to Truora; absent: those paths are 404.
+    pub forwarder: Option<Forwarder>,
+    /// Final process results, when `cache.result_ttl` is set.
+    pub results: Option<ResultCache>,
 }
 
 impl State {
@@ -85,6 +101,8 @@ impl State {
             max_body_bytes: defaults.max_body_bytes,
             body_read_timeout: defaults.body_read_timeout,
             reloader: std::sync::OnceLock::new(),
+            forwarder: None,
+            results: None,
         }
     }
 }
@@ -98,6 +116,8 @@ pub enum Route {
     ApiKeys,
     /// `DELETE /v1/tokens`
     Invalidate,
+    /// `/truora/identity/...` and `/truora/account/...`: relayed to Truora.
+    Passthrough,
     /// A known path with another method; holds the `Allow` value.
     MethodNotAllowed(&'static str),
     /// Anything else.
@@ -113,6 +133,9 @@ impl Route {
             ("/v1/tokens", _) => Route::MethodNotAllowed("POST, DELETE"),
             ("/v1/api-keys", &Method::POST) => Route::ApiKeys,
             ("/v1/api-keys", _) => Route::MethodNotAllowed("POST"),
+            (p, _) if p.starts_with("/truora/identity/") || p.starts_with("/truora/account/") => {
+                Route::Passthrough
+            }
             _ => Route::NotFound,
         }
     }
@@ -123,6 +146,7 @@ impl Route {
             Route::Tokens => "tokens",
             Route::ApiKeys => "api_keys",
             Route::Invalidate => "invalidate",
+            Route::Passthrough => "passthrough",
             Route::MethodNotAllowed(_) | Route::NotFound => "other",
         }
     }
@@ -365,7 +389,7 @@ pub fn error_response(route: Route, err: &BrokerError) -> HttpResponse {
         BrokerError::Internal(_) => tracing::error!("{err}"),
         _ => tracing::debug!(code = err.code(), "refused: {err}"),
     }
-    let mut response = Response::new(Full::new(Bytes::from(err.body(route.envelope()))));
+    let mut response = Response::new(full(err.body(route.envelope())));
     *response.status_mut() = err.status();
     let h = response.headers_mut();
     h.insert(CONTENT_TYPE, JSON.clone());
@@ -419,6 +443,7 @@ where
             match authed.route {
                 Route::Tokens | Route::ApiKeys => issue(&state, authed).await,
                 Route::Invalidate => invalidate(&state, &authed),
+                Route::Passthrough => passthrough(&state, authed).await,
                 Route::MethodNotAllowed(allow) => {
                     Err(RequestError::MethodNotAllowed { allow }.into())
                 }
@@ -497,7 +522,9 @@ where
     B: Body<Data = Bytes>,
     B::Error: std::error::Error + Send + Sync + 'static,
 {
-    let Authed { route, caller, req } = authed;
+    let Authed {
+        route, caller, req, ..
+    } = authed;
     if route == Route::ApiKeys {
         caller.policy.check_drop_in()?;
     }
@@ -518,7 +545,7 @@ where
         Route::ApiKeys => Bytes::copy_from_slice(issued.dropin_body()),
         _ => Bytes::from(issued.tokens_body(Instant::now())),
     };
-    let mut response = Response::new(Full::new(body));
+    let mut response = Response::new(full(body));
     let h = response.headers_mut();
     h.insert(CONTENT_TYPE, JSON.clone());
     h.insert(CACHE_CONTROL, NO_STORE.clone());
@@ -532,6 +559,92 @@ where
     Ok(response)
 }
 
+/// Relays an allowed `/truora/...` request to Truora; see [`crate::passthrough`].
+async fn passthrough<B>(state: &State, authed: Authed<B>) -> Result<HttpResponse, BrokerError>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    let Authed {
+        caller,
+        req,
+        peer_ip,
+        ..
+    } = authed;
+    let forwarder = state.forwarder.as_ref().ok_or(RequestError::NotFound)?;
+    let path = req.uri().path().to_owned();
+    check_path(&path)?;
+    let (api, upstream_path) = PassApi::of(&path).ok_or(RequestError::NotFound)?;
+    let metrics = &state.metrics;
+    let Some(pattern) = caller
+        .passthrough
+        .iter()
+        .find(|p| p.matches(req.method(), &path))
+    else {
+        metrics
+            .passthrough_requests
+            .with_label_values(&["denied", "403"])
+            .inc();
+        return Err(RequestError::Forbidden {
+            rule: "passthrough",
+            field: None,
+            message: "this caller's passthrough allowlist does not allow this method and path",
+        }
+        .into());
+    };
+    let pattern = Arc::clone(pattern.text());
+    let path_and_query = req
+        .uri()
+        .path_and_query()
+        .map_or(path.clone(), |pq| pq.as_str().to_owned());
+    let cacheable = ResultCache::cacheable(req.method(), api, upstream_path);
+    let method = req.method().clone();
+    let count = |status: StatusCode| {
+        metrics
+            .passthrough_requests
+            .with_label_values(&[&pattern, status.as_str()])
+            .inc();
+        tracing::info!(
+            target: "audit",
+            caller = &*caller.id,
+            method = %method,
+            pattern = &*pattern,
+            status = status.as_u16(),
+            "pass-through"
+        );
+    };
+    if let (true, Some(results)) = (cacheable, &state.results) {
+        if let Some(hit) = results.get(&caller.id, &path_and_query) {
+            count(hit.status());
+            let mut hit = hit.map(Either::Left);
+            hit.headers_mut().insert(X_CACHE.clone(), HIT.clone());
+            return Ok(hit);
+        }
+    }
+    let started = Instant::now();
+    let relayed = forwarder.forward(api, upstream_path, req, peer_ip).await;
+    metrics
+        .passthrough_duration
+        .with_label_values(&[&pattern])
+        .observe(started.elapsed().as_secs_f64());
+    let relayed = match relayed {
+        Ok(r) => r,
+        Err(e) => {
+            count(e.status());
+            return Err(e);
+        }
+    };
+    count(relayed.status());
+    match (cacheable, &state.results) {
+        (true, Some(results)) => {
+            let mut response = results.fill(&caller.id, &path_and_query, relayed).await?;
+            response.headers_mut().insert(X_CACHE.clone(), MISS.clone());
+            Ok(response)
+        }
+        _ => Ok(relayed.map(Either::Right)),
+    }
+}
+
 fn invalidate<B>(state: &State, authed: &Authed<B>) -> Result<HttpResponse, BrokerError> {
     let filter = invalidation_filter(authed.req.uri().query().unwrap_or(""))?;
     let n = state.issuer.invalidate(
@@ -539,7 +652,7 @@ fn invalidate<B>(state: &State, authed: &Authed<B>) -> Result<HttpResponse, Brok
         filter.flow_id.as_deref(),
         filter.account_id.as_deref(),
     );
-    let mut response = Response::new(Full::new(Bytes::from(format!("{{\"invalidated\":{n}}}"))));
+    let mut response = Response::new(full(format!("{{\"invalidated\":{n}}}")));
     let h = response.headers_mut();
     h.insert(CONTENT_TYPE, JSON.clone());
     h.insert(CACHE_CONTROL, NO_STORE.clone());
@@ -628,7 +741,7 @@ pub async fn admin<B>(state: Arc<State>, req: Request<B>) -> Result<HttpResponse
         "/admin/reload" => "POST",
         _ => "GET",
     };
-    let mut response = Response::new(Full::new(body));
+    let mut response = Response::new(full(body));
     *response.status_mut() = status;
     let h = response.headers_mut();
     h.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
@@ -725,6 +838,21 @@ impl Server {
         let mut state = State::new(issuer, Clients::new(clients), metrics);
         state.max_body_bytes = config.server.max_body_bytes;
         state.body_read_timeout = config.server.body_read_timeout;
+        let u = &config.upstream;
+        state.forwarder = Some(
+            Forwarder::new(
+                &u.identity_url,
+                &u.account_url,
+                client.key_handle(),
+                u.connect_timeout,
+                u.passthrough_timeout,
+                u.passthrough_max_body_bytes,
+            )
+            .map_err(io::Error::other)?,
+        );
+        if !config.cache.result_ttl.is_zero() {
+            state.results = Some(ResultCache::new(config.cache.result_ttl));
+        }
         let mut server = Self::bind(
             Arc::new(state),
             config.server.listen,
@@ -831,7 +959,7 @@ impl Server {
         loop {
             tokio::select! {
                 accepted = self.caller.accept() => {
-                    let Some(stream) = accepted_stream(accepted) else { continue };
+                    let Some((stream, addr)) = accepted_stream(accepted) else { continue };
                     let Ok(permit) = Arc::clone(&connections).try_acquire_owned() else {
                         // Over server.max_connections: close at once rather than let slow or
                         // idle clients pile up.
@@ -842,7 +970,7 @@ impl Server {
                     let state = Arc::clone(&self.state);
                     match &self.tls {
                         None => {
-                            let svc = caller_service(state, Arc::new(Peer::default()));
+                            let svc = caller_service(state, Arc::new(Peer { certificate: None, addr: Some(addr) }));
                             let conn = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc));
                             let conn = graceful.watch(conn.into_owned());
                             tokio::spawn(async move {
@@ -867,7 +995,7 @@ impl Server {
                                     .peer_certificates()
                                     .and_then(|chain| chain.first())
                                     .map(|c| Arc::new(c.clone().into_owned()));
-                                let svc = caller_service(state, Arc::new(Peer { certificate }));
+                                let svc = caller_service(state, Arc::new(Peer { certificate, addr: Some(addr) }));
                                 let conn = builder.serve_connection(TokioIo::new(tls_stream), TowerToHyperService::new(svc));
                                 let _ = watcher.watch(conn.into_owned()).await;
                                 drop(open);
@@ -876,7 +1004,7 @@ impl Server {
                     }
                 }
                 accepted = self.admin.accept() => {
-                    if let Some(stream) = accepted_stream(accepted) {
+                    if let Some((stream, _)) = accepted_stream(accepted) {
                         let conn = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(admin.clone()));
                         let conn = graceful.watch(conn.into_owned());
                         tokio::spawn(conn);
@@ -924,11 +1052,11 @@ impl Drop for OpenConnection {
 
 fn accepted_stream(
     accepted: io::Result<(tokio::net::TcpStream, SocketAddr)>,
-) -> Option<tokio::net::TcpStream> {
+) -> Option<(tokio::net::TcpStream, SocketAddr)> {
     match accepted {
-        Ok((stream, _)) => {
+        Ok((stream, addr)) => {
             let _ = stream.set_nodelay(true);
-            Some(stream)
+            Some((stream, addr))
         }
         Err(e) => {
             // Out of file descriptors and the like: keep serving the connections we have.
@@ -1319,7 +1447,7 @@ mod tests {
             if routed.req.uri().path() == "/boom" {
                 panic!("handler bug");
             }
-            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"fine"))))
+            Ok::<_, Infallible>(Response::new(full(Bytes::from_static(b"fine"))))
         });
         let svc = ServiceBuilder::new()
             .layer(ObserveLayer(Arc::clone(&state.metrics)))

@@ -51,7 +51,7 @@ pub trait Mint: Send + Sync + 'static {
 pub struct TruoraClient {
     client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     url: Uri,
-    key: arc_swap::ArcSwap<MasterKey>,
+    key: Arc<arc_swap::ArcSwap<MasterKey>>,
     timeout: Duration,
 }
 
@@ -87,9 +87,14 @@ impl TruoraClient {
         Ok(Self {
             client,
             url,
-            key: arc_swap::ArcSwap::from_pointee(key),
+            key: Arc::new(arc_swap::ArcSwap::from_pointee(key)),
             timeout,
         })
+    }
+
+    /// The master key slot, shared with the pass-through forwarder so a rotation reaches both.
+    pub fn key_handle(&self) -> Arc<arc_swap::ArcSwap<MasterKey>> {
+        Arc::clone(&self.key)
     }
 
     /// Uses `key` from the next call on (a rotated master key); calls in flight keep theirs.

@@ -61,6 +61,7 @@ impl Broker {
         tweak(&mut cfg, &mut options);
         let sandbox = Sandbox::start(options).await.unwrap();
         cfg.upstream.account_url = sandbox.url();
+        cfg.upstream.identity_url = sandbox.url();
         cfg.validate().unwrap();
         let server = Server::from_config(&cfg, MasterKey::new(MASTER_KEY).unwrap())
             .await

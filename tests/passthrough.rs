@@ -1,0 +1,338 @@
+//! Pass-through end to end: callers reach Truora's other endpoints through the broker, which
+//! checks each caller's allowlist, injects the master key, strips what must not travel and
+//! streams the bodies; the sandbox Truora records what reached it.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use http::{Method, StatusCode};
+
+const RESULT: &str = "GET /truora/identity/v1/processes/*/result";
+
+fn auth(secret: &str) -> String {
+    format!("Bearer {secret}")
+}
+
+async fn get(b: &Broker, secret: &str, path: &str) -> Resp {
+    send(
+        Method::GET,
+        &format!("{}{path}", b.url),
+        &[("authorization", &auth(secret))],
+        "",
+    )
+    .await
+}
+
+async fn broker(tweak: impl FnOnce(&mut token_broker::config::Config)) -> Broker {
+    Broker::start(|c, _| {
+        c.clients[0].passthrough = vec![
+            RESULT.into(),
+            "GET /truora/identity/v1/stream".into(),
+            "POST /truora/account/v1/upload".into(),
+        ];
+        tweak(c);
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_allowed_call_reaches_truora_with_the_master_key_and_without_the_callers_secret() {
+    let b = broker(|_| {}).await;
+    let r = get(
+        &b,
+        CHECKOUT_SECRET,
+        "/truora/identity/v1/processes/IDP1/result?lang=es",
+    )
+    .await;
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "{} {:?}",
+        r.text(),
+        b.sandbox.forwarded()
+    );
+    assert_eq!(r.json()["status"], "success");
+    let seen = b.sandbox.forwarded();
+    assert_eq!(seen.len(), 1);
+    let f = &seen[0];
+    assert!(f.key_matched, "the master key was injected");
+    assert_eq!(f.path_and_query, "/v1/processes/IDP1/result?lang=es");
+    assert!(!f.header_names.iter().any(|h| h == "authorization"));
+    assert_eq!(
+        f.host,
+        b.sandbox.url().trim_start_matches("http://"),
+        "Host rewritten"
+    );
+    assert_eq!(f.forwarded_for, "127.0.0.1");
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anything_off_the_allowlist_is_403_and_never_reaches_truora() {
+    let b = broker(|_| {}).await;
+    for (secret, method, path) in [
+        (
+            CHECKOUT_SECRET,
+            Method::GET,
+            "/truora/identity/v1/processes",
+        ),
+        (
+            CHECKOUT_SECRET,
+            Method::DELETE,
+            "/truora/identity/v1/processes/IDP1/result",
+        ),
+        (
+            CHECKOUT_SECRET,
+            Method::GET,
+            "/truora/identity/v1/processes/IDP1/result/extra",
+        ),
+        (
+            CHECKOUT_SECRET,
+            Method::GET,
+            "/truora/account/v1/processes/IDP1/result",
+        ),
+        // billing has no passthrough entry at all.
+        (
+            BILLING_SECRET,
+            Method::GET,
+            "/truora/identity/v1/processes/IDP1/result",
+        ),
+    ] {
+        let r = send(
+            method.clone(),
+            &format!("{}{path}", b.url),
+            &[("authorization", &auth(secret))],
+            "",
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{method} {path}");
+        assert_eq!(r.json()["rule"], "passthrough");
+    }
+    let r = send(
+        Method::GET,
+        &format!("{}/truora/identity/v1/processes/IDP1/result", b.url),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert!(b.sandbox.forwarded().is_empty());
+    let m = b.metrics().await;
+    assert!(
+        m.contains(r#"token_broker_passthrough_requests_total{pattern="denied",status="403"} 5"#),
+        "{m}"
+    );
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_that_could_slip_past_the_allowlist_are_refused() {
+    let b = broker(|_| {}).await;
+    for path in [
+        "/truora/identity/v1/processes/x/../../stream/result",
+        "/truora/identity/v1/processes/a%2Fb/result",
+        "/truora/identity/v1/processes//result",
+    ] {
+        let r = get(&b, CHECKOUT_SECRET, path).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{path}");
+    }
+    assert!(b.sandbox.forwarded().is_empty());
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truoras_status_and_body_come_back_as_they_are_except_a_rejected_key() {
+    let b = broker(|_| {}).await;
+    let r = get(
+        &b,
+        CHECKOUT_SECRET,
+        "/truora/identity/v1/processes/missing/result",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(r.json()["message"], "process not found");
+    b.sandbox
+        .set_options(|o| o.master_key = "rotated-elsewhere".into());
+    let r = get(
+        &b,
+        CHECKOUT_SECRET,
+        "/truora/identity/v1/processes/IDP1/result",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(r.json()["error"], "upstream_credential_rejected");
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hop_by_hop_headers_do_not_cross_in_either_direction() {
+    let b = broker(|_| {}).await;
+    let r = send(
+        Method::GET,
+        &format!("{}/truora/identity/v1/processes/IDP1/result", b.url),
+        &[
+            ("authorization", &auth(CHECKOUT_SECRET)),
+            ("connection", "x-private"),
+            ("x-private", "1"),
+            ("proxy-authorization", "Basic abc"),
+            ("x-forwarded-for", "10.1.2.3"),
+            ("accept", "application/json"),
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let f = &b.sandbox.forwarded()[0];
+    for name in [
+        "x-private",
+        "proxy-authorization",
+        "authorization",
+        "connection",
+    ] {
+        assert!(
+            !f.header_names.iter().any(|h| h == name),
+            "{name} was forwarded"
+        );
+    }
+    assert!(f.header_names.iter().any(|h| h == "accept"));
+    assert_eq!(
+        f.forwarded_for, "10.1.2.3, 127.0.0.1",
+        "X-Forwarded-For appended"
+    );
+    assert!(r.headers.get("keep-alive").is_none());
+    assert!(r.headers.get("proxy-authenticate").is_none());
+    b.stop().await;
+}
+
+fn resident_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+    let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+    pages * 4096
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_answer_is_streamed_without_the_broker_holding_it() {
+    use http_body_util::BodyExt;
+    let b = broker(|_| {}).await;
+    const SIZE: u64 = 256 * 1024 * 1024;
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let req = http::Request::get(format!("{}/truora/identity/v1/stream?bytes={SIZE}", b.url))
+        .header("authorization", auth(CHECKOUT_SECRET))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let before = resident_bytes();
+    let response = tokio::time::timeout(Duration::from_secs(60), client.request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    // Count the bytes as they come, keeping none of them.
+    let mut body = response.into_body();
+    let mut received = 0u64;
+    let mut peak = before;
+    while let Some(frame) = tokio::time::timeout(Duration::from_secs(30), body.frame())
+        .await
+        .unwrap()
+    {
+        if let Some(data) = frame.unwrap().data_ref() {
+            received += data.len() as u64;
+        }
+        if received % (16 * 1024 * 1024) < 65536 {
+            peak = peak.max(resident_bytes());
+        }
+    }
+    assert_eq!(received, SIZE);
+    let grew = peak.saturating_sub(before);
+    assert!(
+        grew < 64 * 1024 * 1024,
+        "memory grew by {} MiB relaying 256 MiB",
+        grew >> 20
+    );
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_bodies_are_streamed_up_to_the_cap() {
+    let b = broker(|c| c.upstream.passthrough_max_body_bytes = 4 * 1024 * 1024).await;
+    let body = "y".repeat(3 * 1024 * 1024);
+    let url = format!("{}/truora/account/v1/upload", b.url);
+    let r = send(
+        Method::POST,
+        &url,
+        &[
+            ("authorization", &auth(CHECKOUT_SECRET)),
+            ("content-type", "application/octet-stream"),
+        ],
+        &body,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json()["received_bytes"], 3 * 1024 * 1024);
+    let too_big = "y".repeat(5 * 1024 * 1024);
+    let r = send(
+        Method::POST,
+        &url,
+        &[("authorization", &auth(CHECKOUT_SECRET))],
+        &too_big,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(
+        b.sandbox.forwarded().len(),
+        1,
+        "the oversized body was not sent"
+    );
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn final_results_are_cached_per_caller_and_pending_ones_never() {
+    let b = broker(|c| {
+        c.cache.result_ttl = Duration::from_secs(60);
+        c.clients[1].passthrough = vec![RESULT.into()];
+    })
+    .await;
+    let path = "/truora/identity/v1/processes/IDP7/result";
+    let first = get(&b, CHECKOUT_SECRET, path).await;
+    assert_eq!(first.header("x-cache"), "MISS");
+    let second = get(&b, CHECKOUT_SECRET, path).await;
+    assert_eq!(second.status, StatusCode::OK);
+    assert_eq!(second.header("x-cache"), "HIT");
+    assert_eq!(second.json(), first.json());
+    assert_eq!(b.sandbox.forwarded().len(), 1);
+    // Another caller does not get checkout's cached answer.
+    assert_eq!(
+        get(&b, BILLING_SECRET, path).await.header("x-cache"),
+        "MISS"
+    );
+    let pending = "/truora/identity/v1/processes/pending-1/result";
+    for _ in 0..2 {
+        let r = get(&b, CHECKOUT_SECRET, pending).await;
+        assert_eq!(r.json()["status"], "pending");
+        assert_eq!(r.header("x-cache"), "MISS");
+    }
+    assert_eq!(b.sandbox.forwarded().len(), 4);
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_are_not_cached_unless_configured() {
+    let b = broker(|_| {}).await;
+    let path = "/truora/identity/v1/processes/IDP7/result";
+    get(&b, CHECKOUT_SECRET, path).await;
+    let again = get(&b, CHECKOUT_SECRET, path).await;
+    assert_eq!(again.header("x-cache"), "");
+    assert_eq!(b.sandbox.forwarded().len(), 2);
+    let m = b.metrics().await;
+    assert!(
+        m.contains(&format!(
+            "token_broker_passthrough_requests_total{{pattern=\"{RESULT}\",status=\"200\"}} 2"
+        )),
+        "{m}"
+    );
+    b.stop().await;
+}
