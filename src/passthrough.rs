@@ -21,7 +21,6 @@ use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 
 use crate::error::{BrokerError, RequestError, UpstreamError};
 use crate::secret::MasterKey;
@@ -216,21 +215,8 @@ impl Forwarder {
             trimmed.parse::<Uri>().map_err(|e| format!("{url}: {e}"))?;
             Ok(trimmed.to_owned())
         };
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_connect_timeout(Some(connect_timeout));
-        http.set_nodelay(true);
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
-            .map_err(|e| format!("TLS set-up failed: {e}"))?
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
         Ok(Self {
-            client: Client::builder(TokioExecutor::new())
-                .pool_idle_timeout(Duration::from_secs(50))
-                .build(https),
+            client: crate::upstream::pooled_client(connect_timeout)?,
             identity: base(identity_url)?,
             account: base(account_url)?,
             key,

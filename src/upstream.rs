@@ -67,23 +67,7 @@ impl TruoraClient {
         let url: Uri = format!("{}{MINT_PATH}", account_url.trim_end_matches('/'))
             .parse()
             .map_err(|e| format!("upstream.account_url: {e}"))?;
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_connect_timeout(Some(connect_timeout.min(timeout)));
-        http.set_nodelay(true);
-        http.set_keepalive(Some(Duration::from_secs(60)));
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
-            .map_err(|e| format!("TLS set-up failed: {e}"))?
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
-        // Keep-alive connections are reused; a pooled connection that the peer closed before
-        // our request was written is retried by the pool itself (nothing was sent).
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(50))
-            .build(https);
+        let client = pooled_client(connect_timeout.min(timeout))?;
         Ok(Self {
             client,
             url,
@@ -149,6 +133,34 @@ impl TruoraClient {
             .await
             .map_err(|_| UpstreamError::Timeout)?
     }
+}
+
+/// A pooled HTTPS (or, for tests and the sandbox, HTTP) client to Truora: rustls with ring and
+/// Mozilla's roots, HTTP/2 where offered, TCP keep-alive, connections kept for reuse.
+/// Keep-alive connections are reused; a pooled connection that the peer closed before a
+/// request was written is retried by the pool itself (nothing was sent).
+pub fn pooled_client<B>(
+    connect_timeout: Duration,
+) -> Result<Client<HttpsConnector<HttpConnector>, B>, String>
+where
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+{
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(connect_timeout));
+    http.set_nodelay(true);
+    http.set_keepalive(Some(Duration::from_secs(60)));
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
+        .map_err(|e| format!("TLS set-up failed: {e}"))?
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(50))
+        .build(https))
 }
 
 impl Mint for Arc<TruoraClient> {
