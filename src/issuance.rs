@@ -106,6 +106,9 @@ type FlightResult = Option<Result<Arc<Entry>, BrokerError>>;
 pub struct Issuer {
     cache: TokenCache,
     inflight: Mutex<HashMap<CacheKey, watch::Receiver<FlightResult>>>,
+    /// Bumped by every invalidation: a flight that started before one does not fill the cache,
+    /// so a token dropped while its mint was in flight does not come back.
+    invalidations: std::sync::atomic::AtomicU64,
     mint: Arc<dyn Mint>,
     policy: Policy,
     metrics: Arc<Metrics>,
@@ -135,6 +138,7 @@ impl Issuer {
         Arc::new(Self {
             cache: TokenCache::observed(settings.max_entries, Arc::clone(&metrics)),
             inflight: Mutex::new(HashMap::new()),
+            invalidations: std::sync::atomic::AtomicU64::new(0),
             mint,
             policy,
             metrics,
@@ -227,6 +231,8 @@ impl Issuer {
     /// Drops this caller's cached tokens for the flow and/or account; returns how many.
     pub fn invalidate(&self, caller: &str, flow_id: Option<&str>, account_id: Option<&str>) -> u64 {
         access::note_caller(self.metrics.caller_slot(&Arc::from(caller)));
+        self.invalidations
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let n = self.cache.invalidate(caller, flow_id, account_id);
         let user = account_id.map(|a| {
             TokenRequest {
@@ -263,9 +269,12 @@ impl Issuer {
         }
         // Leaves the table even if minting panics; waiters then see the channel close.
         let leave = Leave(&self, key);
+        let generation = self.invalidations.load(std::sync::atomic::Ordering::SeqCst);
         let result = self.mint_entry(subject).await;
         if let Ok(entry) = &result {
-            if entry.serve_until > Instant::now() {
+            let invalidated =
+                self.invalidations.load(std::sync::atomic::Ordering::SeqCst) != generation;
+            if entry.serve_until > Instant::now() && !invalidated {
                 self.cache.insert(key, Arc::clone(entry));
             }
         }
@@ -656,6 +665,27 @@ mod tests {
         assert_eq!(issuer.invalidate("c", None, Some("u1")), 1);
         let again = issuer.issue(&caller, &req(USER_REQ)).await.unwrap();
         assert_eq!(again.cache, CacheStatus::Miss);
+        assert_eq!(fake.calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_token_invalidated_while_its_mint_is_in_flight_is_not_cached() {
+        let mut f = fake(7200);
+        f.delay = Duration::from_millis(200);
+        let (issuer, fake) = issuer(f, Duration::from_secs(900));
+        let caller: Arc<str> = "c".into();
+        let in_flight = {
+            let issuer = Arc::clone(&issuer);
+            let caller = Arc::clone(&caller);
+            tokio::spawn(async move { issuer.issue(&caller, &req(USER_REQ)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        issuer.invalidate("c", None, Some("u1"));
+        // The waiter still gets its token...
+        assert_eq!(in_flight.await.unwrap().unwrap().cache, CacheStatus::Miss);
+        // ...but it was not kept: the next request mints again.
+        let next = issuer.issue(&caller, &req(USER_REQ)).await.unwrap();
+        assert_eq!(next.cache, CacheStatus::Miss);
         assert_eq!(fake.calls.load(Ordering::SeqCst), 2);
     }
 
