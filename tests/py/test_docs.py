@@ -234,6 +234,18 @@ class NamesInTheDocs(unittest.TestCase):
             self.assertIn(f"`{code}`", runbook)
 
 
+class MakeTargets(unittest.TestCase):
+    def test_the_readme_lists_every_make_target(self):
+        makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+        phony = set(re.search(r"^\.PHONY:(.*)$", makefile, re.M).group(1).split())
+        self.assertIn("status-screenshot", phony)
+        for target in phony:
+            self.assertRegex(makefile, rf"(?m)^{re.escape(target)}:", f"{target} is .PHONY but not defined")
+        table = (ROOT / "README.md").read_text(encoding="utf-8").split("## Make targets", 1)[1].split("\n## ", 1)[0]
+        listed = set(re.findall(r"`make ([a-z-]+)`", table))
+        self.assertEqual(listed, phony, "the README's Make targets table and the Makefile disagree")
+
+
 class Links(unittest.TestCase):
     def test_every_relative_link_resolves(self):
         pages = [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
