@@ -179,7 +179,8 @@ def digest(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def serve_config(upstream_port: int, server: str = "", upstream: str = "", clients: str = "") -> str:
+def serve_config(upstream_port: int, server: str = "", upstream: str = "", clients: str = "",
+                 timeout: str = "1s") -> str:
     """A `serve` config (Serve fills in {listen} and {admin}) with one unrestricted caller."""
     return f"""
 [server]
@@ -189,7 +190,7 @@ shutdown_timeout = "1s"
 {server}
 [upstream]
 account_url = "http://127.0.0.1:{upstream_port}"
-timeout = "1s"
+timeout = "{timeout}"
 {upstream}
 [[clients]]
 id = "openapi"
@@ -548,8 +549,10 @@ class LiveAnswers(unittest.TestCase):
             b.truora = FakeTruora(mints=True)
             cls.closing.append(b.truora)
             env = clean_env(TRUORA_API_KEY="openapi-test-master-key")
-            b.hang = Serve(serve_config(b.hanging_truora.port, upstream="max_concurrent = 1\nbreaker_threshold = 10"),
-                           env=env)
+            # 2 s of upstream.timeout: the saturation case's second request must arrive while the
+            # first still holds the only upstream slot, even on a loaded machine.
+            b.hang = Serve(serve_config(b.hanging_truora.port, upstream="max_concurrent = 1\nbreaker_threshold = 10",
+                                        timeout="2s"), env=env)
             cls.closing.append(b.hang)
             b.closed = Serve(serve_config(free_port(), upstream="breaker_threshold = 1"), env=env)
             cls.closing.append(b.closed)
