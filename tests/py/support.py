@@ -143,10 +143,14 @@ class Serve(Process):
     def __init__(self, text: str, env=None):
         self.port, self.admin_port = free_port(), free_port()
         self._dir = tempfile.TemporaryDirectory()
-        path = pathlib.Path(self._dir.name) / "config.toml"
-        path.write_text(text.format(listen=self.port, admin=self.admin_port))
-        super().__init__([binary(), "serve", "--config", path], env=env)
+        self.config_path = pathlib.Path(self._dir.name) / "config.toml"
+        self.rewrite(text)
+        super().__init__([binary(), "serve", "--config", self.config_path], env=env)
         self._until_healthy()
+
+    def rewrite(self, text: str):
+        """Replaces the config file (ports filled in as at start); a reload reads it."""
+        self.config_path.write_text(text.format(listen=self.port, admin=self.admin_port))
 
     def close(self):
         try:
@@ -187,6 +191,20 @@ def request(method, url, headers=None, body=b"", timeout=TIMEOUT) -> Response:
         return Response(r.status, {k.lower(): v for k, v in r.getheaders()}, data)
     finally:
         conn.close()
+
+
+def raw_request(port: int, data: bytes, timeout=TIMEOUT) -> Response:
+    """Sends `data` as it is on a fresh loopback connection and reads one answer: for framings
+    and heads that http.client will not send."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        sock.sendall(data)
+        r = http.client.HTTPResponse(sock)
+        r.begin()
+        body = r.read()
+        return Response(r.status, {k.lower(): v for k, v in r.getheaders()}, body)
+    finally:
+        sock.close()
 
 
 def run(args, timeout=TIMEOUT, **kwargs) -> subprocess.CompletedProcess:

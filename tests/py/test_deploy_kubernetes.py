@@ -238,6 +238,14 @@ class WhatTheIssueAsks:
         self.assertEqual(r.pod["securityContext"]["fsGroup"], r.pod["securityContext"]["runAsGroup"])
         self.assertNotIn("TRUORA_API_KEY", {e["name"] for e in r.container.get("env", [])})
 
+    def test_mounted_files_follow_their_source(self):
+        # The kubelet updates a mounted Secret's or ConfigMap's files in place, which a reload
+        # then reads (a rotated master key), but never files mounted with subPath.
+        r = self.r
+        for mount in r.container["volumeMounts"]:
+            self.assertNotIn("subPath", mount, mount["name"])
+            self.assertNotIn("subPathExpr", mount, mount["name"])
+
     def test_the_config_is_mounted_where_the_command_reads_it(self):
         r = self.r
         config_mount = named(r.container["volumeMounts"], "config")

@@ -5,10 +5,11 @@ import os
 import re
 import shutil
 import tempfile
+import time
 import tomllib
 import unittest
 
-from support import DEPLOY, binary, clean_env, run
+from support import DEPLOY, TIMEOUT, Serve, binary, clean_env, request, run
 
 UNIT_PATH = DEPLOY / "systemd" / "token-broker.service"
 CONFIG_PATH = DEPLOY / "systemd" / "config.toml"
@@ -32,6 +33,17 @@ def directives(text):
 
 
 UNIT = directives(UNIT_TEXT)
+
+# A broker to send the unit's reload signal to: one caller, loopback, the key from the environment.
+SERVE_CONFIG = """
+[server]
+listen = "127.0.0.1:{listen}"
+admin_listen = "127.0.0.1:{admin}"
+shutdown_timeout = "1s"
+[[clients]]
+id = "checkout"
+token_sha256 = "6f9875170b98f62cce7eb623bcd6af012ddc74941c8b782b00cd1bc80e2b18bb"
+"""
 
 
 def service(key):
@@ -82,6 +94,27 @@ class TheUnit(unittest.TestCase):
         self.assertEqual(service("KillSignal"), "SIGTERM")
         drain = seconds(CONFIG["server"]["shutdown_timeout"])
         self.assertGreater(seconds(service("TimeoutStopSec")), drain)
+
+    def test_reload_sends_the_signal_the_broker_reloads_on(self):
+        # systemd runs ExecReload= with $MAINPID set to the service's main process: run the
+        # unit's own command line against a real broker and see the reload counted.
+        command = service("ExecReload")
+        self.assertIn("$MAINPID", command)
+        with Serve(SERVE_CONFIG, env=clean_env(TRUORA_API_KEY="systemd-reload-test-key")) as broker:
+            args = command.replace("$MAINPID", str(broker.proc.pid)).split()
+            self.assertTrue(os.access(args[0], os.X_OK), f"{args[0]} is not an executable here")
+            result = run(args)
+            self.assertEqual(result.returncode, 0, result.stderr)
+            deadline = time.monotonic() + TIMEOUT
+            while time.monotonic() < deadline:
+                time.sleep(0.05)
+                if broker.proc.poll() is not None:
+                    self.fail(f"the broker exited on `{command}`:\n{broker.output()}")
+                metrics = request("GET", f"{broker.admin}/metrics").text()
+                if 'token_broker_config_reloads_total{result="ok"} 1' in metrics:
+                    break
+            else:
+                self.fail(f"no reload counted after `{command}`:\n{broker.output()}")
 
     def test_a_bad_config_is_not_restarted_in_a_loop(self):
         self.assertEqual(service("Restart"), "on-failure")

@@ -24,6 +24,7 @@ import unittest
 from support import DOCS, ROOT, Demo, binary, clean_env, request, run
 
 SKIP = ("make run", "make test")
+RECORDING_RULE = re.compile(r"\b[a-z_]+:token_broker_[a-z0-9_]+:[a-z0-9_]+")
 STABLE = {"error", "field", "cache", "message", "invalidated", "code", "http_code", "ready"}
 
 
@@ -186,13 +187,19 @@ class ClientExamples(unittest.TestCase):
 
 
 class NamesInTheDocs(unittest.TestCase):
-    """Names the docs give operators exist in the broker: metrics, and every error code."""
+    """Names the docs give operators exist in the broker: metrics, recording rules, and every
+    error code."""
+
+    def pages(self):
+        return [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
 
     def test_every_metric_named_exists(self):
-        pages = [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
         named = set()
-        for page in pages:
-            named |= set(re.findall(r"\btoken_broker_[a-z_]+[a-z]", page.read_text(encoding="utf-8")))
+        for page in self.pages():
+            # A recording rule's name (level:metric:operations) holds a metric-like middle part
+            # that is no series of the broker: those names are checked against the rule file.
+            text = RECORDING_RULE.sub(" ", page.read_text(encoding="utf-8"))
+            named |= set(re.findall(r"\btoken_broker_[a-z_]+[a-z]", text))
         self.assertIn("token_broker_upstream_requests_total", named)
         with Demo() as demo:
             # requests_total gets its first series with the first answer.
@@ -201,6 +208,18 @@ class NamesInTheDocs(unittest.TestCase):
         for name in sorted(named):
             base = re.sub(r"_(bucket|sum|count)$", "", name)
             self.assertTrue(name in exposed or base in exposed, f"{name} is not a metric of the broker")
+
+    def test_every_recording_rule_named_exists(self):
+        import yaml
+
+        named = set()
+        for page in self.pages():
+            named |= set(RECORDING_RULE.findall(page.read_text(encoding="utf-8")))
+        self.assertIn("job:token_broker_cache_hit:ratio_rate5m", named)
+        rules = yaml.safe_load((ROOT / "deploy" / "prometheus" / "recording.rules.yml").read_text(encoding="utf-8"))
+        recorded = {r["record"] for group in rules["groups"] for r in group["rules"] if "record" in r}
+        for name in sorted(named):
+            self.assertIn(name, recorded, "a recording rule the docs name is not in deploy/prometheus")
 
     def test_the_runbook_covers_every_error_code(self):
         import yaml
@@ -213,6 +232,18 @@ class NamesInTheDocs(unittest.TestCase):
             if code in ("not_found", "method_not_allowed"):
                 continue  # listed by status (404, 405)
             self.assertIn(f"`{code}`", runbook)
+
+
+class MakeTargets(unittest.TestCase):
+    def test_the_readme_lists_every_make_target(self):
+        makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+        phony = set(re.search(r"^\.PHONY:(.*)$", makefile, re.M).group(1).split())
+        self.assertIn("status-screenshot", phony)
+        for target in phony:
+            self.assertRegex(makefile, rf"(?m)^{re.escape(target)}:", f"{target} is .PHONY but not defined")
+        table = (ROOT / "README.md").read_text(encoding="utf-8").split("## Make targets", 1)[1].split("\n## ", 1)[0]
+        listed = set(re.findall(r"`make ([a-z-]+)`", table))
+        self.assertEqual(listed, phony, "the README's Make targets table and the Makefile disagree")
 
 
 class Links(unittest.TestCase):
