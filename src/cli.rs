@@ -81,7 +81,7 @@ pub enum Command {
         /// Address of the caller API (POST /v1/tokens, POST /v1/api-keys, DELETE /v1/tokens).
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
-        /// Address of the admin endpoints (/metrics, /healthz, /readyz).
+        /// Address of the admin endpoints (/, /metrics, /healthz, /readyz, POST /admin/reload).
         #[arg(long, default_value = "127.0.0.1:9090")]
         admin_listen: SocketAddr,
     },
@@ -249,6 +249,7 @@ fn run(fut: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
 }
 
 async fn serve(path: PathBuf, config: Config, key: MasterKey) -> Result<(), String> {
+    let fingerprint = key.fingerprint();
     let server = Server::from_config(&config, key)
         .await
         .map_err(|e| e.to_string())?;
@@ -261,19 +262,20 @@ async fn serve(path: PathBuf, config: Config, key: MasterKey) -> Result<(), Stri
             "upstream.account_url is plain http: the master key crosses the network unencrypted"
         );
     }
-    log_ready(&server, config.clients.len())?;
+    log_ready(&server, config.clients.len(), &fingerprint)?;
     server.run(shutdown_signal()).await;
     tracing::info!("stopped");
     Ok(())
 }
 
-fn log_ready(server: &Server, callers: usize) -> Result<(), String> {
+fn log_ready(server: &Server, callers: usize, key: &str) -> Result<(), String> {
     let caller = server.caller_addr().map_err(|e| e.to_string())?;
     let admin = server.admin_addr().map_err(|e| e.to_string())?;
     tracing::info!(
         listen = %caller,
         admin_listen = %admin,
         callers,
+        key,
         "token-broker {} ready",
         env!("CARGO_PKG_VERSION")
     );
@@ -374,12 +376,13 @@ async fn demo(listen: SocketAddr, admin_listen: SocketAddr) -> Result<(), String
     let config = demo_config(&sandbox.url(), listen, admin_listen);
     config.validate().map_err(|e| e.to_string())?;
     let key = MasterKey::new(&master_key).ok_or("empty sandbox key")?;
+    let fingerprint = key.fingerprint();
     let server = Server::from_config(&config, key)
         .await
         .map_err(|e| format!("{e} (choose others with --listen and --admin-listen)"))?;
     let caller = server.caller_addr().map_err(|e| e.to_string())?;
     let admin = server.admin_addr().map_err(|e| e.to_string())?;
-    log_ready(&server, 1)?;
+    log_ready(&server, 1, &fingerprint)?;
     println!("{}", demo_instructions(caller, admin, &sandbox.url()));
     server.run(shutdown_signal()).await;
     Ok(())
@@ -392,10 +395,12 @@ pub fn demo_config(sandbox_url: &str, listen: SocketAddr, admin_listen: SocketAd
     config.server.admin_listen = admin_listen;
     config.server.shutdown_timeout = Duration::from_secs(2);
     config.upstream.account_url = sandbox_url.to_owned();
+    config.upstream.identity_url = sandbox_url.to_owned();
     config.upstream.web_url = sandbox_url.to_owned();
     config.clients.push(ClientConfig {
         id: "demo".into(),
         token_sha256: Some(SecretDigest::of(DEMO_SECRET.as_bytes()).to_hex()),
+        passthrough: vec!["GET /truora/identity/v1/processes/*/result".into()],
         ..Default::default()
     });
     config
@@ -408,7 +413,7 @@ pub fn demo_instructions(caller: SocketAddr, admin: SocketAddr, sandbox: &str) -
         r#"
 token-broker demo is running.
   caller API : {base}   (client "demo", secret "{DEMO_SECRET}")
-  admin      : http://{admin}   (/metrics, /healthz, /readyz)
+  admin      : http://{admin}   (status page at /, /metrics, /healthz, /readyz)
   upstream   : {sandbox}   (embedded sandbox Truora: real JWTs, Truora's error shapes)
 
 Mint a token (run it twice: the second answer says "cache":"hit" and carries the same api_key):
@@ -440,6 +445,10 @@ Truora failing (flow IPFsandbox429 answers 429, IPFsandbox500 a 500, IPFsandbox4
 
   curl -s -i -X POST {base}/v1/tokens -H 'Authorization: Bearer {DEMO_SECRET}' \
     -d country=CO -d flow_id=IPFsandbox429 -d redirect_url=https://example.com/done -d account_id=demo-user-1
+
+Read a validation result through the broker (pass-through: the master key is added by the broker):
+
+  curl -s {base}/truora/identity/v1/processes/IDP0123456789/result -H 'Authorization: Bearer {DEMO_SECRET}'
 
 Metrics:
 

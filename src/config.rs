@@ -47,7 +47,8 @@ pub struct ServerConfig {
     /// Address of the caller API (`POST /v1/tokens`, `POST /v1/api-keys`, `DELETE /v1/tokens`).
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
-    /// Address of the admin endpoints (`/metrics`, `/healthz`, `/readyz`); never the token API.
+    /// Address of the admin endpoints (the status page `/`, `/metrics`, `/healthz`, `/readyz`,
+    /// `POST /admin/reload`); never the token API.
     #[serde(default = "default_admin_listen")]
     pub admin_listen: SocketAddr,
     /// Largest request body accepted, in bytes; larger bodies get 413.

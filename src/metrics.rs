@@ -335,6 +335,7 @@ impl Metrics {
             .buckets(UPSTREAM_BUCKETS.to_vec()),
             &["pattern"],
         )?;
+        passthrough_requests.with_label_values(&["denied", "403"]);
         registry.register(Box::new(passthrough_requests.clone()))?;
         registry.register(Box::new(passthrough_duration.clone()))?;
         registry.register(Box::new(requests.clone()))?;

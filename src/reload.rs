@@ -33,6 +33,8 @@ pub struct Reloaded {
     pub revoked: Vec<String>,
     /// Sections that changed but only take effect at the next start.
     pub restart_required: Vec<&'static str>,
+    /// The fingerprint of the master key now in use ([`crate::secret::MasterKey::fingerprint`]).
+    pub key_fingerprint: String,
 }
 
 /// Re-reads one config file into a running broker.
@@ -75,6 +77,7 @@ impl Reloader {
                     callers = done.callers,
                     revoked = ?done.revoked,
                     restart_required = ?done.restart_required,
+                    key = %done.key_fingerprint,
                     "configuration reloaded"
                 );
             }
@@ -96,6 +99,7 @@ impl Reloader {
                     "callers": done.callers,
                     "revoked": done.revoked,
                     "restart_required": done.restart_required,
+                    "key_fingerprint": done.key_fingerprint,
                 })
                 .to_string(),
             ),
@@ -125,6 +129,7 @@ impl Reloader {
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let restart_required = restart_required(&running, &new);
 
+        let key_fingerprint = key.fingerprint();
         self.client.set_key(key);
         if let (Some(slot), Some(tls)) = (&self.tls, tls) {
             slot.store(tls);
@@ -155,6 +160,7 @@ impl Reloader {
             callers,
             revoked,
             restart_required,
+            key_fingerprint,
         })
     }
 }

@@ -30,6 +30,15 @@ impl MasterKey {
     pub fn expose(&self) -> &str {
         self.0.expose_secret()
     }
+
+    /// A non-secret fingerprint (`sha256:` and 8 hex digits of the key's SHA-256), so that an
+    /// operator can tell which key is loaded after a rotation without seeing it.
+    pub fn fingerprint(&self) -> String {
+        format!(
+            "sha256:{}",
+            hex(&Sha256::digest(self.expose().as_bytes())[..4])
+        )
+    }
 }
 
 impl fmt::Debug for MasterKey {
@@ -103,6 +112,19 @@ mod tests {
         assert_eq!(key.expose(), "super-secret-master-key");
         let shown = format!("{key:?}");
         assert!(!shown.contains("super-secret"), "{shown}");
+    }
+
+    #[test]
+    fn the_fingerprint_tells_keys_apart_without_showing_them() {
+        let a = MasterKey::new("key-a").unwrap();
+        let b = MasterKey::new("key-b").unwrap();
+        assert_ne!(a.fingerprint(), b.fingerprint());
+        assert_eq!(
+            a.fingerprint(),
+            MasterKey::new("key-a\n").unwrap().fingerprint()
+        );
+        assert!(a.fingerprint().starts_with("sha256:") && a.fingerprint().len() == 15);
+        assert!(!a.fingerprint().contains("key-a"));
     }
 
     #[test]

@@ -6,9 +6,11 @@
 //! - `POST /v1/tokens`: a token in the broker's JSON shape.
 //! - `POST /v1/api-keys`: drop-in for Truora's own endpoint, Truora's shapes for answers and errors.
 //! - `DELETE /v1/tokens?flow_id=..&account_id=..`: drops this caller's matching cached tokens.
+//! - `/truora/identity/...`, `/truora/account/...`: pass-through to Truora, per allowlist.
 //!
-//! Admin listener (`server.admin_listen`): `GET /metrics`, `/healthz`, `/readyz`. Never the token
-//! API, so it can be exposed to Prometheus without exposing minting.
+//! Admin listener (`server.admin_listen`): the status page `GET /`, `GET /metrics`, `/healthz`,
+//! `/readyz` and `POST /admin/reload`. Never the token API, so it can be exposed to Prometheus
+//! without exposing minting.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -659,7 +661,8 @@ fn invalidate<B>(state: &State, authed: &Authed<B>) -> Result<HttpResponse, Brok
     Ok(response)
 }
 
-/// The admin endpoints: the status page `/`, `/metrics`, `/healthz`, `/readyz`. Nothing else,
+/// The admin endpoints: the status page `/`, `/metrics`, `/healthz`, `/readyz`,
+/// `POST /admin/reload`. Nothing else,
 /// above all no tokens.
 pub async fn admin<B>(state: Arc<State>, req: Request<B>) -> Result<HttpResponse, Infallible> {
     let (status, content_type, body): (StatusCode, &'static str, Bytes) =
@@ -835,6 +838,12 @@ impl Server {
         );
         let clients = config.clients();
         metrics.register_callers(clients.iter().map(|c| &c.id));
+        // Every pass-through pattern's series exist from the start, at zero.
+        for pattern in clients.iter().flat_map(|c| c.passthrough.iter()) {
+            metrics
+                .passthrough_duration
+                .with_label_values(&[pattern.text()]);
+        }
         let mut state = State::new(issuer, Clients::new(clients), metrics);
         state.max_body_bytes = config.server.max_body_bytes;
         state.body_read_timeout = config.server.body_read_timeout;

@@ -689,7 +689,13 @@ async fn a_rotated_master_key_is_used_after_reload() {
     let r = b.tokens(CHECKOUT_SECRET, FORM).await;
     assert_eq!(r.json()["error"], "upstream_credential_rejected");
     std::fs::write(&b.key_path, format!("{rotated}\n")).unwrap();
-    assert_eq!(b.reload().await.status, StatusCode::OK);
+    let r = b.reload().await;
+    assert_eq!(r.status, StatusCode::OK);
+    // The answer says which key is now in use, without showing it.
+    assert_eq!(
+        r.json()["key_fingerprint"],
+        MasterKey::new(rotated).unwrap().fingerprint()
+    );
     let r = b.tokens(CHECKOUT_SECRET, FORM).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     assert!(b.sandbox.received().last().unwrap().key_matched);
