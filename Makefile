@@ -5,7 +5,7 @@ PYTHON ?= python3
 HEALTHCHECK := --manifest-path deploy/docker/healthcheck/Cargo.toml
 HEALTHCHECK_TARGET := --target-dir $(or $(CARGO_TARGET_DIR),target)/healthcheck
 
-.PHONY: run test test-py lint-deploy check fmt fmt-check clippy build bench clean fuzz deny rules status-screenshot
+.PHONY: run test test-deps test-py lint-deploy check fmt fmt-check clippy build bench clean fuzz deny rules status-screenshot
 
 FUZZ_TARGETS = form_body json_body cache_key upstream_answer
 FUZZ_SECONDS ?= 60
@@ -20,9 +20,14 @@ run:
 ## examples, the Dockerfile, the Kubernetes manifests and the systemd unit.
 ## tests/observability.rs runs promtool (check rules, test rules, check metrics on a live scrape)
 ## and headless Chromium on the status page. .ci/run installs all of it.
-test:
+test: test-deps
 	$(CARGO) test --locked
 	$(MAKE) --no-print-directory test-py
+
+## What the tests need beyond cargo (promtool, Chromium, curl, Python packages...), installed when
+## missing (as root; otherwise it says what to install). Quick when all is there.
+test-deps:
+	@bash tests/install-deps.sh
 
 ## Only the Python checks (needs target/debug/token-broker: `cargo build` or `make test`).
 test-py:

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# What `make test` needs beyond the Rust toolchain, installed when missing: quick and silent when
+# everything is there, so `make test` runs it every time. As root with apt-get (a fresh machine,
+# CI) it installs; otherwise it names what is missing and how to install it, and fails.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+apt=()        # installed with their recommends
+apt_slim=()   # installed without: a desktop's worth of recommends otherwise
+command -v kill >/dev/null || apt+=(procps)                 # the CLI tests send signals with kill(1)
+command -v cc >/dev/null || apt+=(gcc)                      # ring builds a little C
+command -v curl >/dev/null || apt+=(curl)                   # the README's snippets run against the demo
+command -v systemd-analyze >/dev/null || apt+=(systemd)     # verifies deploy/systemd
+command -v node >/dev/null || apt+=(nodejs)                 # runs docs/examples/token-client.mjs
+command -v pip3 >/dev/null || python3 -m pip --version >/dev/null 2>&1 || apt+=(python3-pip)
+command -v promtool >/dev/null || apt_slim+=(prometheus)    # tests/observability.rs: rules, metrics
+command -v chromium >/dev/null || apt_slim+=(chromium fonts-liberation)  # the status page test
+
+if ((${#apt[@]} + ${#apt_slim[@]})); then
+    if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
+        echo "make test needs: ${apt[*]} ${apt_slim[*]}" >&2
+        echo "install them with: sudo apt-get install ${apt[*]} ${apt_slim[*]}" >&2
+        exit 1
+    fi
+    echo "installing what the tests need: ${apt[*]} ${apt_slim[*]}"
+    apt-get update -qq
+    if ((${#apt[@]})); then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${apt[@]}" >/dev/null
+    fi
+    if ((${#apt_slim[@]})); then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${apt_slim[@]}" >/dev/null
+    fi
+    # Only promtool is wanted from the prometheus package: if installing it started the
+    # Prometheus server (where packages may start services), stop it again.
+    if [[ " ${apt_slim[*]} " == *" prometheus "* ]]; then
+        if command -v systemctl >/dev/null && systemctl is-active --quiet prometheus 2>/dev/null; then
+            systemctl stop prometheus || true
+        elif [ -x /etc/init.d/prometheus ] && /etc/init.d/prometheus status >/dev/null 2>&1; then
+            /etc/init.d/prometheus stop || true
+        fi
+    fi
+fi
+
+# tests/py: exact pins, the packages they pull in included. Nothing is fetched when they are
+# all installed already.
+python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+    -r tests/py/requirements.txt
