@@ -53,16 +53,18 @@ pub struct Broker {
     task: tokio::task::JoinHandle<()>,
 }
 
-impl Broker {
-    /// A sandbox and a broker in front of it; `tweak` adjusts the config and sandbox first.
-    pub async fn start(tweak: impl FnOnce(&mut Config, &mut SandboxOptions)) -> Self {
-        let mut options = SandboxOptions::new(MASTER_KEY);
-        let mut cfg = config("http://placeholder");
-        tweak(&mut cfg, &mut options);
-        let sandbox = Sandbox::start(options).await.unwrap();
-        cfg.upstream.account_url = sandbox.url();
+/// A broker of `cfg` (validated first) running in this process.
+pub struct Running {
+    pub url: String,
+    pub admin: String,
+    pub stop: oneshot::Sender<()>,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    pub async fn start(cfg: &Config) -> Self {
         cfg.validate().unwrap();
-        let server = Server::from_config(&cfg, MasterKey::new(MASTER_KEY).unwrap())
+        let server = Server::from_config(cfg, MasterKey::new(MASTER_KEY).unwrap())
             .await
             .unwrap();
         let url = format!("http://{}", server.caller_addr().unwrap());
@@ -71,6 +73,38 @@ impl Broker {
         let task = tokio::spawn(server.run(async {
             let _ = stopped.await;
         }));
+        Running {
+            url,
+            admin,
+            stop,
+            task,
+        }
+    }
+}
+
+/// A free loopback port (free when asked; bind it soon).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Broker {
+    /// A sandbox and a broker in front of it; `tweak` adjusts the config and sandbox first.
+    pub async fn start(tweak: impl FnOnce(&mut Config, &mut SandboxOptions)) -> Self {
+        let mut options = SandboxOptions::new(MASTER_KEY);
+        let mut cfg = config("http://placeholder");
+        tweak(&mut cfg, &mut options);
+        let sandbox = Sandbox::start(options).await.unwrap();
+        cfg.upstream.account_url = sandbox.url();
+        let Running {
+            url,
+            admin,
+            stop,
+            task,
+        } = Running::start(&cfg).await;
         Broker {
             url,
             admin,
