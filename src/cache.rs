@@ -172,6 +172,11 @@ impl TokenCache {
         dropped
     }
 
+    /// Drops every entry (the shared tier does this when it may have missed invalidations).
+    pub fn clear(&self) {
+        self.inner.invalidate_all();
+    }
+
     /// Entries held now (after pending evictions are applied).
     pub fn len(&self) -> u64 {
         self.inner.run_pending_tasks();

@@ -197,6 +197,9 @@ pub fn main() -> ExitCode {
 fn load(path: &std::path::Path) -> Result<(Config, MasterKey), ConfigError> {
     let config = Config::load(path)?;
     let key = config.master_key()?;
+    if let Some(shared) = &config.cache.shared {
+        crate::shared_cache::SharedSecrets::load(shared)?;
+    }
     Ok((config, key))
 }
 

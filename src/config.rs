@@ -183,6 +183,85 @@ pub struct CacheConfig {
     /// `GET /truora/identity/v1/processes/*/result` is kept, per caller and path. `0s`: off.
     #[serde(default, with = "humantime_serde")]
     pub result_ttl: Duration,
+    /// `[cache.shared]`: a second tier in Redis shared by every replica. Absent: the cache is
+    /// this process's alone (see docs/scaling.md).
+    #[serde(default)]
+    pub shared: Option<SharedCacheConfig>,
+}
+
+/// `[cache.shared]`: the Redis tier shared by replicas (see `crate::shared_cache`).
+#[derive(Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SharedCacheConfig {
+    /// `redis://host:port/db` or `rediss://` for TLS; a user and password may be given in it.
+    pub url: String,
+    /// File holding the Redis password (AUTH), when it is not in `url`.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// File holding the 32-byte value encryption key as 64 hex digits. When absent the key comes
+    /// from `TOKEN_BROKER_CACHE_ENCRYPTION_KEY`.
+    #[serde(default)]
+    pub encryption_key_file: Option<PathBuf>,
+    /// PEM file of the CA certificates that sign Redis's certificate (`rediss://` only). Absent:
+    /// Mozilla's roots and the system's.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Prefix of every Redis key and channel the broker uses, so brokers of different
+    /// deployments can share one Redis.
+    #[serde(default = "default_shared_key_prefix")]
+    pub key_prefix: String,
+    /// The longest one Redis call (or connecting) may take; past it the broker goes on without
+    /// Redis for that request.
+    #[serde(default = "default_shared_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Life of the fleet-wide minting lock: a replica that dies holding it delays others by at
+    /// most this. Must exceed `upstream.deadline`, so a live holder never loses its lock.
+    #[serde(default = "default_shared_lock_ttl", with = "humantime_serde")]
+    pub lock_ttl: Duration,
+    /// Consecutive failed Redis calls that open the Redis breaker (calls skip Redis while open).
+    #[serde(default = "default_breaker_threshold")]
+    pub breaker_threshold: u32,
+    /// How long the Redis breaker stays open before Redis is tried again.
+    #[serde(default = "default_shared_breaker_cooldown", with = "humantime_serde")]
+    pub breaker_cooldown: Duration,
+}
+
+impl std::fmt::Debug for SharedCacheConfig {
+    /// The URL may hold Redis's password: only its scheme and host are shown.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedCacheConfig")
+            .field("url", &redacted_url(&self.url))
+            .field("password_file", &self.password_file)
+            .field("encryption_key_file", &self.encryption_key_file)
+            .field("ca_file", &self.ca_file)
+            .field("key_prefix", &self.key_prefix)
+            .field("timeout", &self.timeout)
+            .field("lock_ttl", &self.lock_ttl)
+            .field("breaker_threshold", &self.breaker_threshold)
+            .field("breaker_cooldown", &self.breaker_cooldown)
+            .finish()
+    }
+}
+
+/// A Redis URL without its user info, path or query: safe for a log line.
+pub fn redacted_url(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("?", url));
+    let host = rest.split(['/', '?']).next().unwrap_or("");
+    let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
+    format!("{scheme}://{host}")
+}
+
+fn default_shared_key_prefix() -> String {
+    "token-broker:".into()
+}
+fn default_shared_timeout() -> Duration {
+    Duration::from_millis(250)
+}
+fn default_shared_lock_ttl() -> Duration {
+    Duration::from_secs(15)
+}
+fn default_shared_breaker_cooldown() -> Duration {
+    Duration::from_secs(5)
 }
 
 /// One `[[clients]]` entry: an internal caller. It authenticates with a bearer secret
@@ -372,6 +451,7 @@ impl Default for CacheConfig {
             max_entries: default_max_entries(),
             min_remaining: default_min_remaining(),
             result_ttl: Duration::ZERO,
+            shared: None,
         }
     }
 }
@@ -586,6 +666,10 @@ impl Config {
                 "cache.min_remaining",
                 "must be less than 2h, the lifetime of Truora's tokens, or nothing could be reused",
             ));
+        }
+
+        if let Some(shared) = &c.shared {
+            shared.validate(self.upstream.deadline)?;
         }
 
         if self.clients.is_empty() {

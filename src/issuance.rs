@@ -30,6 +30,7 @@ use crate::error::{BrokerError, UpstreamError};
 use crate::metrics::Metrics;
 use crate::request::TokenRequest;
 use crate::resilience::Policy;
+use crate::shared_cache::{LockOutcome, SharedTier, SharedToken};
 use crate::token;
 use crate::upstream::Mint;
 
@@ -100,7 +101,7 @@ impl Issued {
     }
 }
 
-type FlightResult = Option<Result<Arc<Entry>, BrokerError>>;
+type FlightResult = Option<Result<(Arc<Entry>, CacheStatus), BrokerError>>;
 
 /// The core: cache, single flight and minting.
 pub struct Issuer {
@@ -113,6 +114,8 @@ pub struct Issuer {
     policy: Policy,
     metrics: Arc<Metrics>,
     settings: IssuerSettings,
+    /// `[cache.shared]`: consulted only on a local miss and on invalidation.
+    shared: Option<SharedTier>,
 }
 
 /// What a flight needs to build its entry, owned so the flight outlives the request.
@@ -132,17 +135,34 @@ impl Issuer {
         policy: Policy,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
+        Self::with_shared(settings, mint, policy, metrics, None)
+    }
+
+    /// [`Issuer::new`] with a Redis tier shared by replicas behind the local cache.
+    pub fn with_shared(
+        settings: IssuerSettings,
+        mint: Arc<dyn Mint>,
+        policy: Policy,
+        metrics: Arc<Metrics>,
+        shared: Option<SharedTier>,
+    ) -> Arc<Self> {
+        let cache = TokenCache::observed(settings.max_entries, Arc::clone(&metrics));
+        let shared = shared.map(|mut tier| {
+            tier.listen(cache.clone());
+            tier
+        });
         metrics
             .cache_max_entries
             .set(i64::try_from(settings.max_entries).unwrap_or(i64::MAX));
         Arc::new(Self {
-            cache: TokenCache::observed(settings.max_entries, Arc::clone(&metrics)),
+            cache,
             inflight: Mutex::new(HashMap::new()),
             invalidations: std::sync::atomic::AtomicU64::new(0),
             mint,
             policy,
             metrics,
             settings,
+            shared,
         })
     }
 
@@ -214,7 +234,7 @@ impl Issuer {
             .map_err(|_| BrokerError::Internal("the upstream call was lost"))?
             .clone();
         match result {
-            Some(Ok(entry)) => Ok(self.answer(entry, CacheStatus::Miss, Instant::now())),
+            Some(Ok((entry, cache))) => Ok(self.answer(entry, cache, Instant::now())),
             Some(Err(e)) => Err(e),
             None => Err(BrokerError::Internal("the upstream call was lost")),
         }
@@ -270,8 +290,14 @@ impl Issuer {
         // Leaves the table even if minting panics; waiters then see the channel close.
         let leave = Leave(&self, key);
         let generation = self.invalidations.load(std::sync::atomic::Ordering::SeqCst);
-        let result = self.mint_entry(subject).await;
-        if let Ok(entry) = &result {
+        let result = match &self.shared {
+            None => self
+                .mint_entry(subject)
+                .await
+                .map(|e| (e, CacheStatus::Miss)),
+            Some(shared) => self.fly_fleet(shared, &key, subject).await,
+        };
+        if let Ok((entry, _)) = &result {
             let invalidated =
                 self.invalidations.load(std::sync::atomic::Ordering::SeqCst) != generation;
             if entry.serve_until > Instant::now() && !invalidated {
@@ -298,6 +324,11 @@ impl Issuer {
 
     /// Mints a token upstream (through the resilience policy) and builds its entry.
     async fn mint_entry(&self, subject: Subject) -> Result<Arc<Entry>, BrokerError> {
+        self.mint_token(subject).await.map(|(entry, _)| entry)
+    }
+
+    /// [`Issuer::mint_entry`], also giving what the shared tier stores.
+    async fn mint_token(&self, subject: Subject) -> Result<(Arc<Entry>, SharedToken), BrokerError> {
         let token = Zeroizing::new(
             self.policy
                 .call(&subject.caller, &*self.mint, &subject.form)
@@ -343,19 +374,39 @@ impl Issuer {
             lifetime_s = lifetime.as_secs(),
             "token minted"
         );
-        Ok(Arc::new(Entry {
-            tokens_prefix: self.tokens_prefix(&token, expires_at),
-            dropin_body: dropin_body(&token),
+        let shared = SharedToken {
+            token: Zeroizing::new(token.as_str().to_owned()),
+            expires_at,
+            lifetime,
+            caller: subject.caller.as_ref().into(),
+            flow_id: subject.flow_id.as_ref().into(),
+            account_id: subject.account_id.as_deref().map(Into::into),
+        };
+        let entry = self.entry(&token, received, expires, expires_at, subject);
+        Ok((entry, shared))
+    }
+
+    fn entry(
+        &self,
+        token: &str,
+        now: Instant,
+        expires: Instant,
+        expires_at: SystemTime,
+        subject: Subject,
+    ) -> Arc<Entry> {
+        Arc::new(Entry {
+            tokens_prefix: self.tokens_prefix(token, expires_at),
+            dropin_body: dropin_body(token),
             caller: subject.caller,
             flow_id: subject.flow_id,
             account_id: subject.account_id,
             expires,
             serve_until: expires
                 .checked_sub(self.settings.min_remaining)
-                .unwrap_or(received)
-                .max(received),
+                .unwrap_or(now)
+                .max(now),
             expires_at,
-        }))
+        })
     }
 
     fn tokens_prefix(&self, token: &str, expires_at: SystemTime) -> Zeroizing<Vec<u8>> {
@@ -375,6 +426,127 @@ impl Issuer {
         json_string(&mut out, &identity_url);
         out.extend_from_slice(b",\"cache\":\"");
         out
+    }
+}
+
+/// The shared tier (`[cache.shared]`): read-through, the fleet-wide lock, invalidation.
+impl Issuer {
+    /// The Redis tier, when configured.
+    pub fn shared(&self) -> Option<&SharedTier> {
+        self.shared.as_ref()
+    }
+
+    /// Drops the caller's matching tokens here, and, with a shared tier, in Redis and on every
+    /// other replica. When Redis cannot be reached the local tokens are dropped and the call
+    /// fails, so the caller knows to retry: other replicas may still hold the token.
+    pub async fn invalidate_everywhere(
+        &self,
+        caller: &str,
+        flow_id: Option<&str>,
+        account_id: Option<&str>,
+    ) -> Result<u64, BrokerError> {
+        let local = self.invalidate(caller, flow_id, account_id);
+        let Some(shared) = &self.shared else {
+            return Ok(local);
+        };
+        match shared.invalidate(caller, flow_id, account_id).await {
+            Ok(n) => Ok(local.max(n)),
+            Err(_) => Err(BrokerError::Internal(
+                "the shared cache could not be reached: the tokens were dropped on this replica only; retry",
+            )),
+        }
+    }
+
+    /// A local miss with a shared tier: Redis first; else one replica of the fleet takes the
+    /// lock and mints while the others poll for its value; Redis failing or the wait outlasting
+    /// the lock's life means minting here without it.
+    async fn fly_fleet(
+        &self,
+        shared: &SharedTier,
+        key: &CacheKey,
+        subject: Subject,
+    ) -> Result<(Arc<Entry>, CacheStatus), BrokerError> {
+        let give_up = Instant::now() + shared.wait_bound();
+        let mut pause = Duration::from_millis(5);
+        let mut waited = false;
+        let outcome = loop {
+            match shared.get(key).await {
+                Ok(Some(found)) => {
+                    if let Some(entry) = self.shared_entry(shared, found, &subject) {
+                        if waited {
+                            shared.count_lock(LockOutcome::Waited);
+                        }
+                        return Ok((entry, CacheStatus::Hit));
+                    }
+                }
+                Ok(None) => {}
+                Err(_) => break LockOutcome::Fallback,
+            }
+            match shared.lock(key).await {
+                Ok(Some(lock)) => {
+                    // Another replica may have stored its token and let go between the read
+                    // and the lock: read once more before minting.
+                    if let Ok(Some(found)) = shared.get(key).await {
+                        if let Some(entry) = self.shared_entry(shared, found, &subject) {
+                            shared.unlock(key, lock).await;
+                            return Ok((entry, CacheStatus::Hit));
+                        }
+                    }
+                    shared.count_lock(LockOutcome::Acquired);
+                    let result = self.mint_token(subject).await;
+                    if let Ok((entry, token)) = &result {
+                        if entry.serve_until > Instant::now() {
+                            let _ = shared.put(key, token).await;
+                        }
+                    }
+                    shared.unlock(key, lock).await;
+                    return result.map(|(entry, _)| (entry, CacheStatus::Miss));
+                }
+                Ok(None) if Instant::now() < give_up => {
+                    waited = true;
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(50));
+                }
+                _ => break LockOutcome::Fallback,
+            }
+        };
+        shared.count_lock(outcome);
+        self.mint_entry(subject)
+            .await
+            .map(|entry| (entry, CacheStatus::Miss))
+    }
+
+    /// The entry for a token read from Redis, with the life it has left by the wall clock;
+    /// `None` when it may no longer be handed out (inside `min_remaining`) or is not this
+    /// request's.
+    fn shared_entry(
+        &self,
+        shared: &SharedTier,
+        found: SharedToken,
+        subject: &Subject,
+    ) -> Option<Arc<Entry>> {
+        let remaining = found.expires_at.duration_since(SystemTime::now()).ok();
+        let usable = remaining.filter(|r| *r > self.settings.min_remaining);
+        let ours = found.caller == *subject.caller && found.flow_id == *subject.flow_id;
+        let (Some(remaining), true) = (usable, ours) else {
+            shared.count_stale();
+            return None;
+        };
+        let now = Instant::now();
+        let subject = Subject {
+            caller: Arc::clone(&subject.caller),
+            flow_id: subject.flow_id.clone(),
+            account_id: subject.account_id.clone(),
+            user: String::new(),
+            form: String::new(),
+        };
+        Some(self.entry(
+            &found.token,
+            now,
+            now + remaining,
+            found.expires_at,
+            subject,
+        ))
     }
 }
 

@@ -15,6 +15,7 @@
 //! - [`request`]: the caller's form or JSON body, parsed once and validated into a [`request::TokenRequest`].
 //! - [`issuance`]: the core. Cache lookup, single-flight minting, response bytes. Knows nothing of hyper.
 //! - [`cache`]: the in-process token cache and its expiry policy.
+//! - [`shared_cache`]: the optional Redis tier shared by replicas, and the fleet-wide minting lock.
 //! - [`resilience`]: what guards a miss: budgets, concurrency cap, throttle window, breaker, retries.
 //! - [`upstream`]: the call to Truora's `POST /v1/api-keys` and the reading of its answer.
 //! - [`token`]: reading a minted token's JWT claims for its lifetime.
@@ -44,6 +45,7 @@ pub mod resilience;
 pub mod sandbox;
 pub mod secret;
 pub mod server;
+pub mod shared_cache;
 pub mod status;
 pub mod tls;
 pub mod token;

@@ -49,6 +49,7 @@ use crate::reload::Reloader;
 use crate::request::{invalidation_filter, TokenRequest};
 use crate::resilience::{Policy, ResilienceSettings};
 use crate::secret::MasterKey;
+use crate::shared_cache::{SharedSecrets, SharedTier};
 use crate::status::StatusView;
 use crate::upstream::TruoraClient;
 
@@ -444,7 +445,10 @@ where
             check_framing(authed.req.headers())?;
             match authed.route {
                 Route::Tokens | Route::ApiKeys => issue(&state, authed).await,
-                Route::Invalidate => invalidate(&state, &authed),
+                Route::Invalidate => {
+                    let query = authed.req.uri().query().unwrap_or("").to_owned();
+                    invalidate(&state, &authed.caller.id, &query).await
+                }
                 Route::Passthrough => passthrough(&state, authed).await,
                 Route::MethodNotAllowed(allow) => {
                     Err(RequestError::MethodNotAllowed { allow }.into())
@@ -647,13 +651,16 @@ where
     }
 }
 
-fn invalidate<B>(state: &State, authed: &Authed<B>) -> Result<HttpResponse, BrokerError> {
-    let filter = invalidation_filter(authed.req.uri().query().unwrap_or(""))?;
-    let n = state.issuer.invalidate(
-        &authed.caller.id,
-        filter.flow_id.as_deref(),
-        filter.account_id.as_deref(),
-    );
+async fn invalidate(state: &State, caller: &str, query: &str) -> Result<HttpResponse, BrokerError> {
+    let filter = invalidation_filter(query)?;
+    let n = state
+        .issuer
+        .invalidate_everywhere(
+            caller,
+            filter.flow_id.as_deref(),
+            filter.account_id.as_deref(),
+        )
+        .await?;
     let mut response = Response::new(full(format!("{{\"invalidated\":{n}}}")));
     let h = response.headers_mut();
     h.insert(CONTENT_TYPE, JSON.clone());
@@ -802,10 +809,9 @@ pub struct Server {
 impl Server {
     /// Assembles a broker from a validated config and binds its listeners.
     pub async fn from_config(config: &Config, key: MasterKey) -> io::Result<Self> {
-        let metrics = Arc::new(
-            Metrics::new(prometheus::Registry::new())
-                .map_err(|e| io::Error::other(e.to_string()))?,
-        );
+        let registry = prometheus::Registry::new();
+        let metrics =
+            Arc::new(Metrics::new(registry.clone()).map_err(|e| io::Error::other(e.to_string()))?);
         let tls = match &config.server.tls {
             Some(tls) => Some(Arc::new(arc_swap::ArcSwap::new(
                 crate::tls::server_config(tls).map_err(|e| io::Error::other(e.to_string()))?,
@@ -825,7 +831,18 @@ impl Server {
             ResilienceSettings::from_config(config),
             Arc::clone(&metrics),
         );
-        let issuer = Issuer::new(
+        let shared = match &config.cache.shared {
+            Some(shared) => Some(
+                SharedTier::new(
+                    shared,
+                    SharedSecrets::load(shared).map_err(|e| io::Error::other(e.to_string()))?,
+                    &registry,
+                )
+                .map_err(io::Error::other)?,
+            ),
+            None => None,
+        };
+        let issuer = Issuer::with_shared(
             IssuerSettings {
                 min_remaining: config.cache.min_remaining,
                 max_entries: config.cache.max_entries,
@@ -835,6 +852,7 @@ impl Server {
             Arc::new(Arc::clone(&client)),
             policy,
             Arc::clone(&metrics),
+            shared,
         );
         let clients = config.clients();
         metrics.register_callers(clients.iter().map(|c| &c.id));

@@ -12,6 +12,7 @@ command -v cc >/dev/null || apt+=(gcc)                      # ring builds a litt
 command -v curl >/dev/null || apt+=(curl)                   # the README's snippets run against the demo
 command -v systemd-analyze >/dev/null || apt+=(systemd)     # verifies deploy/systemd
 command -v node >/dev/null || apt+=(nodejs)                 # runs docs/examples/token-client.mjs
+command -v redis-server >/dev/null || apt+=(redis-server)   # tests/shared_cache.rs starts its own
 command -v pip3 >/dev/null || python3 -m pip --version >/dev/null 2>&1 || apt+=(python3-pip)
 command -v promtool >/dev/null || apt_slim+=(prometheus)    # tests/observability.rs: rules, metrics
 command -v chromium >/dev/null || apt_slim+=(chromium fonts-liberation)  # the status page test
@@ -29,6 +30,15 @@ if ((${#apt[@]} + ${#apt_slim[@]})); then
     fi
     if ((${#apt_slim[@]})); then
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${apt_slim[@]}" >/dev/null
+    fi
+    # The tests start redis-server themselves on free ports: if installing the package started
+    # the system's Redis service, stop it again.
+    if [[ " ${apt[*]} " == *" redis-server "* ]]; then
+        if command -v systemctl >/dev/null && systemctl is-active --quiet redis-server 2>/dev/null; then
+            systemctl stop redis-server || true
+        elif [ -x /etc/init.d/redis-server ] && /etc/init.d/redis-server status >/dev/null 2>&1; then
+            /etc/init.d/redis-server stop || true
+        fi
     fi
     # Only promtool is wanted from the prometheus package: if installing it started the
     # Prometheus server (where packages may start services), stop it again.

@@ -53,6 +53,44 @@ pub struct Broker {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// A broker of `cfg` (validated first) running in this process.
+pub struct Running {
+    pub url: String,
+    pub admin: String,
+    pub stop: oneshot::Sender<()>,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    pub async fn start(cfg: &Config) -> Self {
+        cfg.validate().unwrap();
+        let server = Server::from_config(cfg, MasterKey::new(MASTER_KEY).unwrap())
+            .await
+            .unwrap();
+        let url = format!("http://{}", server.caller_addr().unwrap());
+        let admin = format!("http://{}", server.admin_addr().unwrap());
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(server.run(async {
+            let _ = stopped.await;
+        }));
+        Running {
+            url,
+            admin,
+            stop,
+            task,
+        }
+    }
+}
+
+/// A free loopback port (free when asked; bind it soon).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 impl Broker {
     /// A sandbox and a broker in front of it; `tweak` adjusts the config and sandbox first.
     pub async fn start(tweak: impl FnOnce(&mut Config, &mut SandboxOptions)) -> Self {
@@ -62,16 +100,12 @@ impl Broker {
         let sandbox = Sandbox::start(options).await.unwrap();
         cfg.upstream.account_url = sandbox.url();
         cfg.upstream.identity_url = sandbox.url();
-        cfg.validate().unwrap();
-        let server = Server::from_config(&cfg, MasterKey::new(MASTER_KEY).unwrap())
-            .await
-            .unwrap();
-        let url = format!("http://{}", server.caller_addr().unwrap());
-        let admin = format!("http://{}", server.admin_addr().unwrap());
-        let (stop, stopped) = oneshot::channel();
-        let task = tokio::spawn(server.run(async {
-            let _ = stopped.await;
-        }));
+        let Running {
+            url,
+            admin,
+            stop,
+            task,
+        } = Running::start(&cfg).await;
         Broker {
             url,
             admin,
