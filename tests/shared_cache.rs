@@ -694,3 +694,118 @@ async fn every_shared_cache_series_is_documented() {
     })
     .await;
 }
+
+/// A `token-broker serve` process of its own, killed when dropped.
+struct Process {
+    child: Child,
+    url: String,
+}
+
+impl Process {
+    async fn start(dir: &Path, name: &str, mut cfg: Config) -> Self {
+        let (listen, admin) = (free_port(), free_port());
+        cfg.server.listen = format!("127.0.0.1:{listen}").parse().unwrap();
+        cfg.server.admin_listen = format!("127.0.0.1:{admin}").parse().unwrap();
+        let path = dir.join(format!("{name}.toml"));
+        std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_token-broker"))
+            .args(["serve", "--config", path.to_str().unwrap()])
+            .env("TRUORA_API_KEY", MASTER_KEY)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let admin_url = format!("http://127.0.0.1:{admin}/healthz");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while tokio::net::TcpStream::connect(("127.0.0.1", admin))
+            .await
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "{name} did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            send(Method::GET, &admin_url, &[], "").await.status,
+            StatusCode::OK
+        );
+        Process {
+            child,
+            url: format!("http://127.0.0.1:{listen}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_broker_processes_share_one_mint_and_survive_a_killed_lock_holder() {
+    bounded(async {
+        let mut redis = Redis::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let mut options = SandboxOptions::new(MASTER_KEY);
+        options.delay = Duration::from_millis(300);
+        let sandbox = Sandbox::start(options).await.unwrap();
+        let mut cfg = config(&sandbox.url());
+        cfg.upstream.timeout = Duration::from_secs(2);
+        cfg.upstream.deadline = Duration::from_secs(2);
+        let mut shared = redis.section(dir.path());
+        shared.lock_ttl = Duration::from_secs(3);
+        cfg.cache.shared = Some(shared);
+        let mut a = Process::start(dir.path(), "a", cfg.clone()).await;
+        let b = Process::start(dir.path(), "b", cfg).await;
+
+        // 200 identical requests, alternating between the two processes: one mint.
+        let mut tasks = Vec::new();
+        for i in 0..200 {
+            let url = if i % 2 == 0 {
+                a.url.clone()
+            } else {
+                b.url.clone()
+            };
+            tasks.push(tokio::spawn(async move {
+                post_tokens(&url, CHECKOUT_SECRET, FORM).await
+            }));
+        }
+        let mut tokens = std::collections::HashSet::new();
+        for t in tasks {
+            let r = t.await.unwrap();
+            assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+            tokens.insert(r.json()["api_key"].as_str().unwrap().to_owned());
+        }
+        assert_eq!(tokens.len(), 1);
+        assert_eq!(sandbox.calls(), 1);
+
+        // a takes the lock for a new user and is killed mid-mint: b waits at most for the
+        // lock's expiry, then mints itself.
+        sandbox.set_options(|o| o.delay = Duration::from_millis(1500));
+        let user = form_for("killed-holder");
+        let url = a.url.clone();
+        let doomed = {
+            let user = user.clone();
+            tokio::spawn(async move { post_tokens(&url, CHECKOUT_SECRET, &user).await })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        a.child.start_kill().unwrap();
+        let _ = a.child.wait().await;
+        drop(doomed);
+        sandbox.set_options(|o| o.delay = Duration::from_millis(50));
+        let started = Instant::now();
+        let r = post_tokens(&b.url, CHECKOUT_SECRET, &user).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        // It did wait for the dead holder's lock (so the lock was real)...
+        assert!(
+            started.elapsed() > Duration::from_secs(1),
+            "b did not wait: {:?}",
+            started.elapsed()
+        );
+        // ...but not past its expiry.
+        assert!(
+            started.elapsed() < Duration::from_secs(3) + Duration::from_millis(1500),
+            "b waited {:?}",
+            started.elapsed()
+        );
+        redis.stop().await;
+    })
+    .await;
+}
