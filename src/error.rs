@@ -169,6 +169,10 @@ pub enum Refusal {
     /// As many upstream calls are in flight as `upstream.max_concurrent` allows.
     #[error("too many calls to Truora in flight; retry shortly")]
     Saturated,
+    /// `DELETE /v1/tokens` with `[cache.shared]` while Redis cannot be reached: the tokens were
+    /// dropped on this replica only, other replicas may still hold them. Retry.
+    #[error("the shared cache could not be reached: the tokens were dropped on this replica only; retry")]
+    SharedCacheUnavailable,
     /// The mint budget (`upstream.mint_rate`, or the caller's `mint_rate`) is spent.
     #[error("{scope} mint budget exhausted; retry after {} s", retry_after.as_secs().max(1))]
     BudgetExceeded {
@@ -201,6 +205,7 @@ impl Refusal {
         match self {
             Refusal::CircuitOpen { .. } => "circuit_open",
             Refusal::Saturated => "saturated",
+            Refusal::SharedCacheUnavailable => "shared_cache_unavailable",
             Refusal::BudgetExceeded {
                 scope: BudgetScope::Global,
                 ..
@@ -272,7 +277,9 @@ impl BrokerError {
                 UpstreamError::Timeout => StatusCode::GATEWAY_TIMEOUT,
             },
             BrokerError::Refused(r) => match r {
-                Refusal::CircuitOpen { .. } | Refusal::Saturated => StatusCode::SERVICE_UNAVAILABLE,
+                Refusal::CircuitOpen { .. }
+                | Refusal::Saturated
+                | Refusal::SharedCacheUnavailable => StatusCode::SERVICE_UNAVAILABLE,
                 Refusal::BudgetExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
             },
             BrokerError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -314,6 +321,7 @@ impl BrokerError {
             BrokerError::Refused(r) => match r {
                 Refusal::CircuitOpen { .. } => "upstream_circuit_open",
                 Refusal::Saturated => "upstream_saturated",
+                Refusal::SharedCacheUnavailable => "shared_cache_unavailable",
                 Refusal::BudgetExceeded { .. } => "mint_budget_exceeded",
             },
             BrokerError::Internal(_) => "internal_error",
@@ -343,7 +351,7 @@ impl BrokerError {
             | BrokerError::Refused(Refusal::BudgetExceeded { retry_after, .. }) => {
                 Some(retry_after.as_secs_f64().ceil().max(1.0) as u64)
             }
-            BrokerError::Refused(Refusal::Saturated) => Some(1),
+            BrokerError::Refused(Refusal::Saturated | Refusal::SharedCacheUnavailable) => Some(1),
             _ => None,
         }
     }
@@ -604,6 +612,13 @@ mod tests {
         let err = BrokerError::from(Refusal::Saturated);
         assert_eq!(err.retry_after(), Some(1));
         check(err, 503, "upstream_saturated");
+    }
+
+    #[test]
+    fn an_unreachable_shared_cache_on_invalidation_is_503_with_retry_after() {
+        let err = BrokerError::from(Refusal::SharedCacheUnavailable);
+        assert_eq!(err.retry_after(), Some(1));
+        check(err, 503, "shared_cache_unavailable");
     }
 
     #[test]

@@ -451,9 +451,7 @@ impl Issuer {
         };
         match shared.invalidate(caller, flow_id, account_id).await {
             Ok(n) => Ok(local.max(n)),
-            Err(_) => Err(BrokerError::Internal(
-                "the shared cache could not be reached: the tokens were dropped on this replica only; retry",
-            )),
+            Err(_) => Err(crate::error::Refusal::SharedCacheUnavailable.into()),
         }
     }
 
