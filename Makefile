@@ -1,7 +1,7 @@
 # token-broker: the two commands of the README are `make run` and `make test`.
 CARGO ?= cargo
 
-.PHONY: run test check fmt fmt-check clippy build bench clean
+.PHONY: run test check fmt fmt-check clippy build bench bench-e2e bench-misses profile clean
 
 ## Build and run the demo: broker on 127.0.0.1:8080 (admin 9090) in front of an embedded sandbox Truora.
 run:
@@ -27,9 +27,24 @@ clippy:
 build:
 	$(CARGO) build --locked --release
 
-## Criterion benchmarks of the issuance core (not part of the tests; nothing fails on timing).
+## Criterion benchmarks of the issuance core and its parts (not part of the tests; nothing fails on timing).
 bench:
-	$(CARGO) bench --locked --bench issuance
+	$(CARGO) bench --locked --bench issuance --bench parts
+
+## End-to-end load benchmark on loopback: release build, then wrk against the broker, a bare hyper
+## server answering the same bytes and nginx as a caching proxy; prints req/s, p50, p99, ratios.
+## Needs wrk, nginx and curl (Debian: apt-get install -y wrk nginx curl). About 5 minutes.
+bench-e2e:
+	benches/e2e/run.sh hits
+
+## Misses on loopback: what the broker adds to the upstream's latency, and 100,000 distinct
+## misses with memory bounded by cache.max_entries. Needs wrk and curl.
+bench-misses:
+	benches/e2e/run.sh misses
+
+## Instructions per cache hit under callgrind (repeatable where timings are not). Needs valgrind.
+profile:
+	benches/profile.sh
 
 clean:
 	$(CARGO) clean
