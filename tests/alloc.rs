@@ -25,7 +25,7 @@ use support::*;
 const CORE_HIT_ALLOCATIONS: u64 = 4;
 /// Heap allocations of one cache hit through `caller_service`, request already built: see
 /// docs/performance.md ("Allocations per hit").
-const SERVICE_HIT_ALLOCATIONS: u64 = 12;
+const SERVICE_HIT_ALLOCATIONS: u64 = 7;
 
 /// Counts every allocation and reallocation made by the current thread.
 struct Counting;
