@@ -215,13 +215,7 @@ where
         let elapsed = this.started.elapsed();
         let label = this.route.label();
         this.metrics
-            .requests
-            .with_label_values(&[label, response.status().as_str()])
-            .inc();
-        this.metrics
-            .request_duration
-            .with_label_values(&[label])
-            .observe(elapsed.as_secs_f64());
+            .observe_request(label, response.status(), elapsed.as_secs_f64());
         tracing::debug!(
             route = label,
             status = response.status().as_u16(),
