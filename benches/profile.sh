@@ -16,29 +16,21 @@ mkdir -p "$out"
 cargo build --locked --profile profiling --example hit_loop
 bin=target/profiling/examples/hit_loop
 
-# total and SHA-256 instructions of one run
+# instructions of one run
 count() {
     local file=$out/callgrind.$1.$2
     valgrind --tool=callgrind --callgrind-out-file="$file" "$bin" "$1" "$2" >/dev/null 2>&1
-    local total sha
-    total=$(callgrind_annotate "$file" | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
-    sha=$(callgrind_annotate --threshold=100 "$file" |
-        awk '/:sha2::sha256::soft::compress( |$)/ {gsub(",", "", $1); s += $1} END {print s + 0}')
-    echo "$total $sha"
+    callgrind_annotate "$file" | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}'
 }
 
-printf '%-9s %22s %22s\n' path 'instructions/hit' 'without SHA-256'
-for what in core service requests; do
-    read -r t0 s0 < <(count "$what" 0)
-    read -r t1 s1 < <(count "$what" "$n")
-    per=$(((t1 - t0) / n))
-    sha=$(((s1 - s0) / n))
-    case $what in
-        requests) req=$per; req_sha=$sha ;;
-        *) eval "${what}_per=$per ${what}_sha=$sha" ;;
-    esac
+# instructions per iteration of a mode: (count at n - count at 0) / n
+declare -A per
+for what in core service requests key secret; do
+    per[$what]=$((($(count "$what" "$n") - $(count "$what" 0)) / n))
 done
-printf '%-9s %22d %22d\n' core "$core_per" $((core_per - core_sha))
-printf '%-9s %22d %22d   (request building, %d, subtracted)\n' service $((service_per - req)) \
-    $((service_per - service_sha - req + req_sha)) "$req"
-echo "(callgrind files in $out)"
+service=$((per[service] - per[requests]))
+printf '%-9s %18s %18s\n' path 'instructions/hit' 'without SHA-256'
+printf '%-9s %18d %18d\n' core "${per[core]}" $((per[core] - per[key]))
+printf '%-9s %18d %18d\n' service "$service" $((service - per[key] - per[secret]))
+echo "(service: request building, ${per[requests]}/hit, subtracted; SHA-256 under valgrind:" \
+    "cache key ${per[key]}, caller secret ${per[secret]} per hit; callgrind files in $out)"

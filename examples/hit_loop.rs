@@ -4,6 +4,9 @@
 //! `hit_loop core N`: N hits through the issuance core (parse + validate + key + lookup + answer).
 //! `hit_loop service N`: N hits through `caller_service` (every tower layer, no sockets).
 //! `hit_loop requests N`: only builds the N requests `service` sends, to subtract from it.
+//! `hit_loop key N`, `hit_loop secret N`: only the SHA-256 work of a hit (the cache key; the
+//! digest of the caller's secret), to subtract: valgrind's CPU has no SHA extensions, so sha2
+//! runs its portable code there, many times slower than SHA-NI on the hardware.
 //! Instructions per hit = (count at N - count at 0) / N; `make profile` does exactly that.
 
 #[path = "../benches/support/mod.rs"]
@@ -49,13 +52,26 @@ fn main() {
                 std::hint::black_box(response);
             }
         }
+        "key" => {
+            let req = TokenRequest::from_form(FORM).unwrap();
+            for _ in 0..n {
+                std::hint::black_box(token_broker::cache::key(CALLER, std::hint::black_box(&req)));
+            }
+        }
+        "secret" => {
+            for _ in 0..n {
+                std::hint::black_box(token_broker::secret::SecretDigest::of(
+                    std::hint::black_box(SECRET.as_bytes()),
+                ));
+            }
+        }
         "requests" => {
             for _ in 0..n {
                 std::hint::black_box(post("/v1/tokens", FORM));
             }
         }
         _ => {
-            eprintln!("usage: hit_loop core|service|requests N");
+            eprintln!("usage: hit_loop core|service|requests|key|secret N");
             std::process::exit(64);
         }
     }
