@@ -10,6 +10,7 @@
 //! little here.
 
 use std::borrow::Cow;
+use std::cell::RefCell;
 
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
@@ -580,6 +581,14 @@ fn check_text(field: &'static str, value: &str) -> Result<(), RequestError> {
 fn check_text_len(field: &str, value: &str, max: usize) -> Result<(), RequestError> {
     let rule = if value.len() > max {
         "is too long"
+    } else if value.is_ascii() {
+        // The common case, checked a byte at a time: the ASCII control characters are exactly
+        // those `char::is_control` finds in ASCII, and U+FFFD is not ASCII.
+        if value.bytes().any(|b| b.is_ascii_control()) {
+            "must not contain control characters"
+        } else {
+            return Ok(());
+        }
     } else if value.chars().any(char::is_control) {
         "must not contain control characters"
     } else if value.contains('\u{FFFD}') {
@@ -626,6 +635,25 @@ fn check_account_id(value: &str) -> Result<(), RequestError> {
 }
 
 fn check_redirect_url(value: &str) -> Result<(), RequestError> {
+    // Callers send the same few redirect URLs over and over (one per flow), and parsing one as a
+    // URI copies it twice. So each thread remembers the last URL that passed and does not parse
+    // it again: the check is a pure function of the text, and only a URL that passed is kept.
+    thread_local! {
+        static LAST_PASSED: RefCell<String> = const { RefCell::new(String::new()) };
+    }
+    if !value.is_empty() && LAST_PASSED.with(|last| last.borrow().as_str() == value) {
+        return Ok(());
+    }
+    check_redirect_url_uncached(value)?;
+    LAST_PASSED.with(|last| {
+        let mut last = last.borrow_mut();
+        last.clear();
+        last.push_str(value);
+    });
+    Ok(())
+}
+
+fn check_redirect_url_uncached(value: &str) -> Result<(), RequestError> {
     check_text_len("redirect_url", value, MAX_URL_LEN)?;
     let bad = || RequestError::InvalidField {
         field: "redirect_url".into(),
@@ -962,6 +990,38 @@ mod tests {
             );
             let err = form(&body).unwrap_err();
             assert_eq!(field_of(err), "redirect_url", "{url}");
+        }
+    }
+
+    #[test]
+    fn the_remembered_redirect_url_never_lets_a_bad_one_through() {
+        let urls = [
+            "https://shop.example/done",
+            "https://shop.example/done ",
+            "http://shop.example/done",
+            "https://shop.example/done",
+            "https://user@shop.example/done",
+            "https://shop.example/done",
+            "https://other.example/",
+            "",
+            "https://shop.example/done\u{7}",
+        ];
+        // Twice over, so that each is also checked right after itself.
+        for url in urls.iter().flat_map(|u| [u, u]) {
+            assert_eq!(
+                check_redirect_url(url).is_ok(),
+                check_redirect_url_uncached(url).is_ok(),
+                "{url:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_ascii_text_check_agrees_with_the_char_check() {
+        for b in 0u8..128 {
+            let value = format!("a{}b", b as char);
+            let by_char = value.chars().any(char::is_control);
+            assert_eq!(check_text("flow_id", &value).is_err(), by_char, "{b:#x}");
         }
     }
 

@@ -22,10 +22,10 @@ use support::*;
 
 /// Heap allocations of one cache hit through the issuance core, a form body with one escaped
 /// field: see docs/performance.md ("Allocations per hit").
-const CORE_HIT_ALLOCATIONS: u64 = 4;
+const CORE_HIT_ALLOCATIONS: u64 = 2;
 /// Heap allocations of one cache hit through `caller_service`, request already built: see
 /// docs/performance.md ("Allocations per hit").
-const SERVICE_HIT_ALLOCATIONS: u64 = 7;
+const SERVICE_HIT_ALLOCATIONS: u64 = 5;
 
 /// Counts every allocation and reallocation made by the current thread.
 struct Counting;
