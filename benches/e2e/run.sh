@@ -19,7 +19,8 @@
 #
 # Knobs (environment): BENCH_DURATION seconds per measured run (10), BENCH_ROUNDS (3),
 # BENCH_CONNECTIONS (64), BENCH_KEYS distinct cached keys (10000), BENCH_NO_BUILD=1 to skip the
-# release build.
+# release build, BENCH_EXTRA="NAME=PATH ..." other token-broker binaries (older builds, say)
+# measured in the same rounds, one extra row each.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 here=benches/e2e
@@ -89,16 +90,18 @@ free_port() {
     die "no free port"
 }
 
-# CPU seconds used so far by PID and its children that are still running (nginx's workers).
+# CPU ticks used so far by PID and its children that are still running (nginx's workers), as
+# "user system".
 cpu_ticks() {
-    local total=0 pid
+    local user=0 system=0 pid
     for pid in "$1" $(pgrep -P "$1" || true); do
         if [[ -r /proc/$pid/stat ]]; then
             # utime and stime are fields 14 and 15; the command name (field 2) holds no spaces here.
-            total=$((total + $(awk '{print $14 + $15}' "/proc/$pid/stat")))
+            read -r u s < <(awk '{print $14, $15}' "/proc/$pid/stat")
+            user=$((user + u)) system=$((system + s))
         fi
     done
-    echo "$total"
+    echo "$user $system"
 }
 
 rss_kib() {
@@ -163,9 +166,9 @@ fake_calls() {
     curl -sf --max-time 5 "http://$FAKE_CONTROL/" || die "fake Truora control port did not answer"
 }
 
-# start_broker MAX_ENTRIES [LISTEN ADMIN_LISTEN]: sets BROKER_PID, BROKER_URL, BROKER_ADMIN
+# start_broker MAX_ENTRIES [LISTEN ADMIN_LISTEN [BINARY]]: sets BROKER_PID, BROKER_URL, BROKER_ADMIN
 start_broker() {
-    local max_entries=$1 listen=${2:-127.0.0.1:0} admin=${3:-127.0.0.1:0}
+    local max_entries=$1 listen=${2:-127.0.0.1:0} admin=${3:-127.0.0.1:0} binary=${4:-$BROKER}
     cat >"$work/broker.toml" <<TOML
 [server]
 listen = "$listen"
@@ -182,17 +185,18 @@ max_entries = $max_entries
 id = "bench"
 token_sha256 = "$SECRET_DIGEST"
 TOML
-    : >"$work/broker.log"
-    "$BROKER" serve --config "$work/broker.toml" 2>"$work/broker.log" &
+    broker_count=$((${broker_count:-0} + 1))
+    local log=$work/broker-$broker_count.log
+    "$binary" serve --config "$work/broker.toml" 2>"$log" &
     pids+=($!)
     BROKER_PID=$!
     for _ in $(seq 200); do
-        grep -q ' ready' "$work/broker.log" && break
-        kill -0 "$BROKER_PID" 2>/dev/null || die "broker exited: $(tail -3 "$work/broker.log")"
+        grep -q ' ready' "$log" && break
+        kill -0 "$BROKER_PID" 2>/dev/null || die "broker exited: $(tail -3 "$log")"
         sleep 0.05
     done
-    BROKER_URL=http://$(grep -o ' listen=[0-9.:]*' "$work/broker.log" | head -1 | cut -d= -f2)
-    BROKER_ADMIN=http://$(grep -o 'admin_listen=[0-9.:]*' "$work/broker.log" | head -1 | cut -d= -f2)
+    BROKER_URL=http://$(grep -o ' listen=[0-9.:]*' "$log" | head -1 | cut -d= -f2)
+    BROKER_ADMIN=http://$(grep -o 'admin_listen=[0-9.:]*' "$log" | head -1 | cut -d= -f2)
     [[ $BROKER_URL != http:// ]] || die "broker did not log its address"
 }
 
@@ -268,32 +272,44 @@ hits() {
     nginx_before=$(fake_calls)
     prime nginx "$nginx_url/v1/tokens" "$nginx_before"
     probe "$nginx_url/v1/tokens" "$work/nginx-answer.json" -H "Authorization: Bearer $(cat "$work/secret")"
+    local names=(floor broker nginx) urls=("$floor_url" "$BROKER_URL" "$nginx_url") spids=("$floor_pid" "$BROKER_PID" "$nginx_pid")
+    local extra extra_pids=()
+    if [[ -n ${BENCH_EXTRA:-} ]]; then
+        local broker_pid=$BROKER_PID broker_url=$BROKER_URL broker_admin=$BROKER_ADMIN
+        for extra in $BENCH_EXTRA; do
+            start_broker 100000 127.0.0.1:0 127.0.0.1:0 "${extra#*=}"
+            prime "${extra%%=*}" "$BROKER_URL/v1/tokens" "$(fake_calls)"
+            names+=("${extra%%=*}") urls+=("$BROKER_URL") spids+=("$BROKER_PID")
+            extra_pids+=("$BROKER_PID")
+        done
+        BROKER_PID=$broker_pid BROKER_URL=$broker_url BROKER_ADMIN=$broker_admin
+    fi
     local calls_before_load
     calls_before_load=$(fake_calls)
 
     echo "== answer sizes: broker $(wc -c <"$work/answer.json") B (POST /v1/tokens), floor the same bytes, nginx $(wc -c <"$work/nginx-answer.json") B (the fake's Truora-shaped answer)"
     echo "== $rounds round(s) of ${duration}s per server, wrk -t2 -c$conns, $keys keys at random"
-    local names=(floor broker nginx) urls=("$floor_url" "$BROKER_URL" "$nginx_url") spids=("$floor_pid" "$BROKER_PID" "$nginx_pid")
     local i
-    for i in 0 1 2; do   # a short warm-up of each, not measured
+    for i in "${!names[@]}"; do   # a short warm-up of each, not measured
         run_wrk "warm-${names[$i]}" "${urls[$i]}/v1/tokens" 2 "$conns" 2 BENCH_SECRET_FILE="$work/secret" BENCH_KEYS="$keys"
     done
     : >"$work/results"
     local r
     for r in $(seq "$rounds"); do
-        for i in 0 1 2; do
-            local t0 t1
-            t0=$(cpu_ticks "${spids[$i]}")
+        for i in "${!names[@]}"; do
+            local u0 s0 u1 s1
+            read -r u0 s0 < <(cpu_ticks "${spids[$i]}")
             run_wrk "r$r-${names[$i]}" "${urls[$i]}/v1/tokens" 2 "$conns" "$duration" \
                 BENCH_SECRET_FILE="$work/secret" BENCH_KEYS="$keys"
-            t1=$(cpu_ticks "${spids[$i]}")
+            read -r u1 s1 < <(cpu_ticks "${spids[$i]}")
             read -r n rps p50 p99 errors < <(parse_wrk "$work/r$r-${names[$i]}.wrk")
             ((errors == 0)) || die "${names[$i]}: $errors errors or non-2xx answers in round $r"
-            local cpu_us
-            cpu_us=$(awk -v t=$((t1 - t0)) -v hz="$(getconf CLK_TCK)" -v n="$n" 'BEGIN {printf "%.1f", t * 1e6 / hz / n}')
-            echo "$r ${names[$i]} $rps $p50 $p99 $cpu_us" >>"$work/results"
-            printf '   round %d  %-6s %8d req/s   p50 %7.3f ms   p99 %7.3f ms   server CPU %5.1f us/req\n' \
-                "$r" "${names[$i]}" "$rps" "$p50" "$p99" "$cpu_us"
+            local cpu_user cpu_sys
+            read -r cpu_user cpu_sys < <(awk -v u=$((u1 - u0)) -v s=$((s1 - s0)) -v hz="$(getconf CLK_TCK)" -v n="$n" \
+                'BEGIN {printf "%.1f %.1f\n", u * 1e6 / hz / n, s * 1e6 / hz / n}')
+            echo "$r ${names[$i]} $rps $p50 $p99 $(awk -v u="$cpu_user" -v s="$cpu_sys" 'BEGIN {print u + s}')" >>"$work/results"
+            printf '   round %d  %-8s %7d req/s   p50 %7.3f ms   p99 %7.3f ms   server CPU %5.1f us/req (user %4.1f, system %4.1f)\n' \
+                "$r" "${names[$i]}" "$rps" "$p50" "$p99" "$(awk -v u="$cpu_user" -v s="$cpu_sys" 'BEGIN {print u + s}')" "$cpu_user" "$cpu_sys"
         done
     done
     local misses_during_load=$(($(fake_calls) - calls_before_load))
@@ -303,7 +319,9 @@ hits() {
 
     echo
     echo "== summary (median of $rounds rounds; machine: $(nproc) cores, $(uname -r); $(date -u +%FT%TZ))"
-    awk -v keys="$keys" -v conns="$conns" '
+    local extra_names=""
+    for extra in ${BENCH_EXTRA:-}; do extra_names+=" ${extra%%=*}"; done
+    awk -v keys="$keys" -v conns="$conns" -v extra="$extra_names" '
         function median(a, n,   i, j, t) {
             for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] < a[i]) { t = a[i]; a[i] = a[j]; a[j] = t }
             return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
@@ -311,9 +329,10 @@ hits() {
         { k = ++count[$2]; rps[$2, k] = $3; p50[$2, k] = $4; p99[$2, k] = $5; cpu[$2, k] = $6; by_round[$1, $2] = $3; rounds[$1] = 1 }
         END {
             printf "| server | requests/s | p50 ms | p99 ms | server CPU us/req |\n|---|---:|---:|---:|---:|\n"
-            split("floor broker nginx", names, " ")
-            for (s = 1; s <= 3; s++) {
+            ns = split("floor broker nginx" extra, names, " ")
+            for (s = 1; s <= ns; s++) {
                 name = names[s]; n = count[name]
+                if (n == 0) continue
                 for (k = 1; k <= n; k++) { a[k] = rps[name, k]; b[k] = p50[name, k]; c[k] = p99[name, k]; d[k] = cpu[name, k] }
                 m_rps[name] = median(a, n); m_p99[name] = median(c, n)
                 printf "| %s | %d | %.3f | %.3f | %.1f |\n", name, m_rps[name], median(b, n), m_p99[name], median(d, n)
@@ -330,6 +349,7 @@ hits() {
     stop_pid "$nginx_pid"
     stop_pid "$floor_pid"
     stop_pid "$BROKER_PID"
+    for extra in "${extra_pids[@]}"; do stop_pid "$extra"; done
     startup
 }
 
