@@ -48,16 +48,23 @@ work=$(mktemp -d /tmp/token-broker-bench.XXXXXX)
 chmod 711 "$work"   # nginx's workers must reach their cache directory, nothing else
 pids=()
 
+# Drops PID (exactly) from the processes to stop on exit.
+forget_pid() {
+    local kept=() p
+    for p in "${pids[@]}"; do [[ $p == "$1" ]] || kept+=("$p"); done
+    pids=("${kept[@]}")
+}
+
 stop_all() {
-    local pid
-    for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    local pid live=("${pids[@]}")
+    for pid in "${live[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
     for _ in $(seq 50); do
         local alive=0
-        for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+        for pid in "${live[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
         ((alive)) || break
         sleep 0.1
     done
-    for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+    for pid in "${live[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
     pids=()
 }
 cleanup() {
@@ -137,9 +144,15 @@ parse_wrk() {
 run_wrk() {
     local name=$1 url=$2 threads=$3 connections=$4 seconds=$5
     shift 5
+    # In the background and waited for, so that a signal to this script is handled at once.
     env "$@" timeout $((seconds + 30)) wrk -t"$threads" -c"$connections" -d"${seconds}s" \
-        --timeout 5s -s "$here/requests.lua" --latency "$url" >"$work/$name.wrk" 2>&1 ||
-        die "wrk failed against $url: $(tail -3 "$work/$name.wrk")"
+        --timeout 5s -s "$here/requests.lua" --latency "$url" >"$work/$name.wrk" 2>&1 &
+    local wrk_pid=$!
+    pids+=("$wrk_pid")
+    local status=0
+    wait "$wrk_pid" || status=$?
+    forget_pid "$wrk_pid"
+    ((status == 0)) || die "wrk failed against $url: $(tail -3 "$work/$name.wrk")"
 }
 
 build() {
@@ -157,6 +170,8 @@ secrets() {
      head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$work/master.key"
      head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$work/secret")
     SECRET_DIGEST=$("$BROKER" hash-secret <"$work/secret")
+    # curl reads the header from this file, so the secret is not in any process's arguments.
+    (umask 077; printf 'Authorization: Bearer %s\n' "$(cat "$work/secret")" >"$work/auth.header")
 }
 
 start_fake() {
@@ -224,9 +239,7 @@ probe() {
 stop_pid() {
     kill -TERM "$1" 2>/dev/null || true
     wait "$1" 2>/dev/null || true
-    local kept=() p
-    for p in "${pids[@]}"; do [[ $p == "$1" ]] || kept+=("$p"); done
-    pids=("${kept[@]}")
+    forget_pid "$1"
 }
 
 # Primes a server's cache: users 1..keys in turn until the fake saw `keys` new calls (<= 60 s).
@@ -250,7 +263,7 @@ hits() {
     prime broker "$BROKER_URL/v1/tokens" "$calls0"
     local after_prime
     after_prime=$(fake_calls)
-    probe "$BROKER_URL/v1/tokens" "$work/answer.json" -H "Authorization: Bearer $(cat "$work/secret")"
+    probe "$BROKER_URL/v1/tokens" "$work/answer.json" -H @"$work/auth.header"
     [[ $(metric token_broker_cache_entries) == "$keys" ]] || die "broker holds $(metric token_broker_cache_entries) entries, expected $keys"
 
     target/release/examples/floor "$work/answer.json" "$work/floor.addr" 2>"$work/floor.log" &
@@ -281,7 +294,7 @@ hits() {
     local nginx_before
     nginx_before=$(fake_calls)
     prime nginx "$nginx_url/v1/tokens" "$nginx_before"
-    probe "$nginx_url/v1/tokens" "$work/nginx-answer.json" -H "Authorization: Bearer $(cat "$work/secret")"
+    probe "$nginx_url/v1/tokens" "$work/nginx-answer.json" -H @"$work/auth.header"
     local names=(floor broker nginx) urls=("$floor_url" "$BROKER_URL" "$nginx_url") spids=("$floor_pid" "$BROKER_PID" "$nginx_pid")
     local extra extra_pids=()
     if [[ -n ${BENCH_EXTRA:-} ]]; then
