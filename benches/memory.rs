@@ -12,7 +12,7 @@
 //! Machine: Firecracker VM, 2 vCPUs of an AMD EPYC (SHA-NI), 23 GiB, Linux 6.18, rustc 1.95.0, SHARED with
 //! two engineers compiling (load average about 4): timings move by 10 to 30 % between runs.
 //!
-//! Results, 2026-11-26 01:11 UTC, commit ac0d316, tokens of 588 characters: 1,000,000 misses in
+//! Results, 2026-11-26 01:10 UTC, commit ac0d316, tokens of 588 characters: 1,000,000 misses in
 //! 12.7 s; resident 3 MiB empty, 2,851 MiB full (2,987 bytes per cached token: target NOT met);
 //! after 200,000 more users, 1,000,000 entries and 2,910 MiB (+2.1 %). docs/performance.md says
 //! where the bytes go.
