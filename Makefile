@@ -5,7 +5,7 @@ PYTHON ?= python3
 HEALTHCHECK := --manifest-path deploy/docker/healthcheck/Cargo.toml
 HEALTHCHECK_TARGET := --target-dir $(or $(CARGO_TARGET_DIR),target)/healthcheck
 
-.PHONY: run test test-deps test-py lint-deploy check fmt fmt-check clippy build bench clean fuzz deny rules status-screenshot
+.PHONY: run test test-deps test-py lint-deploy check fmt fmt-check clippy build bench bench-e2e bench-misses bench-memory profile clean fuzz deny rules status-screenshot
 
 FUZZ_TARGETS = form_body json_body cache_key upstream_answer
 FUZZ_SECONDS ?= 60
@@ -56,9 +56,29 @@ clippy:
 build:
 	$(CARGO) build --locked --release
 
-## Criterion benchmarks of the issuance core (not part of the tests; nothing fails on timing).
+## Criterion benchmarks of the issuance core and its parts (not part of the tests; nothing fails on timing).
 bench:
-	$(CARGO) bench --locked --bench issuance
+	$(CARGO) bench --locked --bench issuance --bench parts
+
+## End-to-end load benchmark on loopback: release build, then wrk against the broker, a bare hyper
+## server answering the same bytes and nginx as a caching proxy; prints req/s, p50, p99, ratios.
+## Needs wrk, nginx and curl (Debian: apt-get install -y wrk nginx curl). About 5 minutes.
+bench-e2e:
+	benches/e2e/run.sh hits
+
+## Misses on loopback: what the broker adds to the upstream's latency, and 100,000 distinct
+## misses with memory bounded by cache.max_entries. Needs wrk and curl.
+bench-misses:
+	benches/e2e/run.sh misses
+
+## Memory of cached tokens: 1,000,000 tokens through the miss path, resident set before and after,
+## then more users than cache.max_entries to show the bound (in-process, no sockets).
+bench-memory:
+	$(CARGO) bench --locked --bench memory
+
+## Instructions per cache hit under callgrind (repeatable where timings are not). Needs valgrind.
+profile:
+	benches/profile.sh
 
 ## Fuzz each target for FUZZ_SECONDS (default 60) from its committed seeds. Needs cargo-fuzz
 ## (`cargo install cargo-fuzz`); runs on the stable toolchain through RUSTC_BOOTSTRAP.

@@ -82,17 +82,36 @@ pub struct Issued {
 
 impl Issued {
     /// The `POST /v1/tokens` answer: `{"api_key","expires_at","identity_url","cache","expires_in"}`.
+    ///
+    /// The buffer is allocated at its final size, so turning it into `Bytes` needs no second
+    /// allocation.
     pub fn tokens_body(&self, now: Instant) -> Vec<u8> {
         let prefix = &self.entry.tokens_prefix;
-        let mut out = Vec::with_capacity(prefix.len() + 40);
-        out.extend_from_slice(prefix);
-        out.extend_from_slice(match self.cache {
+        let status: &[u8] = match self.cache {
             CacheStatus::Hit => b"hit\",\"expires_in\":",
             CacheStatus::Miss => b"miss\",\"expires_in\":",
-        });
-        // Writing into a Vec cannot fail.
-        let _ = write!(out, "{}}}", self.entry.remaining(now).as_secs());
+        };
+        let mut digits = [0u8; 20];
+        let expires_in = Self::decimal(self.entry.remaining(now).as_secs(), &mut digits);
+        let mut out = Vec::with_capacity(prefix.len() + status.len() + expires_in.len() + 1);
+        out.extend_from_slice(prefix);
+        out.extend_from_slice(status);
+        out.extend_from_slice(expires_in);
+        out.push(b'}');
         out
+    }
+
+    /// `n` in decimal digits, written at the end of `buf`.
+    fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+        let mut start = buf.len();
+        loop {
+            start -= 1;
+            buf[start] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                return &buf[start..];
+            }
+        }
     }
 
     /// The `POST /v1/api-keys` answer, Truora's shape: `{"api_key","message"}`.

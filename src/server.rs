@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::{
     HeaderValue, ALLOW, CACHE_CONTROL, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER,
     TRANSFER_ENCODING, WWW_AUTHENTICATE,
@@ -360,11 +360,11 @@ pub struct Errors<S> {
 impl<S, B> Service<Routed<B>> for Errors<S>
 where
     S: Service<Routed<B>, Response = HttpResponse, Error = BrokerError>,
-    S::Future: Send + 'static,
+    S::Future: Unpin,
 {
     type Response = HttpResponse;
     type Error = Infallible;
-    type Future = BoxFuture<Result<HttpResponse, Infallible>>;
+    type Future = ErrorsFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         match self.inner.poll_ready(cx) {
@@ -374,14 +374,33 @@ where
     }
 
     fn call(&mut self, routed: Routed<B>) -> Self::Future {
-        let route = routed.route;
-        let fut = self.inner.call(routed);
-        Box::pin(async move {
-            Ok(match fut.await {
+        ErrorsFuture {
+            route: routed.route,
+            inner: self.inner.call(routed),
+        }
+    }
+}
+
+/// The future of [`Errors`]: the inner answer, or the error's answer in the route's shape.
+pub struct ErrorsFuture<F> {
+    inner: F,
+    route: Route,
+}
+
+impl<F> Future for ErrorsFuture<F>
+where
+    F: Future<Output = Result<HttpResponse, BrokerError>> + Unpin,
+{
+    type Output = Result<HttpResponse, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        Poll::Ready(Ok(
+            match std::task::ready!(Pin::new(&mut this.inner).poll(cx)) {
                 Ok(response) => response,
-                Err(e) => error_response(route, &e),
-            })
-        })
+                Err(e) => error_response(this.route, &e),
+            },
+        ))
     }
 }
 
@@ -514,13 +533,39 @@ where
             return Err(RequestError::PayloadTooLarge { limit });
         }
     }
-    match Limited::new(req.into_body(), limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<LengthLimitError>() => Err(RequestError::PayloadTooLarge { limit }),
-        Err(_) => Err(RequestError::MalformedBody {
-            reason: "the body could not be read".into(),
-        }),
+    // A small body comes in one frame, whose bytes are taken as they are; only a body in
+    // several frames is copied into one buffer.
+    let mut body = std::pin::pin!(Limited::new(req.into_body(), limit));
+    let mut first: Option<Bytes> = None;
+    let mut joined: Option<BytesMut> = None;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            if e.is::<LengthLimitError>() {
+                RequestError::PayloadTooLarge { limit }
+            } else {
+                RequestError::MalformedBody {
+                    reason: "the body could not be read".into(),
+                }
+            }
+        })?;
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers
+        };
+        match (&mut first, &mut joined) {
+            (None, _) => first = Some(data),
+            (Some(head), None) => {
+                let mut all = BytesMut::with_capacity(head.len() + data.len());
+                all.extend_from_slice(head);
+                all.extend_from_slice(&data);
+                joined = Some(all);
+            }
+            (Some(_), Some(all)) => all.extend_from_slice(&data),
+        }
     }
+    Ok(match joined {
+        Some(all) => all.freeze(),
+        None => first.unwrap_or_default(),
+    })
 }
 
 async fn issue<B>(state: &State, authed: Authed<B>) -> Result<HttpResponse, BrokerError>

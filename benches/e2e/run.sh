@@ -1,0 +1,480 @@
+#!/usr/bin/env bash
+# End-to-end load benchmarks of token-broker on loopback. Not a test: nothing here fails on a
+# timing; it fails only when a server cannot be started or answers wrongly.
+#
+#   benches/e2e/run.sh hits     `make bench-e2e`: cache hits through POST /v1/tokens against
+#                               the floor (a bare hyper server answering the same bytes, see
+#                               examples/floor.rs) and nginx as a caching proxy of the same POST,
+#                               then start-up time and binary size.
+#   benches/e2e/run.sh startup  start-up time and binary size alone (also the end of `hits`).
+#   benches/e2e/run.sh misses   `make bench-misses`: what the broker adds to the upstream's
+#                               latency on misses, and 100,000 distinct misses with the broker's
+#                               memory bounded by its cache.
+#
+# Every server runs on 127.0.0.1 only, one at a time under load, with the same wrk
+# (-t2 -c64 --latency, benches/e2e/requests.lua). Rounds are interleaved (floor, broker, nginx,
+# then again) so that noise from a shared machine falls on every row alike; compare only ratios
+# taken in one run. Every process started here is stopped on exit, Ctrl-C included. The master
+# key and the caller secret are random per run, kept in a private temporary directory, and
+# never printed.
+#
+# Latest results (2026-11-26 01:35 UTC, commit ac0d316; 2-vCPU AMD EPYC VM shared with two
+# engineers compiling; medians of 3 rounds): floor 148,170 req/s, broker 99,884 (p99 2.98 ms,
+# 10.5 us CPU/request), nginx 81,590; broker/floor 0.67, broker/nginx 1.22; start-up 15 ms.
+# Misses: the broker adds 0.06 to 0.29 ms at p50. Full tables and method: docs/performance.md.
+#
+# Knobs (environment): BENCH_DURATION seconds per measured run (10), BENCH_ROUNDS (3),
+# BENCH_CONNECTIONS (64), BENCH_KEYS distinct cached keys (10000), BENCH_NO_BUILD=1 to skip the
+# release build, BENCH_EXTRA="NAME=PATH ..." other token-broker binaries (older builds, say)
+# measured in the same rounds, one extra row each.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+here=benches/e2e
+mode=${1:-hits}
+duration=${BENCH_DURATION:-10}
+rounds=${BENCH_ROUNDS:-3}
+conns=${BENCH_CONNECTIONS:-64}
+keys=${BENCH_KEYS:-10000}
+
+for tool in wrk curl; do
+    command -v "$tool" >/dev/null || { echo "bench: $tool is missing (apt-get install -y wrk curl nginx)" >&2; exit 2; }
+done
+if [[ $mode == hits ]] && ! command -v nginx >/dev/null && [[ ! -x /usr/sbin/nginx ]]; then
+    echo "bench: nginx is missing (apt-get install -y nginx)" >&2
+    exit 2
+fi
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+
+work=$(mktemp -d /tmp/token-broker-bench.XXXXXX)
+chmod 711 "$work"   # nginx's workers must reach their cache directory, nothing else
+pids=()
+
+# Drops PID (exactly) from the processes to stop on exit.
+forget_pid() {
+    local kept=() p
+    for p in "${pids[@]}"; do [[ $p == "$1" ]] || kept+=("$p"); done
+    pids=("${kept[@]}")
+}
+
+stop_all() {
+    local pid live=("${pids[@]}")
+    for pid in "${live[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for _ in $(seq 50); do
+        local alive=0
+        for pid in "${live[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+        ((alive)) || break
+        sleep 0.1
+    done
+    for pid in "${live[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+    pids=()
+}
+cleanup() {
+    stop_all
+    rm -rf "$work"
+}
+trap cleanup EXIT
+trap 'echo "bench: interrupted" >&2; exit 130' INT
+trap 'exit 143' TERM
+
+die() {
+    echo "bench: $*" >&2
+    exit 1
+}
+
+# Waits (at most 10 s) for FILE to exist and be non-empty.
+wait_file() {
+    for _ in $(seq 200); do
+        [[ -s $1 ]] && return 0
+        sleep 0.05
+    done
+    die "timed out waiting for $1"
+}
+
+# A loopback port nothing listens on, below the ephemeral range, so no outgoing connection holds it.
+free_port() {
+    local p low
+    read -r low _ </proc/sys/net/ipv4/ip_local_port_range
+    for _ in $(seq 100); do
+        p=$((10000 + RANDOM % (low - 10000)))
+        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+            echo "$p"
+            return
+        fi
+    done
+    die "no free port"
+}
+
+# CPU ticks used so far by PID and its children that are still running (nginx's workers), as
+# "user system".
+cpu_ticks() {
+    local user=0 system=0 pid
+    for pid in "$1" $(pgrep -P "$1" || true); do
+        if [[ -r /proc/$pid/stat ]]; then
+            # utime and stime are fields 14 and 15; the command name (field 2) holds no spaces here.
+            read -r u s < <(awk '{print $14, $15}' "/proc/$pid/stat")
+            user=$((user + u)) system=$((system + s))
+        fi
+    done
+    echo "$user $system"
+}
+
+rss_kib() {
+    awk '/^VmRSS:/ {print $2}' "/proc/$1/status"
+}
+
+# wrk output -> "requests req/s p50_ms p99_ms errors"
+parse_wrk() {
+    awk '
+        function ms(v) {
+            if (v ~ /us$/) return substr(v, 1, length(v) - 2) / 1000
+            if (v ~ /ms$/) return substr(v, 1, length(v) - 2) + 0
+            if (v ~ /s$/) return substr(v, 1, length(v) - 1) * 1000
+            return v
+        }
+        /^ +50%/ { p50 = ms($2) }
+        /^ +99%/ { p99 = ms($2) }
+        / requests in / { n = $1 }
+        /^Requests\/sec:/ { rps = $2 }
+        /Non-2xx or 3xx responses:/ { errors += $NF }
+        /Socket errors:/ { for (i = 3; i <= NF; i += 2) errors += $(i + 1) + 0 }
+        END { printf "%d %.0f %.3f %.3f %d\n", n, rps, p50, p99, errors }
+    ' "$1"
+}
+
+# run_wrk NAME URL THREADS CONNECTIONS SECONDS [VAR=VALUE...]: writes $work/NAME.wrk
+run_wrk() {
+    local name=$1 url=$2 threads=$3 connections=$4 seconds=$5
+    shift 5
+    # In the background and waited for, so that a signal to this script is handled at once.
+    env "$@" timeout $((seconds + 30)) wrk -t"$threads" -c"$connections" -d"${seconds}s" \
+        --timeout 5s -s "$here/requests.lua" --latency "$url" >"$work/$name.wrk" 2>&1 &
+    local wrk_pid=$!
+    pids+=("$wrk_pid")
+    local status=0
+    wait "$wrk_pid" || status=$?
+    forget_pid "$wrk_pid"
+    ((status == 0)) || die "wrk failed against $url: $(tail -3 "$work/$name.wrk")"
+}
+
+build() {
+    if [[ ${BENCH_NO_BUILD:-0} != 1 ]]; then
+        echo "== building release (cargo build --release: binary, floor, fake Truora)"
+        cargo build --locked --release --bin token-broker --example floor --example fake_truora
+    fi
+    BROKER=target/release/token-broker
+    [[ -x $BROKER && -x target/release/examples/floor && -x target/release/examples/fake_truora ]] ||
+        die "release binaries missing; run without BENCH_NO_BUILD"
+}
+
+secrets() {
+    (umask 077
+     head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$work/master.key"
+     head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$work/secret")
+    SECRET_DIGEST=$("$BROKER" hash-secret <"$work/secret")
+    # curl reads the header from this file, so the secret is not in any process's arguments.
+    (umask 077; printf 'Authorization: Bearer %s\n' "$(cat "$work/secret")" >"$work/auth.header")
+}
+
+start_fake() {
+    target/release/examples/fake_truora "$work/master.key" "$work/fake.addr" 2>"$work/fake.log" &
+    pids+=($!)
+    FAKE_PID=$!
+    wait_file "$work/fake.addr"
+    FAKE_URL=$(sed -n 1p "$work/fake.addr")
+    FAKE_CONTROL=$(sed -n 2p "$work/fake.addr")
+}
+
+fake_calls() {
+    curl -sf --max-time 5 "http://$FAKE_CONTROL/" || die "fake Truora control port did not answer"
+}
+
+# start_broker MAX_ENTRIES [LISTEN ADMIN_LISTEN [BINARY]]: sets BROKER_PID, BROKER_URL, BROKER_ADMIN
+# write_broker_config MAX_ENTRIES LISTEN ADMIN_LISTEN: $work/broker.toml for the fake Truora
+write_broker_config() {
+    cat >"$work/broker.toml" <<TOML
+[server]
+listen = "$2"
+admin_listen = "$3"
+shutdown_timeout = "1s"
+[upstream]
+account_url = "$FAKE_URL"
+web_url = "https://identity.truora.com"
+api_key_file = "$work/master.key"
+timeout = "5s"
+[cache]
+max_entries = $1
+[[clients]]
+id = "bench"
+token_sha256 = "$SECRET_DIGEST"
+TOML
+}
+
+start_broker() {
+    local max_entries=$1 listen=${2:-127.0.0.1:0} admin=${3:-127.0.0.1:0} binary=${4:-$BROKER}
+    write_broker_config "$max_entries" "$listen" "$admin"
+    broker_count=$((${broker_count:-0} + 1))
+    local log=$work/broker-$broker_count.log
+    "$binary" serve --config "$work/broker.toml" 2>"$log" &
+    pids+=($!)
+    BROKER_PID=$!
+    for _ in $(seq 200); do
+        grep -qs ' ready' "$log" && break
+        kill -0 "$BROKER_PID" 2>/dev/null || die "broker exited: $(tail -3 "$log")"
+        sleep 0.05
+    done
+    BROKER_URL=http://$(grep -o ' listen=[0-9.:]*' "$log" | head -1 | cut -d= -f2)
+    BROKER_ADMIN=http://$(grep -o 'admin_listen=[0-9.:]*' "$log" | head -1 | cut -d= -f2)
+    [[ $BROKER_URL != http:// ]] || die "broker did not log its address"
+}
+
+metric() {
+    curl -sf --max-time 5 "$BROKER_ADMIN/metrics" | awk -v m="$1" '$1 == m {print $2}'
+}
+
+# One request as wrk sends it (user 1); prints the body to FILE, checks the status.
+probe() {
+    local url=$1 out=$2
+    shift 2
+    local code
+    code=$(curl -s --max-time 5 -o "$out" -w '%{http_code}' -X POST "$url" \
+        -H 'Content-Type: application/x-www-form-urlencoded' "$@" \
+        --data-binary 'key_type=web&grant=digital-identity&country=CO&flow_id=IPF0a1b2c3d4e5f&redirect_url=https%3A%2F%2Fshop.example%2Fdone&account_id=user-1')
+    [[ $code == 200 ]] || die "$url answered $code"
+}
+
+stop_pid() {
+    kill -TERM "$1" 2>/dev/null || true
+    wait "$1" 2>/dev/null || true
+    forget_pid "$1"
+}
+
+# Primes a server's cache: users 1..keys in turn until the fake saw `keys` new calls (<= 60 s).
+prime() {
+    local name=$1 url=$2 before=$3
+    for _ in $(seq 12); do
+        run_wrk "prime-$name" "$url" 1 16 5 BENCH_SECRET_FILE="$work/secret" BENCH_ORDER=cycle BENCH_KEYS="$keys"
+        (($(fake_calls) - before >= keys)) && return 0
+    done
+    die "$name: the cache did not fill with $keys keys in 60 s"
+}
+
+hits() {
+    build
+    secrets
+    start_fake
+    local calls0
+    calls0=$(fake_calls)
+
+    start_broker 100000
+    prime broker "$BROKER_URL/v1/tokens" "$calls0"
+    local after_prime
+    after_prime=$(fake_calls)
+    probe "$BROKER_URL/v1/tokens" "$work/answer.json" -H @"$work/auth.header"
+    [[ $(metric token_broker_cache_entries) == "$keys" ]] || die "broker holds $(metric token_broker_cache_entries) entries, expected $keys"
+
+    target/release/examples/floor "$work/answer.json" "$work/floor.addr" 2>"$work/floor.log" &
+    pids+=($!)
+    local floor_pid=$!
+    wait_file "$work/floor.addr"
+    local floor_url="http://$(cat "$work/floor.addr")"
+
+    local nginx_port nginx_pid attempt
+    for attempt in 1 2 3 4 5; do   # another process may take the port first: try another
+        nginx_port=$(free_port)
+        sed -e "s|@WORK@|$work|g" -e "s|@PORT@|$nginx_port|g" -e "s|@FAKE@|${FAKE_URL#http://}|g" \
+            -e "s|@SECRET@|$(cat "$work/secret")|g" -e "s|@KEY@|$(cat "$work/master.key")|g" \
+            "$here/nginx.conf.in" >"$work/nginx.conf"
+        chmod 600 "$work/nginx.conf"
+        "$NGINX" -c "$work/nginx.conf" -p "$work" -e "$work/nginx-error.log" &
+        nginx_pid=$!
+        pids+=("$nginx_pid")
+        for _ in $(seq 100); do
+            (exec 3<>"/dev/tcp/127.0.0.1/$nginx_port") 2>/dev/null && break 2
+            kill -0 "$nginx_pid" 2>/dev/null || break
+            sleep 0.05
+        done
+        ! kill -0 "$nginx_pid" 2>/dev/null || die "nginx runs but does not listen on $nginx_port"
+        ((attempt < 5)) || die "nginx did not start: $(tail -3 "$work/nginx-error.log")"
+    done
+    local nginx_url="http://127.0.0.1:$nginx_port"
+    local nginx_before
+    nginx_before=$(fake_calls)
+    prime nginx "$nginx_url/v1/tokens" "$nginx_before"
+    probe "$nginx_url/v1/tokens" "$work/nginx-answer.json" -H @"$work/auth.header"
+    local names=(floor broker nginx) urls=("$floor_url" "$BROKER_URL" "$nginx_url") spids=("$floor_pid" "$BROKER_PID" "$nginx_pid")
+    local extra extra_pids=()
+    if [[ -n ${BENCH_EXTRA:-} ]]; then
+        local broker_pid=$BROKER_PID broker_url=$BROKER_URL broker_admin=$BROKER_ADMIN
+        for extra in $BENCH_EXTRA; do
+            start_broker 100000 127.0.0.1:0 127.0.0.1:0 "${extra#*=}"
+            prime "${extra%%=*}" "$BROKER_URL/v1/tokens" "$(fake_calls)"
+            names+=("${extra%%=*}") urls+=("$BROKER_URL") spids+=("$BROKER_PID")
+            extra_pids+=("$BROKER_PID")
+        done
+        BROKER_PID=$broker_pid BROKER_URL=$broker_url BROKER_ADMIN=$broker_admin
+    fi
+    local calls_before_load
+    calls_before_load=$(fake_calls)
+
+    echo "== answer sizes: broker $(wc -c <"$work/answer.json") B (POST /v1/tokens), floor the same bytes, nginx $(wc -c <"$work/nginx-answer.json") B (the fake's Truora-shaped answer)"
+    echo "== $rounds round(s) of ${duration}s per server, wrk -t2 -c$conns, $keys keys at random"
+    local i
+    for i in "${!names[@]}"; do   # a short warm-up of each, not measured
+        run_wrk "warm-${names[$i]}" "${urls[$i]}/v1/tokens" 2 "$conns" 2 BENCH_SECRET_FILE="$work/secret" BENCH_KEYS="$keys"
+    done
+    : >"$work/results"
+    local r
+    for r in $(seq "$rounds"); do
+        for i in "${!names[@]}"; do
+            local u0 s0 u1 s1
+            read -r u0 s0 < <(cpu_ticks "${spids[$i]}")
+            run_wrk "r$r-${names[$i]}" "${urls[$i]}/v1/tokens" 2 "$conns" "$duration" \
+                BENCH_SECRET_FILE="$work/secret" BENCH_KEYS="$keys"
+            read -r u1 s1 < <(cpu_ticks "${spids[$i]}")
+            read -r n rps p50 p99 errors < <(parse_wrk "$work/r$r-${names[$i]}.wrk")
+            ((errors == 0)) || die "${names[$i]}: $errors errors or non-2xx answers in round $r"
+            local cpu_user cpu_sys
+            read -r cpu_user cpu_sys < <(awk -v u=$((u1 - u0)) -v s=$((s1 - s0)) -v hz="$(getconf CLK_TCK)" -v n="$n" \
+                'BEGIN {printf "%.1f %.1f\n", u * 1e6 / hz / n, s * 1e6 / hz / n}')
+            echo "$r ${names[$i]} $rps $p50 $p99 $(awk -v u="$cpu_user" -v s="$cpu_sys" 'BEGIN {print u + s}')" >>"$work/results"
+            printf '   round %d  %-8s %7d req/s   p50 %7.3f ms   p99 %7.3f ms   server CPU %5.1f us/req (user %4.1f, system %4.1f)\n' \
+                "$r" "${names[$i]}" "$rps" "$p50" "$p99" "$(awk -v u="$cpu_user" -v s="$cpu_sys" 'BEGIN {print u + s}')" "$cpu_user" "$cpu_sys"
+        done
+    done
+    local misses_during_load=$(($(fake_calls) - calls_before_load))
+    ((misses_during_load == 0)) || die "$misses_during_load upstream calls during the measured runs: not all hits"
+    local broker_upstream
+    broker_upstream=$(metric 'token_broker_cache_lookups_total{result="miss"}')
+
+    echo
+    echo "== summary (median of $rounds rounds; machine: $(nproc) cores, $(uname -r); $(date -u +%FT%TZ))"
+    local extra_names=""
+    for extra in ${BENCH_EXTRA:-}; do extra_names+=" ${extra%%=*}"; done
+    awk -v keys="$keys" -v conns="$conns" -v extra="$extra_names" '
+        function median(a, n,   i, j, t) {
+            for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] < a[i]) { t = a[i]; a[i] = a[j]; a[j] = t }
+            return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+        }
+        { k = ++count[$2]; rps[$2, k] = $3; p50[$2, k] = $4; p99[$2, k] = $5; cpu[$2, k] = $6; by_round[$1, $2] = $3; rounds[$1] = 1 }
+        END {
+            printf "| server | requests/s | p50 ms | p99 ms | server CPU us/req |\n|---|---:|---:|---:|---:|\n"
+            ns = split("floor broker nginx" extra, names, " ")
+            for (s = 1; s <= ns; s++) {
+                name = names[s]; n = count[name]
+                if (n == 0) continue
+                for (k = 1; k <= n; k++) { a[k] = rps[name, k]; b[k] = p50[name, k]; c[k] = p99[name, k]; d[k] = cpu[name, k] }
+                m_rps[name] = median(a, n); m_p99[name] = median(c, n)
+                printf "| %s | %d | %.3f | %.3f | %.1f |\n", name, m_rps[name], median(b, n), m_p99[name], median(d, n)
+            }
+            n = 0
+            for (r in rounds) { n++; f[n] = by_round[r, "broker"] / by_round[r, "floor"]; g[n] = by_round[r, "broker"] / by_round[r, "nginx"] }
+            bf = median(f, n); bn = median(g, n)
+            printf "\nbroker/floor %.2f (target >= 0.85: %s)   broker/nginx %.2f (target >= 1.75: %s)   broker p99 %.3f ms (target < 5 ms: %s)\n", \
+                bf, (bf >= 0.85 ? "met" : "NOT met"), bn, (bn >= 1.75 ? "met" : "NOT met"), m_p99["broker"], (m_p99["broker"] < 5 ? "met" : "NOT met")
+            printf "(ratios are medians of the per-round ratios; each round ran the three servers back to back)\n"
+        }' "$work/results"
+    echo "upstream calls during the measured runs: $misses_during_load (every request was a cache hit); broker misses in all: $broker_upstream"
+
+    stop_pid "$nginx_pid"
+    stop_pid "$floor_pid"
+    stop_pid "$BROKER_PID"
+    for extra in "${extra_pids[@]}"; do stop_pid "$extra"; done
+    startup
+}
+
+# Start-up to ready: exec of `token-broker serve` to the first 200 from /readyz, 5 times. The
+# admin port is polled without forking (bash's /dev/tcp on the `true` builtin), then /readyz is
+# asked once it accepts.
+startup() {
+    echo
+    echo "== start-up to ready (exec to first 200 from /readyz), 5 runs"
+    local times=() i
+    for i in 1 2 3 4 5; do
+        local port admin_port
+        port=$(free_port)
+        admin_port=$(free_port)
+        [[ $port != "$admin_port" ]] || admin_port=$((port + 1))
+        write_broker_config 100000 "127.0.0.1:$port" "127.0.0.1:$admin_port"
+        local t0 t1 pid
+        t0=$(date +%s%N)
+        "$BROKER" serve --config "$work/broker.toml" 2>"$work/startup-$i.log" &
+        pid=$!
+        pids+=("$pid")
+        local deadline=$((SECONDS + 10))
+        until true 2>/dev/null <>"/dev/tcp/127.0.0.1/$admin_port"; do
+            ((SECONDS < deadline)) && kill -0 "$pid" 2>/dev/null || die "broker did not start: $(tail -3 "$work/startup-$i.log")"
+        done
+        curl -sf --max-time 5 "http://127.0.0.1:$admin_port/readyz" >/dev/null || die "/readyz did not answer 200"
+        t1=$(date +%s%N)
+        times+=($(((t1 - t0) / 1000000)))
+        stop_pid "$pid"
+    done
+    local sorted median
+    sorted=$(printf '%s\n' "${times[@]}" | sort -n | tr '\n' ' ')
+    median=$(printf '%s\n' "${times[@]}" | sort -n | sed -n 3p)
+    echo "   runs (ms): $sorted  median ${median} ms (target < 100 ms: $( ((median < 100)) && echo met || echo NOT met))"
+    echo "   (an upper bound: it includes bash's fork and exec of the binary and one curl)"
+    local size
+    size=$(stat -c %s "$BROKER")
+    echo "== release binary: $BROKER $((size / 1024)) KiB (target < 20 MB: $( ((size < 20000000)) && echo met || echo NOT met))"
+}
+
+misses() {
+    build
+    secrets
+    start_fake
+    echo "== what the broker adds to the upstream's latency on misses (every request a new user)"
+    echo "   wrk -t1 -c\$C -d${duration}s: the fake Truora directly, then through the broker"
+    start_broker 100000
+    local c
+    for c in 1 8; do
+        run_wrk "direct-c$c" "$FAKE_URL/v1/api-keys" 1 "$c" "$duration" \
+            BENCH_KEY_FILE="$work/master.key" BENCH_PATH=/v1/api-keys BENCH_ORDER=unique BENCH_TAG="d$c"
+        run_wrk "broker-c$c" "$BROKER_URL/v1/tokens" 1 "$c" "$duration" \
+            BENCH_SECRET_FILE="$work/secret" BENCH_ORDER=unique BENCH_TAG="b$c"
+        read -r _ drps dp50 dp99 derr < <(parse_wrk "$work/direct-c$c.wrk")
+        read -r _ brps bp50 bp99 berr < <(parse_wrk "$work/broker-c$c.wrk")
+        ((derr == 0 && berr == 0)) || die "errors during the miss runs (direct $derr, broker $berr)"
+        awk -v c="$c" -v dr="$drps" -v d50="$dp50" -v d99="$dp99" -v br="$brps" -v b50="$bp50" -v b99="$bp99" 'BEGIN {
+            printf "   c=%d  direct %6d req/s p50 %6.3f ms p99 %6.3f ms | broker %6d req/s p50 %6.3f ms p99 %6.3f ms | added p99 %.3f ms (target < 1 ms: %s)\n",
+                c, dr, d50, d99, br, b50, b99, b99 - d99, (b99 - d99 < 1) ? "met" : "NOT met" }'
+    done
+    stop_pid "$BROKER_PID"
+
+    local total=${BENCH_MISSES:-100000} bound=10000
+    echo
+    echo "== $total distinct misses, cache.max_entries = $bound: the broker's memory stays bounded by its cache"
+    start_broker "$bound"
+    local base_calls start_rss
+    base_calls=$(fake_calls)
+    start_rss=$(rss_kib "$BROKER_PID")
+    printf '   %8s %10s %10s\n' misses entries 'RSS MiB'
+    printf '   %8d %10s %10.1f\n' 0 0 "$(awk -v k="$start_rss" 'BEGIN {print k / 1024}')"
+    local chunk=0 done_calls=0 full_rss=""
+    local deadline=$((SECONDS + 240))
+    while ((done_calls < total && SECONDS < deadline)); do
+        chunk=$((chunk + 1))
+        run_wrk "flood-$chunk" "$BROKER_URL/v1/tokens" 2 16 1 \
+            BENCH_SECRET_FILE="$work/secret" BENCH_ORDER=unique BENCH_TAG="f$chunk"
+        done_calls=$(($(fake_calls) - base_calls))
+        local entries rss
+        entries=$(metric token_broker_cache_entries)
+        rss=$(rss_kib "$BROKER_PID")
+        [[ -n $full_rss || $done_calls -lt $bound ]] || full_rss=$rss
+        printf '   %8d %10s %10.1f\n' "$done_calls" "$entries" "$(awk -v k="$rss" 'BEGIN {print k / 1024}')"
+        ((entries <= bound)) || die "the cache holds $entries entries, over cache.max_entries = $bound"
+    done
+    ((done_calls >= total)) || echo "   (stopped at the time bound, before $total misses)"
+    local end_rss
+    end_rss=$(rss_kib "$BROKER_PID")
+    awk -v full="${full_rss:-$end_rss}" -v end="$end_rss" -v n="$done_calls" -v bound="$bound" 'BEGIN {
+        printf "   RSS after the first second (the cache already at its %d-entry bound): %.1f MiB; after %d misses: %.1f MiB (%+.1f%%)\n", bound, full / 1024, n, end / 1024, (end - full) * 100 / full }'
+    stop_pid "$BROKER_PID"
+}
+
+case $mode in
+    hits) hits ;;
+    misses) misses ;;
+    startup) build && secrets && start_fake && startup ;;
+    *) die "usage: $0 hits|misses|startup" ;;
+esac

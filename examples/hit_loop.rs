@@ -1,0 +1,81 @@
+//! A loop of cache hits for profilers: `valgrind --tool=callgrind` counts its instructions
+//! repeatably, where timings on a shared virtual machine are noise.
+//!
+//! `hit_loop core N`: N hits through the issuance core (parse + validate + key + lookup + answer).
+//! `hit_loop service N`: N hits through `caller_service` (every tower layer, no sockets).
+//! `hit_loop requests N`: only builds the N requests `service` sends, to subtract from it.
+//! `hit_loop key N`, `hit_loop secret N`: only the SHA-256 work of a hit (the cache key; the
+//! digest of the caller's secret), to subtract: valgrind's CPU has no SHA extensions, so sha2
+//! runs its portable code there, many times slower than SHA-NI on the hardware.
+//! Instructions per hit = (count at N - count at 0) / N; `make profile` does exactly that.
+
+#[path = "../benches/support/mod.rs"]
+mod support;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use token_broker::request::TokenRequest;
+use token_broker::server::caller_service;
+use tower::Service;
+
+use support::*;
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let what = args.next().unwrap_or_default();
+    let n: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(10_000);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    let issuer = issuer(1_000, Arc::default());
+    match what.as_str() {
+        "core" => {
+            let caller: Arc<str> = CALLER.into();
+            runtime.block_on(async {
+                let req = TokenRequest::from_form(FORM).unwrap();
+                issuer.issue(&caller, &req).await.unwrap();
+            });
+            for _ in 0..n {
+                let req = TokenRequest::from_form(std::hint::black_box(FORM)).unwrap();
+                let issued = ready(issuer.issue(&caller, &req)).unwrap();
+                std::hint::black_box(issued.tokens_body(Instant::now()));
+            }
+        }
+        "service" => {
+            let mut service = caller_service(
+                state(issuer),
+                std::sync::Arc::new(token_broker::auth::Peer::default()),
+            );
+            runtime.block_on(async {
+                service.call(post("/v1/tokens", FORM)).await.unwrap();
+            });
+            for _ in 0..n {
+                let response = ready(service.call(post("/v1/tokens", FORM))).unwrap();
+                std::hint::black_box(response);
+            }
+        }
+        "key" => {
+            let req = TokenRequest::from_form(FORM).unwrap();
+            for _ in 0..n {
+                std::hint::black_box(token_broker::cache::key(CALLER, std::hint::black_box(&req)));
+            }
+        }
+        "secret" => {
+            for _ in 0..n {
+                std::hint::black_box(token_broker::secret::SecretDigest::of(
+                    std::hint::black_box(SECRET.as_bytes()),
+                ));
+            }
+        }
+        "requests" => {
+            for _ in 0..n {
+                std::hint::black_box(post("/v1/tokens", FORM));
+            }
+        }
+        _ => {
+            eprintln!("usage: hit_loop core|service|requests|key|secret N");
+            std::process::exit(64);
+        }
+    }
+}

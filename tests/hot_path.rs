@@ -1,0 +1,105 @@
+//! Checks of the performance work that are not timings, so they belong in `make test`: the
+//! answer bytes a hit renders by hand, and single flight holding under a thousand concurrent
+//! identical misses through the whole caller service and the real upstream client.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use token_broker::cache::Entry;
+use token_broker::issuance::{CacheStatus, Issued};
+use token_broker::sandbox::{Sandbox, SandboxOptions};
+use token_broker::secret::MasterKey;
+use token_broker::server::{caller_service, Server};
+use tower::ServiceExt;
+use zeroize::Zeroizing;
+
+use common::*;
+
+fn issued(life: Duration, cache: CacheStatus, now: Instant) -> Issued {
+    Issued {
+        entry: Arc::new(Entry {
+            caller: "c".into(),
+            flow_id: "IPF1".into(),
+            account_id: None,
+            expires: now + life,
+            serve_until: now + life,
+            expires_at: SystemTime::UNIX_EPOCH,
+            tokens_prefix: Zeroizing::new(br#"{"api_key":"t","cache":""#.to_vec()),
+            dropin_body: Zeroizing::new(Vec::new()),
+        }),
+        cache,
+    }
+}
+
+#[test]
+fn the_answer_is_the_prefix_the_cache_status_and_expires_in_in_decimal() {
+    let now = Instant::now();
+    for (secs, cache, word) in [
+        (0, CacheStatus::Hit, "hit"),
+        (9, CacheStatus::Miss, "miss"),
+        (10, CacheStatus::Hit, "hit"),
+        (7199, CacheStatus::Hit, "hit"),
+        (604_800, CacheStatus::Miss, "miss"),
+    ] {
+        let body = issued(Duration::from_secs(secs), cache, now).tokens_body(now);
+        let expected = format!(r#"{{"api_key":"t","cache":"{word}","expires_in":{secs}}}"#);
+        assert_eq!(String::from_utf8(body.clone()).unwrap(), expected);
+        // Allocated at its final size, so Bytes takes it over without another allocation.
+        assert_eq!(body.capacity(), body.len());
+    }
+    // Less than a second left reads as 0, never as a negative or fractional number.
+    let body = issued(Duration::from_millis(999), CacheStatus::Hit, now).tokens_body(now);
+    assert!(body.ends_with(br#""expires_in":0}"#));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_identical_misses_make_one_upstream_call() {
+    let mut options = SandboxOptions::new(MASTER_KEY);
+    options.delay = Duration::from_millis(500);
+    let sandbox = Sandbox::start(options).await.unwrap();
+    let mut cfg = config(&sandbox.url());
+    cfg.upstream.timeout = Duration::from_secs(10);
+    cfg.validate().unwrap();
+    let server = Server::from_config(&cfg, MasterKey::new(MASTER_KEY).unwrap())
+        .await
+        .unwrap();
+    let service = caller_service(
+        Arc::clone(server.state()),
+        Arc::new(token_broker::auth::Peer::default()),
+    );
+
+    // Polled together on this task (the upstream call runs in its own task either way).
+    let mut tasks = Vec::new();
+    for _ in 0..1_000 {
+        let service = service.clone();
+        tasks.push(async move {
+            let req = Request::post("/v1/tokens")
+                .header("authorization", format!("Bearer {CHECKOUT_SECRET}"))
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(Full::new(Bytes::from_static(FORM.as_bytes())))
+                .unwrap();
+            let response = service.oneshot(req).await.unwrap();
+            assert_eq!(response.status(), 200);
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            json["api_key"].as_str().unwrap().to_owned()
+        });
+    }
+    let tokens: std::collections::HashSet<String> = futures_util::future::join_all(tasks)
+        .await
+        .into_iter()
+        .collect();
+    assert_eq!(tokens.len(), 1, "every request gets the one token");
+    assert_eq!(
+        sandbox.calls(),
+        1,
+        "one upstream call for a thousand requests"
+    );
+    let text = String::from_utf8(server.state().metrics.render()).unwrap();
+    assert!(text.contains(r#"token_broker_cache_lookups_total{result="miss"} 1"#));
+}
