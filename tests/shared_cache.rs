@@ -809,3 +809,82 @@ async fn two_broker_processes_share_one_mint_and_survive_a_killed_lock_holder() 
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_through_redis_over_tls() {
+    bounded(async {
+        // A CA and a certificate for the Redis server, made here.
+        let dir = tempfile::tempdir().unwrap();
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "redis test CA");
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        params
+            .subject_alt_names
+            .push(rcgen::SanType::IpAddress("127.0.0.1".parse().unwrap()));
+        let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+        let write = |name: &str, text: String| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            path
+        };
+        let (ca_file, cert_file, key_file) = (
+            write("ca.pem", ca.pem()),
+            write("redis.pem", cert.pem()),
+            write("redis.key", key.serialize_pem()),
+        );
+        // redis-server speaking TLS only, clients not asked for certificates.
+        let port = free_port();
+        let _redis = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", "0"])
+            .args(["--tls-port", &port.to_string()])
+            .arg("--tls-cert-file")
+            .arg(&cert_file)
+            .arg("--tls-key-file")
+            .arg(&key_file)
+            .arg("--tls-ca-cert-file")
+            .arg(&ca_file)
+            .args(["--tls-auth-clients", "no", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+            assert!(Instant::now() < deadline, "redis-server (TLS) did not come up");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+
+        let sandbox = Sandbox::start(SandboxOptions::new(MASTER_KEY)).await.unwrap();
+        let key_file = write("cache-key", format!("{ENCRYPTION_KEY}\n"));
+        let section = || {
+            let text = format!(
+                "[cache.shared]\nurl = \"rediss://localhost:{port}\"\nca_file = \"{}\"\nencryption_key_file = \"{}\"\ntimeout = \"2s\"\n[[clients]]\nid = \"c\"\ntoken_sha256 = \"{}\"\n",
+                ca_file.display(),
+                key_file.display(),
+                "0".repeat(64)
+            );
+            Config::parse(&text).unwrap().cache.shared.unwrap()
+        };
+        let a = Replica::start(&sandbox.url(), section(), |_| {}).await;
+        let b = Replica::start(&sandbox.url(), section(), |_| {}).await;
+        let first = a.tokens(FORM).await;
+        assert_eq!(first.status, StatusCode::OK, "{}", first.text());
+        // b has never seen this user: its hit can only have come from Redis, over TLS.
+        let second = b.tokens(FORM).await;
+        assert_eq!(second.header("x-cache"), "HIT", "{}", second.text());
+        assert_eq!(second.json()["api_key"], first.json()["api_key"]);
+        assert_eq!(sandbox.calls(), 1);
+        a.stop().await;
+        b.stop().await;
+    })
+    .await;
+}

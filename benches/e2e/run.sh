@@ -26,7 +26,9 @@
 # Knobs (environment): BENCH_DURATION seconds per measured run (10), BENCH_ROUNDS (3),
 # BENCH_CONNECTIONS (64), BENCH_KEYS distinct cached keys (10000), BENCH_NO_BUILD=1 to skip the
 # release build, BENCH_EXTRA="NAME=PATH ..." other token-broker binaries (older builds, say)
-# measured in the same rounds, one extra row each.
+# measured in the same rounds, one extra row each. BENCH_REDIS=0 leaves out the row of hits
+# served from Redis (`broker-redis`: a broker with [cache.shared] and a one-entry local cache,
+# so its hits come from Redis; it runs when redis-server is installed).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 here=benches/e2e
@@ -203,6 +205,7 @@ api_key_file = "$work/master.key"
 timeout = "5s"
 [cache]
 max_entries = $1
+${SHARED_TOML:-}
 [[clients]]
 id = "bench"
 token_sha256 = "$SECRET_DIGEST"
@@ -311,6 +314,29 @@ hits() {
             names+=("${extra%%=*}") urls+=("$BROKER_URL") spids+=("$BROKER_PID")
             extra_pids+=("$BROKER_PID")
         done
+        BROKER_PID=$broker_pid BROKER_URL=$broker_url BROKER_ADMIN=$broker_admin
+    fi
+    if [[ ${BENCH_REDIS:-1} == 1 ]] && command -v redis-server >/dev/null; then
+        local redis_port broker_pid=$BROKER_PID broker_url=$BROKER_URL broker_admin=$BROKER_ADMIN
+        redis_port=$(free_port)
+        mkdir -p "$work/redis"
+        redis-server --bind 127.0.0.1 --port "$redis_port" --save "" --appendonly no \
+            --dir "$work/redis" >"$work/redis.log" 2>&1 &
+        pids+=($!)
+        for _ in $(seq 100); do
+            (exec 3<>"/dev/tcp/127.0.0.1/$redis_port") 2>/dev/null && break
+            sleep 0.05
+        done
+        (umask 077; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$work/cache.key")
+        # A one-entry local tier: nearly every hit is a Redis GET and a decryption.
+        SHARED_TOML="[cache.shared]
+url = \"redis://127.0.0.1:$redis_port\"
+encryption_key_file = \"$work/cache.key\""
+        start_broker 1
+        SHARED_TOML=
+        prime broker-redis "$BROKER_URL/v1/tokens" "$(fake_calls)"
+        names+=(broker-redis) urls+=("$BROKER_URL") spids+=("$BROKER_PID")
+        extra_pids+=("$BROKER_PID")
         BROKER_PID=$broker_pid BROKER_URL=$broker_url BROKER_ADMIN=$broker_admin
     fi
     local calls_before_load
