@@ -92,14 +92,10 @@ pub fn note_caller(slot: usize) {
     });
 }
 
-/// Notes the caller and what the cache did for the current request.
-pub fn note(slot: usize, cache: CacheNote) {
-    let _ = NOTE.try_with(|n| {
-        n.set(Note {
-            caller: Some(slot),
-            cache,
-        })
-    });
+/// Notes what the cache did for the current request (the caller was noted when it
+/// authenticated).
+pub fn note_cache(cache: CacheNote) {
+    let _ = NOTE.try_with(|n| n.set(Note { cache, ..n.get() }));
 }
 
 /// Runs `f` (the synchronous part of a request: building its future) with a fresh note, and
@@ -221,18 +217,18 @@ mod tests {
 
     #[tokio::test]
     async fn notes_reach_the_scope_and_nothing_happens_outside_one() {
-        note(3, CacheNote::Hit); // outside any scope: ignored, no panic
+        note_cache(CacheNote::Hit); // outside any scope: ignored, no panic
         let ((), n) = sync_scope(|| note_caller(1));
         assert_eq!(n.caller, Some(1));
         let ((), n) = scope(n, async {
             tokio::task::yield_now().await;
-            note(2, CacheNote::Coalesced);
+            note_cache(CacheNote::Coalesced);
         })
         .await;
         assert_eq!(
             n,
             Note {
-                caller: Some(2),
+                caller: Some(1),
                 cache: CacheNote::Coalesced
             }
         );

@@ -201,10 +201,9 @@ impl Issuer {
         caller: &Arc<str>,
         req: &TokenRequest<'_>,
     ) -> Result<Issued, BrokerError> {
-        let slot = self.metrics.caller_slot(caller);
         if !req.names_user() {
             self.metrics.lookup_uncacheable.inc();
-            access::note(slot, CacheNote::Uncacheable);
+            access::note_cache(CacheNote::Uncacheable);
             // In its own task like a shared flight, so that a caller going away mid-call
             // cannot cut an upstream call (or a breaker probe) short.
             let this = Arc::clone(self);
@@ -219,7 +218,7 @@ impl Issuer {
         let now = Instant::now();
         if let Some(entry) = self.cache.get(&key, now) {
             self.metrics.lookup_hit.inc();
-            access::note(slot, CacheNote::Hit);
+            access::note_cache(CacheNote::Hit);
             return Ok(self.answer(entry, CacheStatus::Hit, now));
         }
 
@@ -230,16 +229,16 @@ impl Issuer {
                 .map_err(|_| BrokerError::Internal("in-flight table poisoned"))?;
             if let Some(rx) = inflight.get(&key) {
                 self.metrics.lookup_coalesced.inc();
-                access::note(slot, CacheNote::Coalesced);
+                access::note_cache(CacheNote::Coalesced);
                 rx.clone()
             } else if let Some(entry) = self.cache.get(&key, Instant::now()) {
                 // A flight finished between our lookup and taking the lock.
                 self.metrics.lookup_hit.inc();
-                access::note(slot, CacheNote::Hit);
+                access::note_cache(CacheNote::Hit);
                 return Ok(self.answer(entry, CacheStatus::Hit, Instant::now()));
             } else {
                 self.metrics.lookup_miss.inc();
-                access::note(slot, CacheNote::Miss);
+                access::note_cache(CacheNote::Miss);
                 let (tx, rx) = watch::channel(None);
                 inflight.insert(key, rx.clone());
                 tokio::spawn(Arc::clone(self).fly(key, self.subject(caller, req), tx));
@@ -269,7 +268,6 @@ impl Issuer {
 
     /// Drops this caller's cached tokens for the flow and/or account; returns how many.
     pub fn invalidate(&self, caller: &str, flow_id: Option<&str>, account_id: Option<&str>) -> u64 {
-        access::note_caller(self.metrics.caller_slot(&Arc::from(caller)));
         self.invalidations
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let n = self.cache.invalidate(caller, flow_id, account_id);
