@@ -17,13 +17,15 @@ use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, CONNECTION, HOST};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 use http_body::Body;
-use http_body_util::{BodyExt, Either, Full, Limited};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Either, Limited};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 
 use crate::error::{BrokerError, RequestError, UpstreamError};
 use crate::secret::MasterKey;
+use crate::server::{full, BoxError, HttpResponse};
 use crate::upstream::API_KEY_HEADER;
 
 /// Which Truora API a pass-through path goes to.
@@ -184,12 +186,12 @@ pub fn append_forwarded_for(headers: &mut HeaderMap, peer: Option<IpAddr>) {
     }
 }
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-type OutBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+/// A streamed body, either way.
+type Streamed = UnsyncBoxBody<Bytes, BoxError>;
 
 /// The streaming client to Truora's identity and account APIs.
 pub struct Forwarder {
-    client: Client<HttpsConnector<HttpConnector>, OutBody>,
+    client: Client<HttpsConnector<HttpConnector>, Streamed>,
     identity: String,
     account: String,
     key: Arc<arc_swap::ArcSwap<MasterKey>>,
@@ -198,7 +200,7 @@ pub struct Forwarder {
 }
 
 /// A relayed answer: status, headers, and the body as a stream.
-pub type Relayed = Response<http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>>;
+pub type Relayed = Response<Streamed>;
 
 impl Forwarder {
     /// A forwarder to `identity_url` and `account_url`, injecting the current `key`.
@@ -344,11 +346,11 @@ impl ResultCache {
     }
 
     /// The cached answer for the caller's path.
-    pub fn get(&self, caller: &Arc<str>, path_and_query: &str) -> Option<Response<Full<Bytes>>> {
+    pub fn get(&self, caller: &Arc<str>, path_and_query: &str) -> Option<HttpResponse> {
         let hit = self
             .inner
             .get(&(Arc::clone(caller), path_and_query.into()))?;
-        let mut r = Response::new(Full::new(hit.body));
+        let mut r = Response::new(full(hit.body));
         *r.status_mut() = hit.status;
         if let Some(ct) = hit.content_type {
             r.headers_mut().insert(http::header::CONTENT_TYPE, ct);
@@ -363,10 +365,7 @@ impl ResultCache {
         caller: &Arc<str>,
         path_and_query: &str,
         response: Relayed,
-    ) -> Result<
-        Response<Either<Full<Bytes>, http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>>>,
-        BrokerError,
-    > {
+    ) -> Result<HttpResponse, BrokerError> {
         let small = response
             .headers()
             .get(http::header::CONTENT_LENGTH)
@@ -392,7 +391,7 @@ impl ResultCache {
                 },
             );
         }
-        Ok(Response::from_parts(parts, Either::Left(Full::new(bytes))))
+        Ok(Response::from_parts(parts, full(bytes)))
     }
 }
 

@@ -665,9 +665,8 @@ where
         );
     };
     if let (true, Some(results)) = (cacheable, &state.results) {
-        if let Some(hit) = results.get(&caller.id, &path_and_query) {
+        if let Some(mut hit) = results.get(&caller.id, &path_and_query) {
             count(hit.status());
-            let mut hit = hit.map(Either::Left);
             hit.headers_mut().insert(X_CACHE.clone(), HIT.clone());
             return Ok(hit);
         }
