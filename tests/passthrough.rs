@@ -224,36 +224,11 @@ async fn a_large_answer_is_streamed_without_the_broker_holding_it() {
     )
     .await
     .unwrap();
-    let (listen, admin) = (free_port(), free_port());
     let mut cfg = config(&sandbox.url());
     cfg.upstream.identity_url = sandbox.url();
-    cfg.server.listen = format!("127.0.0.1:{listen}").parse().unwrap();
-    cfg.server.admin_listen = format!("127.0.0.1:{admin}").parse().unwrap();
     cfg.clients[0].passthrough = vec!["GET /truora/identity/v1/stream".into()];
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("broker.toml");
-    std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_token-broker"))
-        .args(["serve", "--config", path.to_str().unwrap()])
-        .env("TRUORA_API_KEY", MASTER_KEY)
-        .env("RUST_LOG", "warn")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while tokio::net::TcpStream::connect(("127.0.0.1", listen))
-        .await
-        .is_err()
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the broker did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let Process { mut child, url } = Process::start(dir.path(), "broker", cfg).await;
     let pid = child.id().unwrap();
     let before = peak_resident_bytes(pid);
 
@@ -261,12 +236,10 @@ async fn a_large_answer_is_streamed_without_the_broker_holding_it() {
     let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
             .build_http();
-    let req = http::Request::get(format!(
-        "http://127.0.0.1:{listen}/truora/identity/v1/stream?bytes={SIZE}"
-    ))
-    .header("authorization", auth(CHECKOUT_SECRET))
-    .body(http_body_util::Full::new(bytes::Bytes::new()))
-    .unwrap();
+    let req = http::Request::get(format!("{url}/truora/identity/v1/stream?bytes={SIZE}"))
+        .header("authorization", auth(CHECKOUT_SECRET))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
     let response = tokio::time::timeout(Duration::from_secs(60), client.request(req))
         .await
         .unwrap()

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{config, free_port, post_tokens, send, CHECKOUT_SECRET, FORM, MASTER_KEY};
+use common::{config, free_port, post_tokens, send, Process, CHECKOUT_SECRET, FORM, MASTER_KEY};
 use http::{Method, StatusCode};
 use redis::AsyncCommands;
 use token_broker::config::{Config, SharedCacheConfig};
@@ -693,49 +693,6 @@ async fn every_shared_cache_series_is_documented() {
         fleet.stop().await;
     })
     .await;
-}
-
-/// A `token-broker serve` process of its own, killed when dropped.
-struct Process {
-    child: Child,
-    url: String,
-}
-
-impl Process {
-    async fn start(dir: &Path, name: &str, mut cfg: Config) -> Self {
-        let (listen, admin) = (free_port(), free_port());
-        cfg.server.listen = format!("127.0.0.1:{listen}").parse().unwrap();
-        cfg.server.admin_listen = format!("127.0.0.1:{admin}").parse().unwrap();
-        let path = dir.join(format!("{name}.toml"));
-        std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_token-broker"))
-            .args(["serve", "--config", path.to_str().unwrap()])
-            .env("TRUORA_API_KEY", MASTER_KEY)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let admin_url = format!("http://127.0.0.1:{admin}/healthz");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while tokio::net::TcpStream::connect(("127.0.0.1", admin))
-            .await
-            .is_err()
-        {
-            assert!(Instant::now() < deadline, "{name} did not start");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert_eq!(
-            send(Method::GET, &admin_url, &[], "").await.status,
-            StatusCode::OK
-        );
-        Process {
-            child,
-            url: format!("http://127.0.0.1:{listen}"),
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -227,3 +227,50 @@ pub async fn send(method: Method, url: &str, headers: &[(&str, &str)], body: &st
     assert_no_secret_in(&resp.everything());
     resp
 }
+
+/// A `token-broker serve` process of its own for `cfg` (on free loopback ports, its file in
+/// `dir`), ready when returned, killed when dropped.
+pub struct Process {
+    pub child: tokio::process::Child,
+    pub url: String,
+}
+
+impl Process {
+    pub async fn start(dir: &std::path::Path, name: &str, mut cfg: Config) -> Self {
+        let (listen, admin) = (free_port(), free_port());
+        cfg.server.listen = format!("127.0.0.1:{listen}").parse().unwrap();
+        cfg.server.admin_listen = format!("127.0.0.1:{admin}").parse().unwrap();
+        let path = dir.join(format!("{name}.toml"));
+        std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_token-broker"))
+            .args(["serve", "--config", path.to_str().unwrap()])
+            .env("TRUORA_API_KEY", MASTER_KEY)
+            .env("RUST_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while tokio::net::TcpStream::connect(("127.0.0.1", admin))
+            .await
+            .is_err()
+        {
+            assert!(std::time::Instant::now() < deadline, "{name} did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let health = send(
+            Method::GET,
+            &format!("http://127.0.0.1:{admin}/healthz"),
+            &[],
+            "",
+        )
+        .await;
+        assert_eq!(health.status, StatusCode::OK);
+        Process {
+            child,
+            url: format!("http://127.0.0.1:{listen}"),
+        }
+    }
+}
