@@ -212,10 +212,8 @@ pub fn read_answer(
             Ok(token.to_string())
         }
         401 | 403 => Err(UpstreamError::CredentialRejected { status }),
-        429 => Err(UpstreamError::Throttled {
-            retry_after: parse_retry_after(retry_after, SystemTime::now()),
-        }),
-        400 if says_rate_limited(body) => Err(UpstreamError::Throttled {
+        // A rate limit, whether Truora says it with 429 or with a 400 and its message.
+        429 | 400 if status == 429 || says_rate_limited(body) => Err(UpstreamError::Throttled {
             retry_after: parse_retry_after(retry_after, SystemTime::now()),
         }),
         500..=599 => Err(UpstreamError::ServerError {
