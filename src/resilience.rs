@@ -239,7 +239,7 @@ impl Policy {
         form: &str,
     ) -> Result<String, BrokerError> {
         let deadline = Instant::now() + self.settings.deadline;
-        let mut probe = self.admit(caller)?;
+        let mut probe = self.admit()?;
         let _permit = match Arc::clone(&self.permits).try_acquire_owned() {
             Ok(permit) => permit,
             Err(_) => return Err(self.refuse(Refusal::Saturated)),
@@ -313,7 +313,7 @@ impl Policy {
     }
 
     /// Throttle window and breaker: may a call go at all? A half-open breaker admits one probe.
-    fn admit(&self, _caller: &str) -> Result<Probe<'_>, BrokerError> {
+    fn admit(&self) -> Result<Probe<'_>, BrokerError> {
         let now = Instant::now();
         let mut st = lock(&self.state);
         if let Some(until) = st.throttle_until.filter(|t| *t > now) {
