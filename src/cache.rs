@@ -4,8 +4,10 @@
 //! The key is the SHA-256 of a length-prefixed canonical encoding of the caller's id and every
 //! forwarded field, so field order does not matter, no two distinct requests collide by delimiter
 //! tricks, different callers never share an entry, and no raw user data is held as a key.
-//! An entry keeps the response bytes ready, so a hit re-serialises nothing.
+//! An entry keeps the token once, with what its answers need made ready, so a hit parses and
+//! escapes nothing: it copies.
 
+use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -51,40 +53,131 @@ pub fn key(caller: &str, req: &TokenRequest<'_>) -> CacheKey {
     h.finalize().into()
 }
 
-/// A minted token with everything needed to answer with it again.
-pub struct Entry {
+/// Who a token was minted for: what invalidation matches entries on.
+#[derive(Debug, Clone)]
+pub struct Owner {
     /// The caller it was minted for.
     pub caller: Arc<str>,
-    /// The flow it was minted for (for invalidation).
+    /// The flow it was minted for.
     pub flow_id: Box<str>,
-    /// The user it was minted for, when named by account_id (for invalidation).
+    /// The user it was minted for, when named by account_id.
     pub account_id: Option<Box<str>>,
+}
+
+/// A minted token with everything needed to answer with it again.
+///
+/// The token is kept once, and the answers are rendered from it on each hit
+/// ([`crate::issuance::Issued`]): a copy of about 1.3 KiB, where keeping both answers ready
+/// would hold the token three times (issue 6's memory budget is 1.5 KiB per cached token).
+/// What a hit would otherwise redo is done here once: the `expires_at` text, and whether the
+/// token needs escaping at all (Truora's are JWTs, which need none).
+pub struct Entry {
+    /// Who it was minted for.
+    pub owner: Owner,
     /// When the token dies, on the local monotonic clock.
     pub expires: Instant,
     /// The last moment it may be handed out (`expires - min_remaining`).
     pub serve_until: Instant,
-    /// When the token dies, on the wall clock (for `expires_at`).
+    /// When the token dies, on the wall clock.
     pub expires_at: SystemTime,
-    /// `POST /v1/tokens` answer up to the cache status: `{"api_key":..,..,"cache":"`.
-    pub tokens_prefix: Zeroizing<Vec<u8>>,
-    /// The whole `POST /v1/api-keys` answer.
-    pub dropin_body: Zeroizing<Vec<u8>>,
+    token: Zeroizing<Box<str>>,
+    /// `expires_at` in RFC 3339 to the second (`2026-11-26T02:13:31Z`).
+    expires_at_text: [u8; 20],
+    /// `{upstream.web_url}/?token=`, JSON-escaped without quotes; one allocation shared by
+    /// every entry of an issuer.
+    identity_prefix: Arc<str>,
+    /// The token is all `A-Z a-z 0-9 - _ .`: the same bytes in JSON and in a URL query.
+    plain: bool,
 }
 
 impl std::fmt::Debug for Entry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Entry")
-            .field("caller", &self.caller)
+            .field("caller", &self.owner.caller)
             .field("expires", &self.expires)
             .finish_non_exhaustive()
     }
 }
 
 impl Entry {
+    /// An entry for `token`, answered with `identity_prefix` (see [`identity_prefix`]) before
+    /// the token in its `identity_url`.
+    pub fn new(
+        token: &str,
+        identity_prefix: Arc<str>,
+        owner: Owner,
+        expires: Instant,
+        serve_until: Instant,
+        expires_at: SystemTime,
+    ) -> Self {
+        let mut expires_at_text = [b'0'; 20];
+        // RFC 3339 to the second is 20 bytes for every year a token can end in (before 10000).
+        let _ = write!(
+            &mut expires_at_text[..],
+            "{}",
+            humantime::format_rfc3339_seconds(expires_at)
+        );
+        Self {
+            owner,
+            expires,
+            serve_until,
+            expires_at,
+            plain: token
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')),
+            token: Zeroizing::new(token.into()),
+            expires_at_text,
+            identity_prefix,
+        }
+    }
+
     /// Life left at `now`.
     pub fn remaining(&self, now: Instant) -> Duration {
         self.expires.saturating_duration_since(now)
     }
+
+    /// The token.
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// `expires_at` as the answer says it.
+    pub fn expires_at_text(&self) -> &[u8] {
+        &self.expires_at_text
+    }
+
+    /// The JSON-escaped `identity_url` before the token.
+    pub fn identity_prefix(&self) -> &[u8] {
+        self.identity_prefix.as_bytes()
+    }
+
+    /// Calls `f` with the token JSON-escaped (without quotes) and the token escaped for a URL
+    /// query (which JSON needs no further escaping for). Both are the token itself unless it
+    /// holds other bytes than a JWT's; then they are made here, in buffers wiped after use.
+    pub fn with_escaped_token<R>(&self, f: impl FnOnce(&[u8], &[u8]) -> R) -> R {
+        if self.plain {
+            return f(self.token.as_bytes(), self.token.as_bytes());
+        }
+        let mut json = Zeroizing::new(Vec::with_capacity(self.token.len() + 16));
+        // Serialising a str into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *json, &**self.token);
+        let inner = json
+            .get(1..json.len().saturating_sub(1))
+            .unwrap_or_default();
+        let url: Zeroizing<String> =
+            Zeroizing::new(form_urlencoded::byte_serialize(self.token.as_bytes()).collect());
+        f(inner, url.as_bytes())
+    }
+}
+
+/// The JSON-escaped `identity_url` before the token (`{web_url}/?token=`), for [`Entry::new`].
+pub fn identity_prefix(web_url: &str) -> Arc<str> {
+    let url = format!("{}/?token=", web_url.trim_end_matches('/'));
+    let quoted = serde_json::to_string(&url).unwrap_or_default();
+    quoted
+        .get(1..quoted.len().saturating_sub(1))
+        .unwrap_or_default()
+        .into()
 }
 
 struct ServeUntil;
@@ -162,9 +255,10 @@ impl TokenCache {
     pub fn invalidate(&self, caller: &str, flow_id: Option<&str>, account_id: Option<&str>) -> u64 {
         let mut dropped = 0;
         for (key, entry) in self.inner.iter() {
-            let matches = &*entry.caller == caller
-                && flow_id.is_none_or(|f| &*entry.flow_id == f)
-                && account_id.is_none_or(|a| entry.account_id.as_deref() == Some(a));
+            let owner = &entry.owner;
+            let matches = &*owner.caller == caller
+                && flow_id.is_none_or(|f| &*owner.flow_id == f)
+                && account_id.is_none_or(|a| owner.account_id.as_deref() == Some(a));
             if matches && self.inner.remove(&*key).is_some() {
                 dropped += 1;
             }
@@ -204,16 +298,19 @@ mod tests {
 
     fn entry(caller: &str, flow: &str, account: Option<&str>, life: Duration) -> Arc<Entry> {
         let now = Instant::now();
-        Arc::new(Entry {
+        let owner = Owner {
             caller: caller.into(),
             flow_id: flow.into(),
             account_id: account.map(Into::into),
-            expires: now + life,
-            serve_until: now + life,
-            expires_at: SystemTime::now() + life,
-            tokens_prefix: Zeroizing::new(Vec::new()),
-            dropin_body: Zeroizing::new(Vec::new()),
-        })
+        };
+        Arc::new(Entry::new(
+            "t",
+            identity_prefix("https://id.example"),
+            owner,
+            now + life,
+            now + life,
+            SystemTime::now() + life,
+        ))
     }
 
     #[test]

@@ -4,8 +4,8 @@
 //! The phases of one request, in order:
 //!
 //! 1. **Key**: [`cache::key`] hashes the caller and the canonical request once.
-//! 2. **Lookup**: a cached token with at least `min_remaining` left is a hit; its answer bytes are
-//!    ready in the entry. A request that names no user skips the cache entirely (never shared).
+//! 2. **Lookup**: a cached token with at least `min_remaining` left is a hit; what its answer
+//!    needs is ready in the entry. A request that names no user skips the cache entirely (never shared).
 //! 3. **Single flight**: on a miss, the first request for a key starts one upstream call in its
 //!    own task; identical requests arriving meanwhile wait on it (`coalesced`). The task runs to
 //!    its end even if every waiter has gone, fills the cache before it leaves the in-flight
@@ -13,10 +13,10 @@
 //!    waiter and then forgotten: it is never cached.
 //! 4. **Entry**: the token's lifetime is read from its claims and measured from receipt on the
 //!    local clock, so a skewed upstream clock cannot make the broker hand out a dead token.
-//! 5. **Render**: the answer is the entry's prefix plus the cache status and `expires_in`.
+//! 5. **Render**: the answer is copied together from the entry's token and ready parts, the
+//!    cache status and `expires_in`.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -24,7 +24,7 @@ use tokio::sync::watch;
 use zeroize::Zeroizing;
 
 use crate::access::{self, CacheNote};
-use crate::cache::{self, CacheKey, Entry, TokenCache};
+use crate::cache::{self, CacheKey, Entry, Owner, TokenCache};
 use crate::config::{ArrayEncoding, DEFAULT_TOKEN_LIFETIME};
 use crate::error::{BrokerError, UpstreamError};
 use crate::metrics::Metrics;
@@ -83,22 +83,41 @@ pub struct Issued {
 impl Issued {
     /// The `POST /v1/tokens` answer: `{"api_key","expires_at","identity_url","cache","expires_in"}`.
     ///
-    /// The buffer is allocated at its final size, so turning it into `Bytes` needs no second
-    /// allocation.
+    /// Copied together from the entry's parts, into a buffer allocated at its final size, so
+    /// turning it into `Bytes` needs no second allocation.
     pub fn tokens_body(&self, now: Instant) -> Vec<u8> {
-        let prefix = &self.entry.tokens_prefix;
+        const API_KEY: &[u8] = b"{\"api_key\":\"";
+        const EXPIRES_AT: &[u8] = b"\",\"expires_at\":\"";
+        const IDENTITY_URL: &[u8] = b"\",\"identity_url\":\"";
+        const CACHE: &[u8] = b"\",\"cache\":\"";
+        let e = &self.entry;
         let status: &[u8] = match self.cache {
             CacheStatus::Hit => b"hit\",\"expires_in\":",
             CacheStatus::Miss => b"miss\",\"expires_in\":",
         };
         let mut digits = [0u8; 20];
-        let expires_in = Self::decimal(self.entry.remaining(now).as_secs(), &mut digits);
-        let mut out = Vec::with_capacity(prefix.len() + status.len() + expires_in.len() + 1);
-        out.extend_from_slice(prefix);
-        out.extend_from_slice(status);
-        out.extend_from_slice(expires_in);
-        out.push(b'}');
-        out
+        let expires_in = Self::decimal(e.remaining(now).as_secs(), &mut digits);
+        let (at, prefix) = (e.expires_at_text(), e.identity_prefix());
+        e.with_escaped_token(|json, url| {
+            let parts: [&[u8]; 10] = [
+                API_KEY,
+                json,
+                EXPIRES_AT,
+                at,
+                IDENTITY_URL,
+                prefix,
+                url,
+                CACHE,
+                status,
+                expires_in,
+            ];
+            let mut out = Vec::with_capacity(parts.iter().map(|p| p.len()).sum::<usize>() + 1);
+            for part in parts {
+                out.extend_from_slice(part);
+            }
+            out.push(b'}');
+            out
+        })
     }
 
     /// `n` in decimal digits, written at the end of `buf`.
@@ -114,9 +133,19 @@ impl Issued {
         }
     }
 
-    /// The `POST /v1/api-keys` answer, Truora's shape: `{"api_key","message"}`.
-    pub fn dropin_body(&self) -> &[u8] {
-        &self.entry.dropin_body
+    /// The `POST /v1/api-keys` answer, Truora's shape: `{"api_key","message"}`, allocated at
+    /// its final size.
+    pub fn dropin_body(&self) -> Vec<u8> {
+        const API_KEY: &[u8] = b"{\"api_key\":\"";
+        const MESSAGE: &[u8] = b"\",\"message\":\"";
+        self.entry.with_escaped_token(|json, _| {
+            let parts: [&[u8]; 5] = [API_KEY, json, MESSAGE, DROPIN_MESSAGE.as_bytes(), b"\"}"];
+            let mut out = Vec::with_capacity(parts.iter().map(|p| p.len()).sum());
+            for part in parts {
+                out.extend_from_slice(part);
+            }
+            out
+        })
     }
 }
 
@@ -133,6 +162,8 @@ pub struct Issuer {
     policy: Policy,
     metrics: Arc<Metrics>,
     settings: IssuerSettings,
+    /// [`cache::identity_prefix`] of `settings.web_url`, shared by every entry.
+    identity_prefix: Arc<str>,
     /// `[cache.shared]`: consulted only on a local miss and on invalidation.
     shared: Option<SharedTier>,
 }
@@ -180,6 +211,7 @@ impl Issuer {
             mint,
             policy,
             metrics,
+            identity_prefix: cache::identity_prefix(&settings.web_url),
             settings,
             shared,
         })
@@ -411,38 +443,23 @@ impl Issuer {
         expires_at: SystemTime,
         subject: Subject,
     ) -> Arc<Entry> {
-        Arc::new(Entry {
-            tokens_prefix: self.tokens_prefix(token, expires_at),
-            dropin_body: dropin_body(token),
+        let owner = Owner {
             caller: subject.caller,
             flow_id: subject.flow_id,
             account_id: subject.account_id,
+        };
+        let serve_until = expires
+            .checked_sub(self.settings.min_remaining)
+            .unwrap_or(now)
+            .max(now);
+        Arc::new(Entry::new(
+            token,
+            Arc::clone(&self.identity_prefix),
+            owner,
             expires,
-            serve_until: expires
-                .checked_sub(self.settings.min_remaining)
-                .unwrap_or(now)
-                .max(now),
+            serve_until,
             expires_at,
-        })
-    }
-
-    fn tokens_prefix(&self, token: &str, expires_at: SystemTime) -> Zeroizing<Vec<u8>> {
-        let escaped: String = form_urlencoded::byte_serialize(token.as_bytes()).collect();
-        let escaped = Zeroizing::new(escaped);
-        let identity_url = Zeroizing::new(format!(
-            "{}/?token={}",
-            self.settings.web_url.trim_end_matches('/'),
-            escaped.as_str()
-        ));
-        let mut out = Zeroizing::new(Vec::with_capacity(2 * token.len() + 160));
-        out.extend_from_slice(b"{\"api_key\":");
-        json_string(&mut out, token);
-        out.extend_from_slice(b",\"expires_at\":\"");
-        let _ = write!(out, "{}", humantime::format_rfc3339_seconds(expires_at));
-        out.extend_from_slice(b"\",\"identity_url\":");
-        json_string(&mut out, &identity_url);
-        out.extend_from_slice(b",\"cache\":\"");
-        out
+        ))
     }
 }
 
@@ -563,21 +580,6 @@ impl Issuer {
             subject,
         ))
     }
-}
-
-fn dropin_body(token: &str) -> Zeroizing<Vec<u8>> {
-    let mut out = Zeroizing::new(Vec::with_capacity(token.len() + 64));
-    out.extend_from_slice(b"{\"api_key\":");
-    json_string(&mut out, token);
-    out.extend_from_slice(b",\"message\":");
-    json_string(&mut out, DROPIN_MESSAGE);
-    out.push(b'}');
-    out
-}
-
-fn json_string(out: &mut Vec<u8>, s: &str) {
-    // Serialising a str into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut *out, s);
 }
 
 #[cfg(test)]
@@ -708,7 +710,7 @@ mod tests {
         let at = humantime::parse_rfc3339(v["expires_at"].as_str().unwrap()).unwrap();
         let from_now = at.duration_since(SystemTime::now()).unwrap().as_secs();
         assert!((7190..=7200).contains(&from_now), "{from_now}");
-        let d: serde_json::Value = serde_json::from_slice(a.dropin_body()).unwrap();
+        let d: serde_json::Value = serde_json::from_slice(&a.dropin_body()).unwrap();
         assert_eq!(d["api_key"], key);
         assert_eq!(d["message"], DROPIN_MESSAGE);
     }

@@ -593,7 +593,7 @@ where
     caller.policy.check(&request)?;
     let issued = state.issuer.issue(&caller.id, &request).await?;
     let body = match route {
-        Route::ApiKeys => Bytes::copy_from_slice(issued.dropin_body()),
+        Route::ApiKeys => Bytes::from(issued.dropin_body()),
         _ => Bytes::from(issued.tokens_body(Instant::now())),
     };
     let mut response = Response::new(full(body));

@@ -10,34 +10,39 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Full};
-use token_broker::cache::Entry;
-use token_broker::issuance::{CacheStatus, Issued};
+use token_broker::cache::{identity_prefix, Entry, Owner};
+use token_broker::issuance::{CacheStatus, Issued, DROPIN_MESSAGE};
 use token_broker::sandbox::{Sandbox, SandboxOptions};
 use token_broker::secret::MasterKey;
 use token_broker::server::{caller_service, Server};
 use tower::ServiceExt;
-use zeroize::Zeroizing;
 
 use common::*;
 
-fn issued(life: Duration, cache: CacheStatus, now: Instant) -> Issued {
+fn issued(token: &str, life: Duration, cache: CacheStatus, now: Instant) -> Issued {
+    let owner = Owner {
+        caller: "c".into(),
+        flow_id: "IPF1".into(),
+        account_id: None,
+    };
     Issued {
-        entry: Arc::new(Entry {
-            caller: "c".into(),
-            flow_id: "IPF1".into(),
-            account_id: None,
-            expires: now + life,
-            serve_until: now + life,
-            expires_at: SystemTime::UNIX_EPOCH,
-            tokens_prefix: Zeroizing::new(br#"{"api_key":"t","cache":""#.to_vec()),
-            dropin_body: Zeroizing::new(Vec::new()),
-        }),
+        entry: Arc::new(Entry::new(
+            token,
+            identity_prefix("https://id.example/"),
+            owner,
+            now + life,
+            now + life,
+            // 2026-11-26T02:13:31Z
+            SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_659_211),
+        )),
         cache,
     }
 }
 
+const JWT: &str = "eyJhbGciOiJIUzI1NiJ9.eyJleHAiOjF9.c2ln-_x";
+
 #[test]
-fn the_answer_is_the_prefix_the_cache_status_and_expires_in_in_decimal() {
+fn the_answer_is_copied_together_from_the_token_and_its_ready_parts() {
     let now = Instant::now();
     for (secs, cache, word) in [
         (0, CacheStatus::Hit, "hit"),
@@ -46,15 +51,39 @@ fn the_answer_is_the_prefix_the_cache_status_and_expires_in_in_decimal() {
         (7199, CacheStatus::Hit, "hit"),
         (604_800, CacheStatus::Miss, "miss"),
     ] {
-        let body = issued(Duration::from_secs(secs), cache, now).tokens_body(now);
-        let expected = format!(r#"{{"api_key":"t","cache":"{word}","expires_in":{secs}}}"#);
+        let body = issued(JWT, Duration::from_secs(secs), cache, now).tokens_body(now);
+        let expected = format!(
+            r#"{{"api_key":"{JWT}","expires_at":"2026-11-26T02:13:31Z","identity_url":"https://id.example/?token={JWT}","cache":"{word}","expires_in":{secs}}}"#
+        );
         assert_eq!(String::from_utf8(body.clone()).unwrap(), expected);
         // Allocated at its final size, so Bytes takes it over without another allocation.
         assert_eq!(body.capacity(), body.len());
     }
     // Less than a second left reads as 0, never as a negative or fractional number.
-    let body = issued(Duration::from_millis(999), CacheStatus::Hit, now).tokens_body(now);
+    let body = issued(JWT, Duration::from_millis(999), CacheStatus::Hit, now).tokens_body(now);
     assert!(body.ends_with(br#""expires_in":0}"#));
+
+    let dropin = issued(JWT, Duration::from_secs(60), CacheStatus::Hit, now).dropin_body();
+    let expected = format!(r#"{{"api_key":"{JWT}","message":"{DROPIN_MESSAGE}"}}"#);
+    assert_eq!(String::from_utf8(dropin.clone()).unwrap(), expected);
+    assert_eq!(dropin.capacity(), dropin.len());
+}
+
+#[test]
+fn a_token_that_is_not_a_jwt_is_escaped_in_json_and_in_its_identity_url() {
+    let now = Instant::now();
+    let token = "a\"b\\c d/e+f&g\u{e9}\n";
+    let entry = issued(token, Duration::from_secs(60), CacheStatus::Hit, now);
+    let v: serde_json::Value = serde_json::from_slice(&entry.tokens_body(now)).unwrap();
+    assert_eq!(v["api_key"], token);
+    let url = v["identity_url"].as_str().unwrap();
+    let query = url.strip_prefix("https://id.example/?").unwrap();
+    let decoded: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
+        .into_owned()
+        .collect();
+    assert_eq!(decoded, [("token".to_owned(), token.to_owned())]);
+    let d: serde_json::Value = serde_json::from_slice(&entry.dropin_body()).unwrap();
+    assert_eq!(d["api_key"], token);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
