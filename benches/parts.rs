@@ -57,6 +57,32 @@ fn parts(c: &mut Criterion) {
     g.bench_function("answer bytes", |b| {
         b.iter(|| black_box(issued.tokens_body(black_box(Instant::now()))))
     });
+    let line = token_broker::access::AccessLine {
+        request_id: "3f9a0c1b2d4e-123456",
+        caller: CALLER,
+        route: "tokens",
+        status: 200,
+        cache: token_broker::access::CacheNote::Hit,
+        latency: Duration::from_micros(41),
+    };
+    for json in [false, true] {
+        let fmt = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(std::io::sink);
+        let subscriber: Box<dyn tracing::Subscriber + Send + Sync> = if json {
+            Box::new(fmt.json().flatten_event(true).finish())
+        } else {
+            Box::new(fmt.finish())
+        };
+        let name = if json {
+            "access line json"
+        } else {
+            "access line text"
+        };
+        tracing::subscriber::with_default(subscriber, || {
+            g.bench_function(name, |b| b.iter(|| black_box(&line).log()));
+        });
+    }
     g.finish();
 }
 

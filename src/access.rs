@@ -116,6 +116,39 @@ pub async fn scope<T>(note: Note, fut: impl Future<Output = T>) -> (T, Note) {
     .await
 }
 
+/// The access line of one caller API request.
+#[derive(Debug, Clone, Copy)]
+pub struct AccessLine<'a> {
+    /// The request id (kept or made, see [`request_id`]).
+    pub request_id: &'a str,
+    /// The authenticated caller's id, `-` when none.
+    pub caller: &'a str,
+    /// The route's label.
+    pub route: &'a str,
+    /// The answer's status.
+    pub status: u16,
+    /// What the cache did.
+    pub cache: CacheNote,
+    /// From the request's arrival to its answer.
+    pub latency: std::time::Duration,
+}
+
+impl AccessLine<'_> {
+    /// Logs the line: one `info` event, target `access`.
+    pub fn log(&self) {
+        tracing::info!(
+            target: "access",
+            request_id = %self.request_id,
+            caller = %self.caller,
+            route = %self.route,
+            status = self.status,
+            cache = %self.cache.label(),
+            latency_us = self.latency.as_micros() as u64,
+            "request"
+        );
+    }
+}
+
 fn prefix() -> &'static str {
     static PREFIX: OnceLock<String> = OnceLock::new();
     PREFIX.get_or_init(|| {

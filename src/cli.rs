@@ -9,9 +9,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 
 use crate::config::{ClientConfig, Config, ConfigError};
+use crate::logging::{self, LogFormat};
 use crate::sandbox::{Sandbox, SandboxOptions};
 use crate::secret::{hex, MasterKey, SecretDigest};
 use crate::server::Server;
@@ -147,15 +148,6 @@ Example:
   SECRET=$(openssl rand -hex 32)
   printf '%s' \"$SECRET\" | token-broker hash-secret";
 
-/// How logs are written.
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
-}
-
 /// Runs the command line and returns the process exit status.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -164,9 +156,9 @@ pub fn main() -> ExitCode {
     }
     match cli.command {
         Command::Serve { config, log_format } => {
-            init_logging(log_format);
+            let logs = logging::init(log_format);
             match load(&config) {
-                Ok((loaded, key)) => run(async move { serve(config, loaded, key).await }),
+                Ok((loaded, key)) => run(&logs, async move { serve(config, loaded, key).await }),
                 Err(e) => config_failure(&e),
             }
         }
@@ -174,8 +166,8 @@ pub fn main() -> ExitCode {
             listen,
             admin_listen,
         } => {
-            init_logging(LogFormat::Text);
-            run(demo(listen, admin_listen))
+            let logs = logging::init(LogFormat::Text);
+            run(&logs, demo(listen, admin_listen))
         }
         Command::CheckConfig { config } => match load(&config) {
             Ok((c, _)) => {
@@ -208,33 +200,14 @@ fn config_failure(e: &ConfigError) -> ExitCode {
     ExitCode::from(EXIT_CONFIG)
 }
 
-/// Logs go to stderr, filtered by `RUST_LOG` (default `info`). Every caller request writes one
-/// access line (target `access`, see [`crate::access`]); `RUST_LOG=info,access=off` silences it.
-/// In JSON each line is one flat object: `timestamp`, `level`, `target`, `message` and the
-/// event's own fields side by side, ready for a log pipeline to index.
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .with_span_list(false)
-            .try_init(),
-    };
-}
-
-fn run(fut: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+/// Runs `fut` on the multi-threaded runtime whose workers batch their log lines into `logs`.
+fn run(
+    logs: &logging::Output,
+    fut: impl std::future::Future<Output = Result<(), String>>,
+) -> ExitCode {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    let runtime = match logging::batch_workers(&mut builder, logs).build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("token-broker: cannot start the runtime: {e}");

@@ -21,6 +21,7 @@
 //! - [`token`]: reading a minted token's JWT claims for its lifetime.
 //! - [`metrics`]: the Prometheus registry and every series the broker exports.
 //! - [`access`]: request ids and the access log line of every caller request.
+//! - [`logging`]: log format and filter, and the buffer that writes lines to stderr in batches.
 //! - [`status`]: the HTML status page on the admin listener.
 //! - [`error`]: one error type, whose kind gives the HTTP status.
 //! - [`secret`]: redacting, zeroizing holders for the master key and caller secrets.
@@ -36,6 +37,7 @@ pub mod config;
 pub mod error;
 pub mod invariants;
 pub mod issuance;
+pub mod logging;
 pub mod metrics;
 pub mod passthrough;
 pub mod policy;

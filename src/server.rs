@@ -306,16 +306,15 @@ where
             if let Some(c) = caller {
                 c.requests[note.cache.caller_cache() as usize].inc();
             }
-            tracing::info!(
-                target: "access",
-                request_id = %request_id.to_str().unwrap_or("-"),
-                caller = %caller.map_or("-", |c| &*c.id),
-                route = %label,
-                status = status.as_u16(),
-                cache = %note.cache.label(),
-                latency_us = elapsed.as_micros() as u64,
-                "request"
-            );
+            access::AccessLine {
+                request_id: request_id.to_str().unwrap_or("-"),
+                caller: caller.map_or("-", |c| &*c.id),
+                route: label,
+                status: status.as_u16(),
+                cache: note.cache,
+                latency: elapsed,
+            }
+            .log();
             response
                 .headers_mut()
                 .insert(access::X_REQUEST_ID.clone(), request_id);

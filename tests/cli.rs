@@ -178,6 +178,18 @@ impl Running {
     fn output(&self) -> String {
         format!("{}{}", self.out.lock().unwrap(), self.err.lock().unwrap())
     }
+
+    /// The output once it holds `needle` (read from the pipes within 5 s), or as it is then.
+    async fn output_with(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let output = self.output();
+            if output.contains(needle) || Instant::now() > deadline {
+                return output;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }
 
 fn collect(stream: impl Read + Send + 'static) -> Arc<Mutex<String>> {
@@ -404,7 +416,17 @@ async fn serve_drains_in_flight_requests_on_sigterm_and_leaks_no_secret() {
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     assert_eq!(broker.exit_code().await, 0);
 
-    let output = broker.output();
+    // Lines logged just before the process ends are written: the log buffer is emptied on exit.
+    let output = broker.output_with(" stopped").await;
+    let last = output
+        .lines()
+        .rev()
+        .find(|l| l.contains("INFO"))
+        .unwrap_or("");
+    assert!(last.ends_with(" stopped"), "{output}");
+    // Every request's access line is written, the slow one's just before the process ended.
+    let access = output.lines().filter(|l| l.contains(" access: request "));
+    assert_eq!(access.count(), 6, "{output}");
     assert!(output.contains("callers=2"), "{output}");
     assert!(output.contains(&format!("127.0.0.1:{listen}")), "{output}");
     assert_no_secret_in(&output);
