@@ -65,19 +65,36 @@ fn parts(c: &mut Criterion) {
         cache: token_broker::access::CacheNote::Hit,
         latency: Duration::from_micros(41),
     };
-    for json in [false, true] {
+    // The broker's own format (access lines written by hand) against tracing-subscriber's.
+    use token_broker::logging::Format;
+    use tracing_subscriber::fmt::format::{Format as Plain, JsonFields};
+    for (name, json, by_hand) in [
+        ("access line text", false, true),
+        ("access line json", true, true),
+        (
+            "access line text, tracing-subscriber's format",
+            false,
+            false,
+        ),
+        ("access line json, tracing-subscriber's format", true, false),
+    ] {
         let fmt = tracing_subscriber::fmt()
             .with_ansi(false)
             .with_writer(std::io::sink);
-        let subscriber: Box<dyn tracing::Subscriber + Send + Sync> = if json {
-            Box::new(fmt.json().flatten_event(true).finish())
-        } else {
-            Box::new(fmt.finish())
-        };
-        let name = if json {
-            "access line json"
-        } else {
-            "access line text"
+        let json_fmt = Plain::default().json().flatten_event(true);
+        let subscriber: Box<dyn tracing::Subscriber + Send + Sync> = match (json, by_hand) {
+            (false, true) => Box::new(fmt.event_format(Format::text()).finish()),
+            (true, true) => Box::new(
+                fmt.fmt_fields(JsonFields::new())
+                    .event_format(Format::json())
+                    .finish(),
+            ),
+            (false, false) => Box::new(fmt.finish()),
+            (true, false) => Box::new(
+                fmt.fmt_fields(JsonFields::new())
+                    .event_format(json_fmt)
+                    .finish(),
+            ),
         };
         tracing::subscriber::with_default(subscriber, || {
             g.bench_function(name, |b| b.iter(|| black_box(&line).log()));

@@ -25,6 +25,8 @@ use http::HeaderMap;
 
 use crate::metrics::CallerCache;
 
+/// The target of the access line's event (`RUST_LOG=info,access=off` turns it off).
+pub const TARGET: &str = "access";
 /// `X-Request-Id`.
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// The longest incoming request id kept.
@@ -137,7 +139,7 @@ impl AccessLine<'_> {
     /// Logs the line: one `info` event, target `access`.
     pub fn log(&self) {
         tracing::info!(
-            target: "access",
+            target: TARGET,
             request_id = %self.request_id,
             caller = %self.caller,
             route = %self.route,
