@@ -12,7 +12,9 @@
 #                               memory bounded by its cache.
 #
 # Every server runs on 127.0.0.1 only, one at a time under load, with the same wrk
-# (-t2 -c64 --latency, benches/e2e/requests.lua). Rounds are interleaved (floor, broker, nginx,
+# (-t2 -c64 --latency, benches/e2e/requests.lua). nginx logs each request as the broker does
+# (buffered, see nginx.conf.in); the `nginx-nolog` row is the same nginx on a port that logs
+# nothing. Rounds are interleaved (floor, broker, nginx, nginx-nolog,
 # then again) so that noise from a shared machine falls on every row alike; compare only ratios
 # taken in one run. Every process started here is stopped on exit, Ctrl-C included. The master
 # key and the caller secret are random per run, kept in a private temporary directory, and
@@ -284,10 +286,13 @@ hits() {
     wait_file "$work/floor.addr"
     local floor_url="http://$(cat "$work/floor.addr")"
 
-    local nginx_port nginx_pid attempt
+    local nginx_port nolog_port nginx_pid attempt
     for attempt in 1 2 3 4 5; do   # another process may take the port first: try another
         nginx_port=$(free_port)
-        sed -e "s|@WORK@|$work|g" -e "s|@PORT@|$nginx_port|g" -e "s|@FAKE@|${FAKE_URL#http://}|g" \
+        nolog_port=$(free_port)
+        [[ $nolog_port != "$nginx_port" ]] || nolog_port=$((nginx_port + 1))
+        sed -e "s|@WORK@|$work|g" -e "s|@PORT@|$nginx_port|g" -e "s|@NOLOG_PORT@|$nolog_port|g" \
+            -e "s|@FAKE@|${FAKE_URL#http://}|g" \
             -e "s|@SECRET@|$(cat "$work/secret")|g" -e "s|@KEY@|$(cat "$work/master.key")|g" \
             "$here/nginx.conf.in" >"$work/nginx.conf"
         chmod 600 "$work/nginx.conf"
@@ -307,7 +312,9 @@ hits() {
     nginx_before=$(fake_calls)
     prime nginx "$nginx_url/v1/tokens" "$nginx_before"
     probe "$nginx_url/v1/tokens" "$work/nginx-answer.json" -H @"$work/auth.header"
-    local names=(floor broker nginx) urls=("$floor_url" "$BROKER_URL" "$nginx_url") spids=("$floor_pid" "$BROKER_PID" "$nginx_pid")
+    # nginx-nolog: the same nginx and cache on a port that writes no access log.
+    local names=(floor broker nginx nginx-nolog) urls=("$floor_url" "$BROKER_URL" "$nginx_url" "http://127.0.0.1:$nolog_port")
+    local spids=("$floor_pid" "$BROKER_PID" "$nginx_pid" "$nginx_pid")
     local extra extra_pids=()
     if [[ -n ${BENCH_EXTRA:-} ]]; then
         local broker_pid=$BROKER_PID broker_url=$BROKER_URL broker_admin=$BROKER_ADMIN
@@ -366,7 +373,7 @@ encryption_key_file = \"$work/cache.key\""
             read -r cpu_user cpu_sys < <(awk -v u=$((u1 - u0)) -v s=$((s1 - s0)) -v hz="$(getconf CLK_TCK)" -v n="$n" \
                 'BEGIN {printf "%.1f %.1f\n", u * 1e6 / hz / n, s * 1e6 / hz / n}')
             echo "$r ${names[$i]} $rps $p50 $p99 $(awk -v u="$cpu_user" -v s="$cpu_sys" 'BEGIN {print u + s}')" >>"$work/results"
-            printf '   round %d  %-8s %7d req/s   p50 %7.3f ms   p99 %7.3f ms   server CPU %5.1f us/req (user %4.1f, system %4.1f)\n' \
+            printf '   round %d  %-12s %7d req/s   p50 %7.3f ms   p99 %7.3f ms   server CPU %5.1f us/req (user %4.1f, system %4.1f)\n' \
                 "$r" "${names[$i]}" "$rps" "$p50" "$p99" "$(awk -v u="$cpu_user" -v s="$cpu_sys" 'BEGIN {print u + s}')" "$cpu_user" "$cpu_sys"
         done
     done
@@ -387,7 +394,7 @@ encryption_key_file = \"$work/cache.key\""
         { k = ++count[$2]; rps[$2, k] = $3; p50[$2, k] = $4; p99[$2, k] = $5; cpu[$2, k] = $6; by_round[$1, $2] = $3; rounds[$1] = 1 }
         END {
             printf "| server | requests/s | p50 ms | p99 ms | server CPU us/req |\n|---|---:|---:|---:|---:|\n"
-            ns = split("floor broker nginx" extra, names, " ")
+            ns = split("floor broker nginx nginx-nolog" extra, names, " ")
             for (s = 1; s <= ns; s++) {
                 name = names[s]; n = count[name]
                 if (n == 0) continue
@@ -396,17 +403,24 @@ encryption_key_file = \"$work/cache.key\""
                 printf "| %s | %d | %.3f | %.3f | %.1f |\n", name, m_rps[name], median(b, n), m_p99[name], median(d, n)
             }
             n = 0
-            for (r in rounds) { n++; f[n] = by_round[r, "broker"] / by_round[r, "floor"]; g[n] = by_round[r, "broker"] / by_round[r, "nginx"] }
-            bf = median(f, n); bn = median(g, n)
+            for (r in rounds) {
+                n++; f[n] = by_round[r, "broker"] / by_round[r, "floor"]; g[n] = by_round[r, "broker"] / by_round[r, "nginx"]
+                h[n] = by_round[r, "broker"] / by_round[r, "nginx-nolog"]
+            }
+            bf = median(f, n); bn = median(g, n); bq = median(h, n)
             printf "\nbroker/floor %.2f (target >= 0.85: %s)   broker/nginx %.2f (target >= 1.75: %s)   broker p99 %.3f ms (target < 5 ms: %s)\n", \
                 bf, (bf >= 0.85 ? "met" : "NOT met"), bn, (bn >= 1.75 ? "met" : "NOT met"), m_p99["broker"], (m_p99["broker"] < 5 ? "met" : "NOT met")
-            printf "(ratios are medians of the per-round ratios; each round ran the three servers back to back)\n"
+            printf "broker/nginx-nolog %.2f (nginx logging nothing, where the broker logs every request)\n", bq
+            printf "(ratios are medians of the per-round ratios; each round ran the servers back to back)\n"
         }' "$work/results"
     echo "upstream calls during the measured runs: $misses_during_load (every request was a cache hit); broker misses in all: $broker_upstream"
 
     stop_pid "$nginx_pid"
     stop_pid "$floor_pid"
     stop_pid "$BROKER_PID"
+    # Both did log every request on their logging rows.
+    [[ $(grep -c ' access: request ' "$work/broker-1.log") -gt $keys ]] || die "the broker wrote no access lines"
+    [[ $(wc -l <"$work/nginx-access.log") -gt $keys ]] || die "nginx wrote no access log"
     for extra in "${extra_pids[@]}"; do stop_pid "$extra"; done
     startup
 }
