@@ -221,34 +221,58 @@ pub struct CatchPanic<S> {
 impl<S, B> Service<Routed<B>> for CatchPanic<S>
 where
     S: Service<Routed<B>, Response = HttpResponse, Error = Infallible>,
-    S::Future: Send + 'static,
 {
     type Response = HttpResponse;
     type Error = Infallible;
-    type Future = BoxFuture<Result<HttpResponse, Infallible>>;
+    type Future = CatchPanicFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, routed: Routed<B>) -> Self::Future {
-        use futures_util::FutureExt;
         let route = routed.route;
-        let fut =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.inner.call(routed)));
-        Box::pin(async move {
-            let outcome = match fut {
-                Ok(fut) => std::panic::AssertUnwindSafe(fut).catch_unwind().await,
-                Err(payload) => Err(payload),
-            };
-            Ok(match outcome {
-                Ok(Ok(response)) => response,
-                Ok(Err(never)) => match never {},
-                Err(_) => {
-                    error_response(route, &BrokerError::Internal("a request handler panicked"))
-                }
-            })
-        })
+        // A panic while building the inner future: no future, the 500 is answered when polled.
+        let inner =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.inner.call(routed))).ok();
+        CatchPanicFuture { inner, route }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of [`CatchPanic`]: the inner answer, or a 500 in the route's shape if the
+    /// inner service panicked. Named rather than boxed, so it costs no allocation.
+    ///
+    /// - Built: holds the inner future, or none when building it panicked.
+    /// - Each poll: polls the inner future, catching a panic; pending while it is.
+    /// - Ready: the inner answer; a 500 (`internal_error`) when building it or this poll
+    ///   panicked. The inner future, panicked or not, is dropped with this one.
+    pub struct CatchPanicFuture<F> {
+        #[pin]
+        inner: Option<F>,
+        route: Route,
+    }
+}
+
+impl<F> Future for CatchPanicFuture<F>
+where
+    F: Future<Output = Result<HttpResponse, Infallible>>,
+{
+    type Output = Result<HttpResponse, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Some(inner) = this.inner.as_pin_mut() {
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.poll(cx))) {
+                Ok(Poll::Pending) => return Poll::Pending,
+                Ok(Poll::Ready(answer)) => return Poll::Ready(answer),
+                Err(_) => {}
+            }
+        }
+        Poll::Ready(Ok(error_response(
+            *this.route,
+            &BrokerError::Internal("a request handler panicked"),
+        )))
     }
 }
 
@@ -1513,23 +1537,39 @@ mod tests {
     #[tokio::test]
     async fn a_panic_in_a_handler_answers_500_to_that_request_only() {
         let (state, _) = state();
-        let panicking = tower::service_fn(|routed: Routed<Full<Bytes>>| async move {
-            if routed.req.uri().path() == "/boom" {
+        // Panics while building its future on /build, and on /poll while polling it, after
+        // it was pending once.
+        let panicking = tower::service_fn(|routed: Routed<Full<Bytes>>| {
+            let path = routed.req.uri().path().to_owned();
+            if path == "/build" {
                 panic!("handler bug");
             }
-            Ok::<_, Infallible>(Response::new(full(Bytes::from_static(b"fine"))))
+            async move {
+                tokio::task::yield_now().await;
+                if path == "/poll" {
+                    panic!("handler bug");
+                }
+                Ok::<_, Infallible>(Response::new(full(Bytes::from_static(b"fine"))))
+            }
         });
         let svc = ServiceBuilder::new()
             .layer(ObserveLayer(Arc::clone(&state.metrics)))
             .layer(CatchPanicLayer)
             .service(panicking);
-        let boom = svc.clone().oneshot(form("/boom", "")).await.unwrap();
-        assert_eq!(boom.status(), StatusCode::INTERNAL_SERVER_ERROR);
-        let body = boom.into_body().collect().await.unwrap().to_bytes();
-        assert!(String::from_utf8_lossy(&body).contains("internal_error"));
-        assert!(!String::from_utf8_lossy(&body).contains("handler bug"));
+        for path in ["/build", "/poll"] {
+            let boom = svc.clone().oneshot(form(path, "")).await.unwrap();
+            assert_eq!(boom.status(), StatusCode::INTERNAL_SERVER_ERROR, "{path}");
+            assert!(boom.headers().contains_key(&access::X_REQUEST_ID), "{path}");
+            let body = boom.into_body().collect().await.unwrap().to_bytes();
+            assert!(String::from_utf8_lossy(&body).contains("internal_error"));
+            assert!(!String::from_utf8_lossy(&body).contains("handler bug"));
+        }
         let fine = svc.oneshot(form("/v1/tokens", "")).await.unwrap();
         assert_eq!(fine.status(), StatusCode::OK);
+        // Both panics were answered, counted and timed like any other answer.
+        let text = String::from_utf8(state.metrics.render()).unwrap();
+        assert!(text.contains(r#"token_broker_requests_total{route="other",status="500"} 2"#));
+        assert!(text.contains("token_broker_requests_in_flight 0"));
     }
 
     #[tokio::test]
