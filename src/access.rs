@@ -17,6 +17,7 @@
 use std::cell::Cell;
 use std::future::Future;
 use std::io::Write;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
@@ -109,13 +110,23 @@ pub fn sync_scope<R>(f: impl FnOnce() -> R) -> (R, Note) {
     })
 }
 
-/// Runs `fut` with `note` as the current request's note, and returns what was noted by its end.
-pub async fn scope<T>(note: Note, fut: impl Future<Output = T>) -> (T, Note) {
-    NOTE.scope(Cell::new(note), async move {
-        let out = fut.await;
-        (out, NOTE.with(Cell::get))
-    })
-    .await
+/// A request's future run with its note as the current one: see [`scope`].
+pub type Scoped<F> = tokio::task::futures::TaskLocalFuture<Cell<Note>, F>;
+
+/// Runs `fut` with `note` as the current request's note: each poll of the returned future
+/// polls `fut` with the note current, so what `fut` notes meanwhile adds to it. Once it is
+/// done, [`take_note`] says what was noted by its end.
+pub fn scope<F: Future>(note: Note, fut: F) -> Scoped<F> {
+    NOTE.scope(Cell::new(note), fut)
+}
+
+/// What was noted by the end of `scoped` (see [`scope`]), taken out of it: call it once, after
+/// `scoped` is done (a second call sees the default note; a call while it runs ends its noting).
+pub fn take_note<F>(scoped: Pin<&mut Scoped<F>>) -> Note {
+    scoped
+        .take_value()
+        .map(Cell::into_inner)
+        .unwrap_or_default()
 }
 
 /// The access line of one caller API request.
@@ -250,12 +261,19 @@ mod tests {
         }
     }
 
+    /// `fut` run in a [`scope`] of `note`, and what was noted by its end.
+    async fn scoped<T>(note: Note, fut: impl Future<Output = T>) -> (T, Note) {
+        let mut scoped = std::pin::pin!(scope(note, fut));
+        let out = scoped.as_mut().await;
+        (out, take_note(scoped))
+    }
+
     #[tokio::test]
     async fn notes_reach_the_scope_and_nothing_happens_outside_one() {
         note_cache(CacheNote::Hit); // outside any scope: ignored, no panic
         let ((), n) = sync_scope(|| note_caller(1));
         assert_eq!(n.caller, Some(1));
-        let ((), n) = scope(n, async {
+        let ((), n) = scoped(n, async {
             tokio::task::yield_now().await;
             note_cache(CacheNote::Coalesced);
         })
@@ -267,7 +285,7 @@ mod tests {
                 cache: CacheNote::Coalesced
             }
         );
-        let ((), n) = scope(Note::default(), async {}).await;
+        let ((), n) = scoped(Note::default(), async {}).await;
         assert_eq!(n, Note::default());
     }
 }

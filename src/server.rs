@@ -221,34 +221,58 @@ pub struct CatchPanic<S> {
 impl<S, B> Service<Routed<B>> for CatchPanic<S>
 where
     S: Service<Routed<B>, Response = HttpResponse, Error = Infallible>,
-    S::Future: Send + 'static,
 {
     type Response = HttpResponse;
     type Error = Infallible;
-    type Future = BoxFuture<Result<HttpResponse, Infallible>>;
+    type Future = CatchPanicFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, routed: Routed<B>) -> Self::Future {
-        use futures_util::FutureExt;
         let route = routed.route;
-        let fut =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.inner.call(routed)));
-        Box::pin(async move {
-            let outcome = match fut {
-                Ok(fut) => std::panic::AssertUnwindSafe(fut).catch_unwind().await,
-                Err(payload) => Err(payload),
-            };
-            Ok(match outcome {
-                Ok(Ok(response)) => response,
-                Ok(Err(never)) => match never {},
-                Err(_) => {
-                    error_response(route, &BrokerError::Internal("a request handler panicked"))
-                }
-            })
-        })
+        // A panic while building the inner future: no future, the 500 is answered when polled.
+        let inner =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.inner.call(routed))).ok();
+        CatchPanicFuture { inner, route }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of [`CatchPanic`]: the inner answer, or a 500 in the route's shape if the
+    /// inner service panicked. Named rather than boxed, so it costs no allocation.
+    ///
+    /// - Built: holds the inner future, or none when building it panicked.
+    /// - Each poll: polls the inner future, catching a panic; pending while it is.
+    /// - Ready: the inner answer; a 500 (`internal_error`) when building it or this poll
+    ///   panicked. The inner future, panicked or not, is dropped with this one.
+    pub struct CatchPanicFuture<F> {
+        #[pin]
+        inner: Option<F>,
+        route: Route,
+    }
+}
+
+impl<F> Future for CatchPanicFuture<F>
+where
+    F: Future<Output = Result<HttpResponse, Infallible>>,
+{
+    type Output = Result<HttpResponse, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Some(inner) = this.inner.as_pin_mut() {
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.poll(cx))) {
+                Ok(Poll::Pending) => return Poll::Pending,
+                Ok(Poll::Ready(answer)) => return Poll::Ready(answer),
+                Err(_) => {}
+            }
+        }
+        Poll::Ready(Ok(error_response(
+            *this.route,
+            &BrokerError::Internal("a request handler panicked"),
+        )))
     }
 }
 
@@ -276,11 +300,10 @@ pub struct Observe<S> {
 impl<S, B> Service<Request<B>> for Observe<S>
 where
     S: Service<Routed<B>, Response = HttpResponse, Error = Infallible>,
-    S::Future: Send + 'static,
 {
     type Response = HttpResponse;
     type Error = Infallible;
-    type Future = BoxFuture<Result<HttpResponse, Infallible>>;
+    type Future = ObserveFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
@@ -293,33 +316,71 @@ where
         let in_flight = InFlight::enter(Arc::clone(&self.metrics));
         // The layers below note the caller and what the cache did (see `access`), whether
         // they learn it while building the future or while it runs.
-        let (fut, noted) = access::sync_scope(|| self.inner.call(Routed { route, req }));
-        Box::pin(async move {
-            let metrics = &*in_flight.0;
-            let (response, note) = access::scope(noted, fut).await;
-            let mut response = response?;
-            let elapsed = started.elapsed();
-            let label = route.label();
-            let status = response.status();
-            metrics.request_done(label, status, elapsed);
-            let caller = note.caller.and_then(|slot| metrics.caller(slot));
-            if let Some(c) = caller {
-                c.requests[note.cache.caller_cache() as usize].inc();
-            }
-            access::AccessLine {
-                request_id: request_id.to_str().unwrap_or("-"),
-                caller: caller.map_or("-", |c| &*c.id),
-                route: label,
-                status: status.as_u16(),
-                cache: note.cache,
-                latency: elapsed,
-            }
-            .log();
-            response
-                .headers_mut()
-                .insert(access::X_REQUEST_ID.clone(), request_id);
-            Ok(response)
-        })
+        let (inner, noted) = access::sync_scope(|| self.inner.call(Routed { route, req }));
+        ObserveFuture {
+            inner: access::scope(noted, inner),
+            route,
+            started,
+            request_id,
+            in_flight,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of [`Observe`]. Named rather than boxed, so it costs no allocation.
+    ///
+    /// - Built: the request is counted in flight, its id decided, and what the layers below
+    ///   noted while building the inner future is kept as the request's note.
+    /// - Each poll: polls the inner future with that note as the current one, so the layers
+    ///   below can add to it while they run.
+    /// - Ready: counts and times the answer by route and status, counts it for the caller
+    ///   noted (by what the cache did), writes the access line and sets `X-Request-Id`.
+    /// - Dropped (answered or abandoned): leaves in flight.
+    pub struct ObserveFuture<F> {
+        #[pin]
+        inner: access::Scoped<F>,
+        route: Route,
+        started: Instant,
+        request_id: HeaderValue,
+        in_flight: InFlight,
+    }
+}
+
+impl<F> Future for ObserveFuture<F>
+where
+    F: Future<Output = Result<HttpResponse, Infallible>>,
+{
+    type Output = Result<HttpResponse, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        let Ok(mut response) = std::task::ready!(this.inner.as_mut().poll(cx));
+        let note = access::take_note(this.inner);
+        let metrics = &*this.in_flight.0;
+        let elapsed = this.started.elapsed();
+        let label = this.route.label();
+        let status = response.status();
+        metrics.request_done(label, status, elapsed);
+        let caller = note.caller.and_then(|slot| metrics.caller(slot));
+        if let Some(c) = caller {
+            c.requests[note.cache.caller_cache() as usize].inc();
+        }
+        // Ready once: the id moves to the response, leaving a placeholder that costs nothing.
+        let request_id = std::mem::replace(this.request_id, HeaderValue::from_static("-"));
+        access::AccessLine {
+            request_id: request_id.to_str().unwrap_or("-"),
+            caller: caller.map_or("-", |c| &*c.id),
+            route: label,
+            status: status.as_u16(),
+            cache: note.cache,
+            latency: elapsed,
+        }
+        .log();
+        response
+            .headers_mut()
+            .insert(access::X_REQUEST_ID.clone(), request_id);
+        Poll::Ready(Ok(response))
     }
 }
 
@@ -1513,23 +1574,39 @@ mod tests {
     #[tokio::test]
     async fn a_panic_in_a_handler_answers_500_to_that_request_only() {
         let (state, _) = state();
-        let panicking = tower::service_fn(|routed: Routed<Full<Bytes>>| async move {
-            if routed.req.uri().path() == "/boom" {
+        // Panics while building its future on /build, and on /poll while polling it, after
+        // it was pending once.
+        let panicking = tower::service_fn(|routed: Routed<Full<Bytes>>| {
+            let path = routed.req.uri().path().to_owned();
+            if path == "/build" {
                 panic!("handler bug");
             }
-            Ok::<_, Infallible>(Response::new(full(Bytes::from_static(b"fine"))))
+            async move {
+                tokio::task::yield_now().await;
+                if path == "/poll" {
+                    panic!("handler bug");
+                }
+                Ok::<_, Infallible>(Response::new(full(Bytes::from_static(b"fine"))))
+            }
         });
         let svc = ServiceBuilder::new()
             .layer(ObserveLayer(Arc::clone(&state.metrics)))
             .layer(CatchPanicLayer)
             .service(panicking);
-        let boom = svc.clone().oneshot(form("/boom", "")).await.unwrap();
-        assert_eq!(boom.status(), StatusCode::INTERNAL_SERVER_ERROR);
-        let body = boom.into_body().collect().await.unwrap().to_bytes();
-        assert!(String::from_utf8_lossy(&body).contains("internal_error"));
-        assert!(!String::from_utf8_lossy(&body).contains("handler bug"));
+        for path in ["/build", "/poll"] {
+            let boom = svc.clone().oneshot(form(path, "")).await.unwrap();
+            assert_eq!(boom.status(), StatusCode::INTERNAL_SERVER_ERROR, "{path}");
+            assert!(boom.headers().contains_key(&access::X_REQUEST_ID), "{path}");
+            let body = boom.into_body().collect().await.unwrap().to_bytes();
+            assert!(String::from_utf8_lossy(&body).contains("internal_error"));
+            assert!(!String::from_utf8_lossy(&body).contains("handler bug"));
+        }
         let fine = svc.oneshot(form("/v1/tokens", "")).await.unwrap();
         assert_eq!(fine.status(), StatusCode::OK);
+        // Both panics were answered, counted and timed like any other answer.
+        let text = String::from_utf8(state.metrics.render()).unwrap();
+        assert!(text.contains(r#"token_broker_requests_total{route="other",status="500"} 2"#));
+        assert!(text.contains("token_broker_requests_in_flight 0"));
     }
 
     #[tokio::test]
