@@ -394,7 +394,7 @@ encryption_key_file = \"$work/cache.key\""
         { k = ++count[$2]; rps[$2, k] = $3; p50[$2, k] = $4; p99[$2, k] = $5; cpu[$2, k] = $6; by_round[$1, $2] = $3; rounds[$1] = 1 }
         END {
             printf "| server | requests/s | p50 ms | p99 ms | server CPU us/req |\n|---|---:|---:|---:|---:|\n"
-            ns = split("floor broker nginx nginx-nolog" extra, names, " ")
+            ns = split("floor broker nginx nginx-nolog" extra " broker-redis", names, " ")
             for (s = 1; s <= ns; s++) {
                 name = names[s]; n = count[name]
                 if (n == 0) continue
