@@ -12,10 +12,11 @@
 //! Machine: Firecracker VM, 2 vCPUs of an AMD EPYC (SHA-NI), 23 GiB, Linux 6.18, rustc 1.95.0, SHARED with
 //! two engineers compiling (load average about 4): timings move by 10 to 30 % between runs.
 //!
-//! Results, 2026-11-26 01:10 UTC, commit ac0d316, tokens of 588 characters: 1,000,000 misses in
-//! 12.7 s; resident 3 MiB empty, 2,851 MiB full (2,987 bytes per cached token: target NOT met);
-//! after 200,000 more users, 1,000,000 entries and 2,910 MiB (+2.1 %). docs/performance.md says
-//! where the bytes go.
+//! Results, 2026-11-26 02:17 UTC, commit 91f5329, tokens of 588 characters: 1,000,000 misses in
+//! 7.3 s; resident 4 MiB empty, 1,190 MiB full (1,244 bytes per cached token: target met);
+//! after 200,000 more users, 1,000,000 entries and 1,259 MiB (+5.8 %). Before each token was
+//! kept once (01:10 UTC, commit ac0d316): 2,851 MiB, 2,987 bytes per token.
+//! docs/performance.md says where the bytes go.
 
 #[path = "support/mod.rs"]
 mod support;

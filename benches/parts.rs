@@ -1,5 +1,6 @@
 //! Criterion benchmarks of the pieces of the hot path, each alone: the form parser, the JSON
-//! parser, the cache-key builder, the answer renderer and the JWT-claims reader.
+//! parser, the cache-key builder, the answer renderer, the JWT-claims reader and the access
+//! line (the broker's format against tracing-subscriber's).
 //!
 //! Command: `make bench` (or `cargo bench --bench parts`). Not a test: nothing here fails on a
 //! timing. docs/performance.md has the method and the history.
@@ -7,16 +8,20 @@
 //! Machine: Firecracker VM, 2 vCPUs of an AMD EPYC (SHA-NI), 23 GiB, Linux 6.18, rustc 1.95.0, SHARED with
 //! two engineers compiling (load average about 4): timings move by 10 to 30 % between runs.
 //!
-//! Results, 2026-11-26 01:24 UTC, commit ac0d316 (criterion medians; before the performance work,
-//! commit 63fdde6, at 00:21 UTC, in brackets):
+//! Results, 2026-11-26 03:07 UTC, commit 065370e (criterion medians; at 01:24 UTC, commit
+//! ac0d316, and before the performance work, commit 63fdde6, at 00:21 UTC, in brackets):
 //!
-//! | bench                 | median          |
-//! |-----------------------|-----------------|
-//! | form parse + validate | 210 ns (371 ns) |
-//! | json parse + validate | 242 ns (347 ns) |
-//! | cache key             | 159 ns (154 ns) |
-//! | jwt claims lifetime   | 505 ns (505 ns) |
-//! | answer bytes          | 61 ns (67 ns)   |
+//! | bench                                          | median                  |
+//! |------------------------------------------------|-------------------------|
+//! | form parse + validate                          | 208 ns (210 ns, 371 ns) |
+//! | json parse + validate                          | 246 ns (242 ns, 347 ns) |
+//! | cache key                                      | 153 ns (159 ns, 154 ns) |
+//! | jwt claims lifetime                            | 488 ns (505 ns, 505 ns) |
+//! | answer bytes (the token copied twice)          | 74 ns (61 ns, 67 ns)    |
+//! | access line text                               | 183 ns                  |
+//! | access line json                               | 258 ns                  |
+//! | access line text, tracing-subscriber's format  | 451 ns                  |
+//! | access line json, tracing-subscriber's format  | 889 ns                  |
 
 #[path = "support/mod.rs"]
 mod support;

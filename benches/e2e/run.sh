@@ -20,10 +20,11 @@
 # key and the caller secret are random per run, kept in a private temporary directory, and
 # never printed.
 #
-# Latest results (2026-11-26 01:35 UTC, commit ac0d316; 2-vCPU AMD EPYC VM shared with two
-# engineers compiling; medians of 3 rounds): floor 148,170 req/s, broker 99,884 (p99 2.98 ms,
-# 10.5 us CPU/request), nginx 81,590; broker/floor 0.67, broker/nginx 1.22; start-up 15 ms.
-# Misses: the broker adds 0.06 to 0.29 ms at p50. Full tables and method: docs/performance.md.
+# Latest results (2026-11-26 03:35 UTC, commit 079b71e; 2-vCPU AMD EPYC VM shared with other
+# engineers; medians of 3 rounds): floor 139,415 req/s, broker 99,621 (p99 2.95 ms, 10.8 us
+# CPU/request), nginx logging 86,832, nginx not logging 82,958; broker/floor 0.70, broker/nginx
+# 1.08 (1.17 against nginx not logging); start-up 14 ms. Misses (03:34 UTC): the broker adds
+# 0.24 ms at p99 at one connection. Full tables and method: docs/performance.md.
 #
 # Knobs (environment): BENCH_DURATION seconds per measured run (10), BENCH_ROUNDS (3),
 # BENCH_CONNECTIONS (64), BENCH_KEYS distinct cached keys (10000), BENCH_NO_BUILD=1 to skip the
