@@ -136,11 +136,6 @@ impl Entry {
         self.expires.saturating_duration_since(now)
     }
 
-    /// The token.
-    pub fn token(&self) -> &str {
-        &self.token
-    }
-
     /// `expires_at` as the answer says it.
     pub fn expires_at_text(&self) -> &[u8] {
         &self.expires_at_text
