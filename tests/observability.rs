@@ -1277,6 +1277,24 @@ fn forbidden(answers: &[(Option<&str>, Resp)]) -> Vec<String> {
     never
 }
 
+/// `lines` in the order of the answers they log, matched by request id: the runtime's workers
+/// write their lines in batches, so the lines of two workers may come out of order.
+fn in_answer_order<'a, L>(
+    answers: &[(Option<&'static str>, Resp)],
+    lines: &[&'a L],
+    id: impl Fn(&L) -> String,
+) -> Vec<&'a L> {
+    answers
+        .iter()
+        .map(|(_, r)| {
+            let want = r.header("x-request-id");
+            let found: Vec<&L> = lines.iter().copied().filter(|l| id(l) == want).collect();
+            assert_eq!(found.len(), 1, "one access line for request {want}");
+            found[0]
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn text_logs_have_one_access_line_per_request_and_never_a_secret_even_at_debug() {
     let upstream = Sandbox::start(SandboxOptions::new(MASTER_KEY))
@@ -1288,6 +1306,14 @@ async fn text_logs_have_one_access_line_per_request_and_never_a_secret_even_at_d
     let log = s.log_with_access_lines(answers.len(), is_access).await;
     let access: Vec<&str> = log.lines().filter(|l| is_access(l)).collect();
     assert_eq!(access.len(), answers.len(), "{log}");
+    let lines: Vec<&&str> = access.iter().collect();
+    let access: Vec<&str> = in_answer_order(&answers, &lines, |l: &&str| {
+        let id = l.split("request_id=").nth(1).unwrap_or("");
+        id.split(' ').next().unwrap_or("").to_owned()
+    })
+    .into_iter()
+    .copied()
+    .collect();
     for ((sent, r), line) in answers.iter().zip(&access) {
         let id = r.header("x-request-id");
         assert!(!id.is_empty());
@@ -1347,6 +1373,9 @@ async fn json_logs_are_one_flat_object_per_line_with_the_access_fields() {
     let access: Vec<&serde_json::Value> =
         lines.iter().filter(|l| l["target"] == "access").collect();
     assert_eq!(access.len(), answers.len(), "{log}");
+    let access = in_answer_order(&answers, &access, |l| {
+        l["request_id"].as_str().unwrap_or("").to_owned()
+    });
     for ((_, r), line) in answers.iter().zip(&access) {
         assert_eq!(line["level"], "INFO");
         assert_eq!(line["message"], "request");
