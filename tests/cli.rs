@@ -135,21 +135,21 @@ impl Running {
     }
 
     async fn wait_ready(&self, admin: SocketAddr) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if tokio::net::TcpStream::connect(admin).await.is_ok() {
-                let r = send(Method::GET, &format!("http://{admin}/healthz"), &[], "").await;
-                if r.status == StatusCode::OK {
-                    return;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "broker not ready: {}",
-                self.err.lock().unwrap()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let healthy = || async move {
+            tokio::net::TcpStream::connect(admin).await.is_ok()
+                && send(Method::GET, &format!("http://{admin}/healthz"), &[], "")
+                    .await
+                    .status
+                    == StatusCode::OK
+        };
+        let what = || format!("broker not ready: {}", self.err.lock().unwrap());
+        wait_for(
+            Duration::from_secs(20),
+            Duration::from_millis(50),
+            healthy,
+            what,
+        )
+        .await;
     }
 
     fn sigterm(&self) {
@@ -498,28 +498,24 @@ async fn serve_turns_core_dumps_off_and_reloads_on_sighup() {
     );
     std::fs::write(&path, more).unwrap();
     broker.signal("-HUP");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if post(newcomer).await.status == StatusCode::OK {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "SIGHUP did not reload: {}",
-            broker.output()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || {
+            let answer = post(newcomer);
+            async move { answer.await.status == StatusCode::OK }
+        },
+        || format!("SIGHUP did not reload: {}", broker.output()),
+    )
+    .await;
     // The log line is collected by a reader thread: give it a moment.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !broker.output().contains("configuration reloaded") {
-        assert!(
-            Instant::now() < deadline,
-            "no reload log line: {}",
-            broker.output()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for(
+        Duration::from_secs(5),
+        Duration::from_millis(20),
+        || std::future::ready(broker.output().contains("configuration reloaded")),
+        || format!("no reload log line: {}", broker.output()),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -537,15 +533,13 @@ async fn demo_needs_nothing_else_and_prints_working_curl_commands() {
     );
     demo.wait_ready(SocketAddr::from(([127, 0, 0, 1], admin)))
         .await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !demo.out.lock().unwrap().contains("Ctrl-C") {
-        assert!(
-            Instant::now() < deadline,
-            "no instructions: {}",
-            demo.output()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for(
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || std::future::ready(demo.out.lock().unwrap().contains("Ctrl-C")),
+        || format!("no instructions: {}", demo.output()),
+    )
+    .await;
     let printed = demo.out.lock().unwrap().clone();
     assert!(printed.contains(&format!(
         "curl -s -X POST http://127.0.0.1:{listen}/v1/tokens"

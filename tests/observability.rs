@@ -352,20 +352,20 @@ async fn requests_in_flight_counts_requests_being_answered() {
         let b = Arc::clone(&b);
         tokio::spawn(async move { b.tokens(CHECKOUT_SECRET, FORM).await })
     };
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let m = b.metrics().await;
-        if value(&m, "token_broker_requests_in_flight") == 1.0
+    let broker = &*b;
+    let in_flight = || async move {
+        let m = broker.metrics().await;
+        value(&m, "token_broker_requests_in_flight") == 1.0
             && value(&m, "token_broker_upstream_in_flight") == 1.0
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the slow request was never in flight"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    };
+    let what = || "the slow request was never in flight".to_owned();
+    wait_for(
+        Duration::from_secs(5),
+        Duration::from_millis(20),
+        in_flight,
+        what,
+    )
+    .await;
     assert_eq!(slow.await.unwrap().status, StatusCode::OK);
     assert_eq!(
         value(&b.metrics().await, "token_broker_requests_in_flight"),
@@ -1114,21 +1114,17 @@ token_sha256 = "{}"
             url: format!("http://127.0.0.1:{listen}"),
             admin: format!("http://127.0.0.1:{admin}"),
         };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if tokio::net::TcpStream::connect(("127.0.0.1", admin))
-                .await
-                .is_ok()
-            {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "broker not ready: {}",
-                served.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_for(
+            Duration::from_secs(20),
+            Duration::from_millis(50),
+            || async move {
+                tokio::net::TcpStream::connect(("127.0.0.1", admin))
+                    .await
+                    .is_ok()
+            },
+            || format!("broker not ready: {}", served.log()),
+        )
+        .await;
         drop(dir);
         served
     }

@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{config, free_port, post_tokens, send, Process, CHECKOUT_SECRET, FORM, MASTER_KEY};
+use common::{
+    config, free_port, post_tokens, send, wait_for, Process, CHECKOUT_SECRET, FORM, MASTER_KEY,
+};
 use http::{Method, StatusCode};
 use redis::AsyncCommands;
 use token_broker::config::{Config, SharedCacheConfig};
@@ -70,20 +72,24 @@ impl Redis {
             panic!("cannot start redis-server ({e}): .ci/run installs it (apt-get install redis-server)")
         });
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(mut c) = self.conn().await {
-                if redis::cmd("PING")
+        let this = &*self;
+        let answers = || async move {
+            match this.conn().await {
+                Ok(mut c) => redis::cmd("PING")
                     .query_async::<String>(&mut c)
                     .await
-                    .is_ok()
-                {
-                    return;
-                }
+                    .is_ok(),
+                Err(_) => false,
             }
-            assert!(Instant::now() < deadline, "redis-server did not come up");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        };
+        let what = || "redis-server did not come up".to_owned();
+        wait_for(
+            Duration::from_secs(10),
+            Duration::from_millis(50),
+            answers,
+            what,
+        )
+        .await;
     }
 
     async fn stop(&mut self) {
@@ -601,15 +607,15 @@ async fn invalidation_reaches_redis_and_the_other_replica() {
         assert_eq!(del.json()["invalidated"], 1);
 
         // B dropped u1 (from the message) and Redis no longer has it: B mints anew.
-        let deadline = Instant::now() + Duration::from_secs(5);
         let remote = r#"token_broker_shared_cache_invalidations_total{origin="remote"}"#;
-        while value(&fleet.b.metrics().await, remote) < 1.0 {
-            assert!(
-                Instant::now() < deadline,
-                "B never heard of the invalidation"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let b = &fleet.b;
+        wait_for(
+            Duration::from_secs(5),
+            Duration::from_millis(20),
+            || async move { value(&b.metrics().await, remote) >= 1.0 },
+            || "B never heard of the invalidation".to_owned(),
+        )
+        .await;
         let again = fleet.b.tokens(&u1).await;
         assert_eq!(again.header("x-cache"), "MISS");
         assert_ne!(again.json()["api_key"], t1);
@@ -814,11 +820,13 @@ async fn replicas_share_through_redis_over_tls() {
             .kill_on_drop(true)
             .spawn()
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-            assert!(Instant::now() < deadline, "redis-server (TLS) did not come up");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_for(
+            Duration::from_secs(10),
+            Duration::from_millis(50),
+            || async move { tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() },
+            || "redis-server (TLS) did not come up".to_owned(),
+        )
+        .await;
 
         let sandbox = Sandbox::start(SandboxOptions::new(MASTER_KEY)).await.unwrap();
         let key_file = write("cache-key", format!("{ENCRYPTION_KEY}\n"));

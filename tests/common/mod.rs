@@ -16,6 +16,25 @@ use token_broker::secret::{MasterKey, SecretDigest};
 use token_broker::server::Server;
 use tokio::sync::oneshot;
 
+/// Polls `ready` every `every` until it holds, and fails with `what()` once `limit` has
+/// passed: for what a test waits on that happens a moment later (a process listening, a
+/// reload, a line read from a pipe by another thread).
+pub async fn wait_for<F, Fut>(
+    limit: Duration,
+    every: Duration,
+    mut ready: F,
+    what: impl Fn() -> String,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + limit;
+    while !ready().await {
+        assert!(std::time::Instant::now() < deadline, "{}", what());
+        tokio::time::sleep(every).await;
+    }
+}
+
 /// A master key that is easy to spot in any output.
 pub const MASTER_KEY: &str = "CANARY-master-key-7f3a9c1e5b";
 pub const CHECKOUT_SECRET: &str = "checkout-secret-0123456789abcdef";
@@ -252,14 +271,17 @@ impl Process {
             .kill_on_drop(true)
             .spawn()
             .unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while tokio::net::TcpStream::connect(("127.0.0.1", admin))
-            .await
-            .is_err()
-        {
-            assert!(std::time::Instant::now() < deadline, "{name} did not start");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_for(
+            Duration::from_secs(20),
+            Duration::from_millis(20),
+            || async move {
+                tokio::net::TcpStream::connect(("127.0.0.1", admin))
+                    .await
+                    .is_ok()
+            },
+            || format!("{name} did not start"),
+        )
+        .await;
         let health = send(
             Method::GET,
             &format!("http://127.0.0.1:{admin}/healthz"),
