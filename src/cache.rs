@@ -283,11 +283,7 @@ mod tests {
     use super::*;
     use crate::metrics::EVICTION_CAUSES;
 
-    fn req(body: &str) -> TokenRequest<'static> {
-        TokenRequest::from_form(body.as_bytes())
-            .unwrap()
-            .into_owned()
-    }
+    use crate::request::owned_form as req;
 
     const BASE: &str = "country=CO&flow_id=IPF1&redirect_url=https://a.example&account_id=u1";
 

@@ -671,11 +671,7 @@ mod tests {
 
     const USER_REQ: &str = "country=CO&flow_id=IPF1&redirect_url=https://a.example&account_id=u1";
 
-    fn req(body: &str) -> TokenRequest<'static> {
-        TokenRequest::from_form(body.as_bytes())
-            .unwrap()
-            .into_owned()
-    }
+    use crate::request::owned_form as req;
 
     fn body_json(issued: &Issued) -> serde_json::Value {
         serde_json::from_slice(&issued.tokens_body(Instant::now())).unwrap()

@@ -98,11 +98,7 @@ fn host_matches(allowed: &str, host: &str) -> bool {
 mod tests {
     use super::*;
 
-    fn req(body: &str) -> TokenRequest<'static> {
-        TokenRequest::from_form(body.as_bytes())
-            .unwrap()
-            .into_owned()
-    }
+    use crate::request::owned_form as req;
 
     const BASE: &str =
         "country=CO&flow_id=IPF1&redirect_url=https://shop.example.com/done&account_id=u";

@@ -849,6 +849,15 @@ impl<'de> Deserialize<'de> for JsonValue<'de> {
     }
 }
 
+/// A form body parsed and owned: the request the unit tests of the cache, the policy and the
+/// core start from.
+#[cfg(test)]
+pub(crate) fn owned_form(body: &str) -> TokenRequest<'static> {
+    TokenRequest::from_form(body.as_bytes())
+        .unwrap()
+        .into_owned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
