@@ -99,7 +99,7 @@ impl Issued {
         let expires_in = Self::decimal(e.remaining(now).as_secs(), &mut digits);
         let (at, prefix) = (e.expires_at_text(), e.identity_prefix());
         e.with_escaped_token(|json, url| {
-            let parts: [&[u8]; 10] = [
+            joined(&[
                 API_KEY,
                 json,
                 EXPIRES_AT,
@@ -110,13 +110,8 @@ impl Issued {
                 CACHE,
                 status,
                 expires_in,
-            ];
-            let mut out = Vec::with_capacity(parts.iter().map(|p| p.len()).sum::<usize>() + 1);
-            for part in parts {
-                out.extend_from_slice(part);
-            }
-            out.push(b'}');
-            out
+                b"}",
+            ])
         })
     }
 
@@ -139,14 +134,19 @@ impl Issued {
         const API_KEY: &[u8] = b"{\"api_key\":\"";
         const MESSAGE: &[u8] = b"\",\"message\":\"";
         self.entry.with_escaped_token(|json, _| {
-            let parts: [&[u8]; 5] = [API_KEY, json, MESSAGE, DROPIN_MESSAGE.as_bytes(), b"\"}"];
-            let mut out = Vec::with_capacity(parts.iter().map(|p| p.len()).sum());
-            for part in parts {
-                out.extend_from_slice(part);
-            }
-            out
+            joined(&[API_KEY, json, MESSAGE, DROPIN_MESSAGE.as_bytes(), b"\"}"])
         })
     }
+}
+
+/// `parts` one after the other, in a buffer allocated at its final size (so `Bytes::from` takes
+/// it without another allocation).
+fn joined(parts: &[&[u8]]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(parts.iter().map(|p| p.len()).sum());
+    for part in parts {
+        out.extend_from_slice(part);
+    }
+    out
 }
 
 type FlightResult = Option<Result<(Arc<Entry>, CacheStatus), BrokerError>>;
