@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use moka::notification::RemovalCause;
+use moka::policy::EvictionPolicy;
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
@@ -208,10 +209,7 @@ impl TokenCache {
     /// A cache of at most `max_entries` tokens.
     pub fn new(max_entries: u64) -> Self {
         Self {
-            inner: moka::sync::Cache::builder()
-                .max_capacity(max_entries)
-                .expire_after(ServeUntil)
-                .build(),
+            inner: Self::builder(max_entries).build(),
         }
     }
 
@@ -219,9 +217,7 @@ impl TokenCache {
     /// `token_broker_cache_evictions_total`.
     pub fn observed(max_entries: u64, metrics: Arc<Metrics>) -> Self {
         Self {
-            inner: moka::sync::Cache::builder()
-                .max_capacity(max_entries)
-                .expire_after(ServeUntil)
+            inner: Self::builder(max_entries)
                 .eviction_listener(move |_key, _entry, cause| {
                     let i = match cause {
                         RemovalCause::Expired => 0,
@@ -233,6 +229,20 @@ impl TokenCache {
                 })
                 .build(),
         }
+    }
+
+    /// Bounded by `max_entries`, each entry gone at its `serve_until`. When full, the least
+    /// recently used token makes room: moka's default (TinyLFU) would instead refuse a token
+    /// just minted whenever the cache is full of tokens hit more often, and every request of a
+    /// new user would then mint anew.
+    fn builder(
+        max_entries: u64,
+    ) -> moka::sync::CacheBuilder<CacheKey, Arc<Entry>, moka::sync::Cache<CacheKey, Arc<Entry>>>
+    {
+        moka::sync::Cache::builder()
+            .max_capacity(max_entries)
+            .eviction_policy(EvictionPolicy::lru())
+            .expire_after(ServeUntil)
     }
 
     /// The entry for `key` if it may still be handed out at `now`.
@@ -395,6 +405,33 @@ mod tests {
             cache.len();
         }
         assert!(count("size") >= 18, "{}", count("size"));
+    }
+
+    #[test]
+    fn a_full_cache_keeps_the_token_just_minted_over_often_hit_ones() {
+        // A token is stored because it was just minted for a caller who is likely to ask
+        // again soon; a full cache of tokens hit many times must still take it (evicting the
+        // least recently used), or every request of a new user would mint anew.
+        let cache = TokenCache::new(50);
+        let life = Duration::from_secs(600);
+        for i in 0..50u8 {
+            cache.insert([i; 32], entry("c", "f", None, life));
+        }
+        for _ in 0..20 {
+            for i in 0..50u8 {
+                assert!(cache.get(&[i; 32], Instant::now()).is_some());
+            }
+            cache.len();
+        }
+        for new in 100..110u8 {
+            cache.insert([new; 32], entry("c", "f", None, life));
+            cache.len();
+            assert!(
+                cache.get(&[new; 32], Instant::now()).is_some(),
+                "the token just stored for key {new} was refused"
+            );
+        }
+        assert!(cache.len() <= 50, "{}", cache.len());
     }
 
     #[test]
