@@ -4,8 +4,11 @@
 //! broker's headers. It authenticates nothing, parses nothing and caches nothing: what the
 //! broker does beyond this is what the broker costs.
 //!
-//! `cargo run --release --example floor -- BODY_FILE ADDR_FILE`: serves the bytes of BODY_FILE on
-//! a free loopback port, writes `127.0.0.1:PORT` to ADDR_FILE, and runs until SIGTERM or Ctrl-C.
+//! `cargo run --release --example floor -- BODY_FILE ADDR_FILE [WORK_NS]`: serves the bytes of
+//! BODY_FILE on a free loopback port, writes `127.0.0.1:PORT` to ADDR_FILE, and runs until SIGTERM
+//! or Ctrl-C. With WORK_NS, each request first keeps its worker busy for that many nanoseconds
+//! (a spin on the clock): `make bench-e2e`'s `floor+N` rows, which show what a given amount of
+//! CPU added to each request costs in requests/s on the benchmark's machine.
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -23,7 +26,14 @@ use tokio::net::TcpListener;
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let (Some(body_file), Some(addr_file)) = (args.next(), args.next()) else {
-        return Err("usage: floor BODY_FILE ADDR_FILE".into());
+        return Err("usage: floor BODY_FILE ADDR_FILE [WORK_NS]".into());
+    };
+    let work = match args.next() {
+        Some(ns) => Duration::from_nanos(
+            ns.parse()
+                .map_err(|_| format!("WORK_NS {ns:?}: not a number"))?,
+        ),
+        None => Duration::ZERO,
     };
     let body = Bytes::from(std::fs::read(body_file)?);
     let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
@@ -50,6 +60,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     async move {
                         // Read the body, as the broker must, then answer the fixed bytes.
                         let _ = req.into_body().collect().await;
+                        busy(work);
                         let mut r = Response::new(Full::new(body));
                         let h = r.headers_mut();
                         h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -69,4 +80,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         () = token_broker::cli::shutdown_signal() => {}
     }
     Ok(())
+}
+
+/// Keeps this thread busy for `work` (nothing when zero).
+fn busy(work: Duration) {
+    if work.is_zero() {
+        return;
+    }
+    let start = std::time::Instant::now();
+    while start.elapsed() < work {
+        std::hint::spin_loop();
+    }
 }

@@ -20,10 +20,11 @@
 # key and the caller secret are random per run, kept in a private temporary directory, and
 # never printed.
 #
-# Latest results (2026-11-26 03:35 UTC, commit 079b71e; 2-vCPU AMD EPYC VM shared with other
-# engineers; medians of 3 rounds): floor 139,415 req/s, broker 99,621 (p99 2.95 ms, 10.8 us
-# CPU/request), nginx logging 86,832, nginx not logging 82,958; broker/floor 0.70, broker/nginx
-# 1.08 (1.17 against nginx not logging); start-up 14 ms. Misses (03:34 UTC): the broker adds
+# Latest results (2026-11-26 04:35 UTC, commit b05b6fd; 2-vCPU AMD EPYC VM shared with other
+# engineers, load average about 3; medians of 3 rounds): floor 116,425 req/s, floor+500ns /
+# floor 0.90, floor+1000ns 0.83, floor+2000ns 0.73; broker 89,549 (p99 3.62 ms, 12.0 us
+# CPU/request), nginx logging 78,243, nginx not logging 68,805; broker/floor 0.62, broker/nginx
+# 1.12 (1.14 against nginx not logging); start-up 13 ms. Misses (03:34 UTC): the broker adds
 # 0.24 ms at p99 at one connection. Full tables and method: docs/performance.md.
 #
 # Knobs (environment): BENCH_DURATION seconds per measured run (10), BENCH_ROUNDS (3),
@@ -31,7 +32,10 @@
 # release build, BENCH_EXTRA="NAME=PATH ..." other token-broker binaries (older builds, say)
 # measured in the same rounds, one extra row each. BENCH_REDIS=0 leaves out the row of hits
 # served from Redis (`broker-redis`: a broker with [cache.shared] and a one-entry local cache,
-# so its hits come from Redis; it runs when redis-server is installed).
+# so its hits come from Redis; it runs when redis-server is installed). BENCH_FLOOR_WORK="NS ..."
+# ("500 1000 2000") adds a `floor+NSns` row per value: the floor spinning NS nanoseconds on each request,
+# which shows what that much CPU added to a request costs in requests/s on this machine; "" for
+# none.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 here=benches/e2e
@@ -107,6 +111,18 @@ free_port() {
         fi
     done
     die "no free port"
+}
+
+# Involuntary context switches so far of PID's threads and its running children's (nginx's
+# workers): how often the kernel preempted the server for another task (wrk, on these cores).
+preemptions() {
+    local n=0 pid task
+    for pid in "$1" $(pgrep -P "$1" || true); do
+        for task in /proc/"$pid"/task/*/status; do
+            [[ -r $task ]] && n=$((n + $(awk '/^nonvoluntary_ctxt_switches:/ {print $2}' "$task" || echo 0)))
+        done
+    done
+    echo "$n"
 }
 
 # CPU ticks used so far by PID and its children that are still running (nginx's workers), as
@@ -286,6 +302,16 @@ hits() {
     local floor_pid=$!
     wait_file "$work/floor.addr"
     local floor_url="http://$(cat "$work/floor.addr")"
+    local ns work_names=() work_urls=() work_pids=()
+    for ns in ${BENCH_FLOOR_WORK-500 1000 2000}; do
+        [[ $ns =~ ^[0-9]+$ ]] || die "BENCH_FLOOR_WORK: $ns is not a number of nanoseconds"
+        rm -f "$work/floor-$ns.addr"
+        target/release/examples/floor "$work/answer.json" "$work/floor-$ns.addr" "$ns" 2>"$work/floor-$ns.log" &
+        pids+=($!)
+        work_pids+=($!) work_names+=("floor+${ns}ns")
+        wait_file "$work/floor-$ns.addr"
+        work_urls+=("http://$(cat "$work/floor-$ns.addr")")
+    done
 
     local nginx_port nolog_port nginx_pid attempt
     for attempt in 1 2 3 4 5; do   # another process may take the port first: try another
@@ -314,8 +340,10 @@ hits() {
     prime nginx "$nginx_url/v1/tokens" "$nginx_before"
     probe "$nginx_url/v1/tokens" "$work/nginx-answer.json" -H @"$work/auth.header"
     # nginx-nolog: the same nginx and cache on a port that writes no access log.
-    local names=(floor broker nginx nginx-nolog) urls=("$floor_url" "$BROKER_URL" "$nginx_url" "http://127.0.0.1:$nolog_port")
-    local spids=("$floor_pid" "$BROKER_PID" "$nginx_pid" "$nginx_pid")
+    # The floor+N rows run right after the floor, so each meets the same moment of the machine.
+    local names=(floor "${work_names[@]}" broker nginx nginx-nolog)
+    local urls=("$floor_url" "${work_urls[@]}" "$BROKER_URL" "$nginx_url" "http://127.0.0.1:$nolog_port")
+    local spids=("$floor_pid" "${work_pids[@]}" "$BROKER_PID" "$nginx_pid" "$nginx_pid")
     local extra extra_pids=()
     if [[ -n ${BENCH_EXTRA:-} ]]; then
         local broker_pid=$BROKER_PID broker_url=$BROKER_URL broker_admin=$BROKER_ADMIN
@@ -363,19 +391,22 @@ encryption_key_file = \"$work/cache.key\""
     local r
     for r in $(seq "$rounds"); do
         for i in "${!names[@]}"; do
-            local u0 s0 u1 s1
+            local u0 s0 u1 s1 c0 c1
             read -r u0 s0 < <(cpu_ticks "${spids[$i]}")
+            c0=$(preemptions "${spids[$i]}")
             run_wrk "r$r-${names[$i]}" "${urls[$i]}/v1/tokens" 2 "$conns" "$duration" \
                 BENCH_SECRET_FILE="$work/secret" BENCH_KEYS="$keys"
             read -r u1 s1 < <(cpu_ticks "${spids[$i]}")
+            c1=$(preemptions "${spids[$i]}")
             read -r n rps p50 p99 errors < <(parse_wrk "$work/r$r-${names[$i]}.wrk")
             ((errors == 0)) || die "${names[$i]}: $errors errors or non-2xx answers in round $r"
             local cpu_user cpu_sys
             read -r cpu_user cpu_sys < <(awk -v u=$((u1 - u0)) -v s=$((s1 - s0)) -v hz="$(getconf CLK_TCK)" -v n="$n" \
                 'BEGIN {printf "%.1f %.1f\n", u * 1e6 / hz / n, s * 1e6 / hz / n}')
-            echo "$r ${names[$i]} $rps $p50 $p99 $(awk -v u="$cpu_user" -v s="$cpu_sys" 'BEGIN {print u + s}')" >>"$work/results"
-            printf '   round %d  %-12s %7d req/s   p50 %7.3f ms   p99 %7.3f ms   server CPU %5.1f us/req (user %4.1f, system %4.1f)\n' \
-                "$r" "${names[$i]}" "$rps" "$p50" "$p99" "$(awk -v u="$cpu_user" -v s="$cpu_sys" 'BEGIN {print u + s}')" "$cpu_user" "$cpu_sys"
+            local preempted=$(((c1 - c0) * 1000 / n))
+            echo "$r ${names[$i]} $rps $p50 $p99 $(awk -v u="$cpu_user" -v s="$cpu_sys" 'BEGIN {print u + s}') $preempted" >>"$work/results"
+            printf '   round %d  %-14s %7d req/s   p50 %7.3f ms   p99 %7.3f ms   server CPU %5.1f us/req (user %4.1f, system %4.1f)   preempted %3d/1k req\n' \
+                "$r" "${names[$i]}" "$rps" "$p50" "$p99" "$(awk -v u="$cpu_user" -v s="$cpu_sys" 'BEGIN {print u + s}')" "$cpu_user" "$cpu_sys" "$preempted"
         done
     done
     local misses_during_load=$(($(fake_calls) - calls_before_load))
@@ -387,21 +418,21 @@ encryption_key_file = \"$work/cache.key\""
     echo "== summary (median of $rounds rounds; machine: $(nproc) cores, $(uname -r); $(date -u +%FT%TZ))"
     local extra_names=""
     for extra in ${BENCH_EXTRA:-}; do extra_names+=" ${extra%%=*}"; done
-    awk -v keys="$keys" -v conns="$conns" -v extra="$extra_names" '
+    awk -v keys="$keys" -v conns="$conns" -v extra="$extra_names" -v work="${work_names[*]}" '
         function median(a, n,   i, j, t) {
             for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] < a[i]) { t = a[i]; a[i] = a[j]; a[j] = t }
             return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
         }
-        { k = ++count[$2]; rps[$2, k] = $3; p50[$2, k] = $4; p99[$2, k] = $5; cpu[$2, k] = $6; by_round[$1, $2] = $3; rounds[$1] = 1 }
+        { k = ++count[$2]; rps[$2, k] = $3; p50[$2, k] = $4; p99[$2, k] = $5; cpu[$2, k] = $6; pre[$2, k] = $7; by_round[$1, $2] = $3; rounds[$1] = 1 }
         END {
-            printf "| server | requests/s | p50 ms | p99 ms | server CPU us/req |\n|---|---:|---:|---:|---:|\n"
-            ns = split("floor broker nginx nginx-nolog" extra " broker-redis", names, " ")
+            printf "| server | requests/s | p50 ms | p99 ms | server CPU us/req | preempted /1k req |\n|---|---:|---:|---:|---:|---:|\n"
+            ns = split("floor " work " broker nginx nginx-nolog" extra " broker-redis", names, " ")
             for (s = 1; s <= ns; s++) {
                 name = names[s]; n = count[name]
                 if (n == 0) continue
-                for (k = 1; k <= n; k++) { a[k] = rps[name, k]; b[k] = p50[name, k]; c[k] = p99[name, k]; d[k] = cpu[name, k] }
+                for (k = 1; k <= n; k++) { a[k] = rps[name, k]; b[k] = p50[name, k]; c[k] = p99[name, k]; d[k] = cpu[name, k]; e[k] = pre[name, k] }
                 m_rps[name] = median(a, n); m_p99[name] = median(c, n)
-                printf "| %s | %d | %.3f | %.3f | %.1f |\n", name, m_rps[name], median(b, n), m_p99[name], median(d, n)
+                printf "| %s | %d | %.3f | %.3f | %.1f | %d |\n", name, m_rps[name], median(b, n), m_p99[name], median(d, n), median(e, n)
             }
             n = 0
             for (r in rounds) {
@@ -412,12 +443,19 @@ encryption_key_file = \"$work/cache.key\""
             printf "\nbroker/floor %.2f (target >= 0.85: %s)   broker/nginx %.2f (target >= 1.75: %s)   broker p99 %.3f ms (target < 5 ms: %s)\n", \
                 bf, (bf >= 0.85 ? "met" : "NOT met"), bn, (bn >= 1.75 ? "met" : "NOT met"), m_p99["broker"], (m_p99["broker"] < 5 ? "met" : "NOT met")
             printf "broker/nginx-nolog %.2f (nginx logging nothing, where the broker logs every request)\n", bq
+            nw = split(work, wn, " ")
+            for (w = 1; w <= nw; w++) {
+                n = 0
+                for (r in rounds) { n++; f[n] = by_round[r, wn[w]] / by_round[r, "floor"] }
+                printf "%s/floor %.2f (the floor with that much CPU added to each request)\n", wn[w], median(f, n)
+            }
             printf "(ratios are medians of the per-round ratios; each round ran the servers back to back)\n"
         }' "$work/results"
     echo "upstream calls during the measured runs: $misses_during_load (every request was a cache hit); broker misses in all: $broker_upstream"
 
     stop_pid "$nginx_pid"
     stop_pid "$floor_pid"
+    for ns in "${work_pids[@]}"; do stop_pid "$ns"; done
     stop_pid "$BROKER_PID"
     # Both did log every request on their logging rows.
     [[ $(grep -c ' access: request ' "$work/broker-1.log") -gt $keys ]] || die "the broker wrote no access lines"
