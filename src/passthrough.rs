@@ -324,9 +324,17 @@ pub struct ResultCache {
 impl ResultCache {
     /// A cache keeping results for `ttl`.
     pub fn new(ttl: Duration) -> Self {
+        Self::with_capacity(ttl, 10_000)
+    }
+
+    /// At most `max_entries` results, each kept for `ttl`. When full, the least recently read
+    /// makes room: moka's default (TinyLFU) would refuse a result just read whenever the cache
+    /// is full of results read more often, and the caller's next read would go to Truora again.
+    fn with_capacity(ttl: Duration, max_entries: u64) -> Self {
         Self {
             inner: moka::sync::Cache::builder()
-                .max_capacity(10_000)
+                .max_capacity(max_entries)
+                .eviction_policy(moka::policy::EvictionPolicy::lru())
                 .time_to_live(ttl)
                 .build(),
         }
@@ -512,6 +520,48 @@ mod tests {
             br#"{"status":"success","override_status":"pending"}"#
         ));
         assert!(!is_final(b"not json"));
+    }
+
+    /// A relayed 200 answer carrying `body`, as the forwarder hands it over.
+    fn relayed(body: &'static str) -> Relayed {
+        let mut r = Response::new(
+            http_body_util::Full::new(Bytes::from_static(body.as_bytes()))
+                .map_err(|never| match never {})
+                .boxed_unsync(),
+        );
+        r.headers_mut()
+            .insert(http::header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        r
+    }
+
+    #[tokio::test]
+    async fn a_full_result_cache_keeps_the_result_just_read() {
+        let cache = ResultCache::with_capacity(Duration::from_secs(600), 20);
+        let caller: Arc<str> = "c".into();
+        let path = |i: u32| format!("/v1/processes/P{i}/result");
+        const FINAL: &str = r#"{"status":"success"}"#;
+        for i in 0..20 {
+            cache.fill(&caller, &path(i), relayed(FINAL)).await.unwrap();
+        }
+        for _ in 0..20 {
+            for i in 0..20 {
+                assert!(cache.get(&caller, &path(i)).is_some());
+            }
+            cache.inner.run_pending_tasks();
+        }
+        for new in 100..105 {
+            cache
+                .fill(&caller, &path(new), relayed(FINAL))
+                .await
+                .unwrap();
+            cache.inner.run_pending_tasks();
+            assert!(
+                cache.get(&caller, &path(new)).is_some(),
+                "the result just read for {} was refused",
+                path(new)
+            );
+        }
+        assert!(cache.inner.entry_count() <= 20);
     }
 
     #[test]
