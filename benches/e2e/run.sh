@@ -35,7 +35,9 @@
 # so its hits come from Redis; it runs when redis-server is installed). BENCH_FLOOR_WORK="NS ..."
 # ("500 1000 2000") adds a `floor+NSns` row per value: the floor spinning NS nanoseconds on each request,
 # which shows what that much CPU added to a request costs in requests/s on this machine; "" for
-# none.
+# none. BENCH_WRK_BATCH=1 runs wrk as SCHED_BATCH (`chrt -b 0`): its threads, woken by an
+# answer, then no longer preempt the server on the shared cores (not the issue's method; it
+# shows how much of a ratio the preemptions make).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 here=benches/e2e
@@ -167,7 +169,9 @@ run_wrk() {
     local name=$1 url=$2 threads=$3 connections=$4 seconds=$5
     shift 5
     # In the background and waited for, so that a signal to this script is handled at once.
-    env "$@" timeout $((seconds + 30)) wrk -t"$threads" -c"$connections" -d"${seconds}s" \
+    local batch=()
+    [[ ${BENCH_WRK_BATCH:-0} != 1 ]] || batch=(chrt -b 0)
+    env "$@" timeout $((seconds + 30)) "${batch[@]}" wrk -t"$threads" -c"$connections" -d"${seconds}s" \
         --timeout 5s -s "$here/requests.lua" --latency "$url" >"$work/$name.wrk" 2>&1 &
     local wrk_pid=$!
     pids+=("$wrk_pid")
