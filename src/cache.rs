@@ -199,6 +199,20 @@ impl moka::Expiry<CacheKey, Arc<Entry>> for ServeUntil {
     }
 }
 
+/// A moka cache of at most `max_entries`, where the least recently used entry makes room: the
+/// broker's caches (tokens, pass-through results) all store what a caller just paid an upstream
+/// call for. moka's default policy (TinyLFU) would instead refuse a new entry whenever the cache
+/// is full of entries used more often, and the caller's next request would call Truora again.
+pub fn bounded<K, V>(max_entries: u64) -> moka::sync::CacheBuilder<K, V, moka::sync::Cache<K, V>>
+where
+    K: std::hash::Hash + Eq + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    moka::sync::Cache::builder()
+        .max_capacity(max_entries)
+        .eviction_policy(EvictionPolicy::lru())
+}
+
 /// Tokens by key, bounded by `cache.max_entries`, each gone once it is inside `min_remaining`.
 #[derive(Clone)]
 pub struct TokenCache {
@@ -231,18 +245,12 @@ impl TokenCache {
         }
     }
 
-    /// Bounded by `max_entries`, each entry gone at its `serve_until`. When full, the least
-    /// recently used token makes room: moka's default (TinyLFU) would instead refuse a token
-    /// just minted whenever the cache is full of tokens hit more often, and every request of a
-    /// new user would then mint anew.
+    /// Bounded by `max_entries` (see [`bounded`]), each entry gone at its `serve_until`.
     fn builder(
         max_entries: u64,
     ) -> moka::sync::CacheBuilder<CacheKey, Arc<Entry>, moka::sync::Cache<CacheKey, Arc<Entry>>>
     {
-        moka::sync::Cache::builder()
-            .max_capacity(max_entries)
-            .eviction_policy(EvictionPolicy::lru())
-            .expire_after(ServeUntil)
+        bounded(max_entries).expire_after(ServeUntil)
     }
 
     /// The entry for `key` if it may still be handed out at `now`.

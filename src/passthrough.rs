@@ -327,16 +327,11 @@ impl ResultCache {
         Self::with_capacity(ttl, 10_000)
     }
 
-    /// At most `max_entries` results, each kept for `ttl`. When full, the least recently read
-    /// makes room: moka's default (TinyLFU) would refuse a result just read whenever the cache
-    /// is full of results read more often, and the caller's next read would go to Truora again.
+    /// At most `max_entries` results (the least recently read make room, see
+    /// [`crate::cache::bounded`]), each kept for `ttl`.
     fn with_capacity(ttl: Duration, max_entries: u64) -> Self {
         Self {
-            inner: moka::sync::Cache::builder()
-                .max_capacity(max_entries)
-                .eviction_policy(moka::policy::EvictionPolicy::lru())
-                .time_to_live(ttl)
-                .build(),
+            inner: crate::cache::bounded(max_entries).time_to_live(ttl).build(),
         }
     }
 
