@@ -115,30 +115,22 @@ free_port() {
     die "no free port"
 }
 
-# Involuntary context switches so far of PID's threads and its running children's (nginx's
-# workers): how often the kernel preempted the server for another task (wrk, on these cores).
-preemptions() {
-    local n=0 pid task
+# What PID and its children that are still running (nginx's workers) have used so far, as
+# "user system preempted": CPU ticks in user and system mode, and involuntary context switches
+# of all their threads (how often the kernel took a core from the server for another task: wrk,
+# on these cores).
+usage() {
+    local user=0 system=0 preempted=0 pid task u s
     for pid in "$1" $(pgrep -P "$1" || true); do
+        [[ -r /proc/$pid/stat ]] || continue
+        # utime and stime are fields 14 and 15; the command name (field 2) holds no spaces here.
+        read -r u s < <(awk '{print $14, $15}' "/proc/$pid/stat")
+        user=$((user + u)) system=$((system + s))
         for task in /proc/"$pid"/task/*/status; do
-            [[ -r $task ]] && n=$((n + $(awk '/^nonvoluntary_ctxt_switches:/ {print $2}' "$task" || echo 0)))
+            [[ -r $task ]] && preempted=$((preempted + $(awk '/^nonvoluntary_ctxt_switches:/ {print $2}' "$task" || echo 0)))
         done
     done
-    echo "$n"
-}
-
-# CPU ticks used so far by PID and its children that are still running (nginx's workers), as
-# "user system".
-cpu_ticks() {
-    local user=0 system=0 pid
-    for pid in "$1" $(pgrep -P "$1" || true); do
-        if [[ -r /proc/$pid/stat ]]; then
-            # utime and stime are fields 14 and 15; the command name (field 2) holds no spaces here.
-            read -r u s < <(awk '{print $14, $15}' "/proc/$pid/stat")
-            user=$((user + u)) system=$((system + s))
-        fi
-    done
-    echo "$user $system"
+    echo "$user $system $preempted"
 }
 
 rss_kib() {
@@ -301,20 +293,18 @@ hits() {
     probe "$BROKER_URL/v1/tokens" "$work/answer.json" -H @"$work/auth.header"
     [[ $(metric token_broker_cache_entries) == "$keys" ]] || die "broker holds $(metric token_broker_cache_entries) entries, expected $keys"
 
-    target/release/examples/floor "$work/answer.json" "$work/floor.addr" 2>"$work/floor.log" &
-    pids+=($!)
-    local floor_pid=$!
-    wait_file "$work/floor.addr"
-    local floor_url="http://$(cat "$work/floor.addr")"
-    local ns work_names=() work_urls=() work_pids=()
-    for ns in ${BENCH_FLOOR_WORK-500 1000 2000}; do
+    # The floor, then the floor with each BENCH_FLOOR_WORK added to every request.
+    local ns floor_names=() floor_urls=() floor_pids=()
+    for ns in 0 ${BENCH_FLOOR_WORK-500 1000 2000}; do
         [[ $ns =~ ^[0-9]+$ ]] || die "BENCH_FLOOR_WORK: $ns is not a number of nanoseconds"
-        rm -f "$work/floor-$ns.addr"
-        target/release/examples/floor "$work/answer.json" "$work/floor-$ns.addr" "$ns" 2>"$work/floor-$ns.log" &
+        local name=floor
+        ((ns == 0)) || name="floor+${ns}ns"
+        rm -f "$work/$name.addr"
+        target/release/examples/floor "$work/answer.json" "$work/$name.addr" "$ns" 2>"$work/$name.log" &
         pids+=($!)
-        work_pids+=($!) work_names+=("floor+${ns}ns")
-        wait_file "$work/floor-$ns.addr"
-        work_urls+=("http://$(cat "$work/floor-$ns.addr")")
+        floor_pids+=($!) floor_names+=("$name")
+        wait_file "$work/$name.addr"
+        floor_urls+=("http://$(cat "$work/$name.addr")")
     done
 
     local nginx_port nolog_port nginx_pid attempt
@@ -345,9 +335,9 @@ hits() {
     probe "$nginx_url/v1/tokens" "$work/nginx-answer.json" -H @"$work/auth.header"
     # nginx-nolog: the same nginx and cache on a port that writes no access log.
     # The floor+N rows run right after the floor, so each meets the same moment of the machine.
-    local names=(floor "${work_names[@]}" broker nginx nginx-nolog)
-    local urls=("$floor_url" "${work_urls[@]}" "$BROKER_URL" "$nginx_url" "http://127.0.0.1:$nolog_port")
-    local spids=("$floor_pid" "${work_pids[@]}" "$BROKER_PID" "$nginx_pid" "$nginx_pid")
+    local names=("${floor_names[@]}" broker nginx nginx-nolog)
+    local urls=("${floor_urls[@]}" "$BROKER_URL" "$nginx_url" "http://127.0.0.1:$nolog_port")
+    local spids=("${floor_pids[@]}" "$BROKER_PID" "$nginx_pid" "$nginx_pid")
     local extra extra_pids=()
     if [[ -n ${BENCH_EXTRA:-} ]]; then
         local broker_pid=$BROKER_PID broker_url=$BROKER_URL broker_admin=$BROKER_ADMIN
@@ -395,13 +385,11 @@ encryption_key_file = \"$work/cache.key\""
     local r
     for r in $(seq "$rounds"); do
         for i in "${!names[@]}"; do
-            local u0 s0 u1 s1 c0 c1
-            read -r u0 s0 < <(cpu_ticks "${spids[$i]}")
-            c0=$(preemptions "${spids[$i]}")
+            local u0 s0 c0 u1 s1 c1
+            read -r u0 s0 c0 < <(usage "${spids[$i]}")
             run_wrk "r$r-${names[$i]}" "${urls[$i]}/v1/tokens" 2 "$conns" "$duration" \
                 BENCH_SECRET_FILE="$work/secret" BENCH_KEYS="$keys"
-            read -r u1 s1 < <(cpu_ticks "${spids[$i]}")
-            c1=$(preemptions "${spids[$i]}")
+            read -r u1 s1 c1 < <(usage "${spids[$i]}")
             read -r n rps p50 p99 errors < <(parse_wrk "$work/r$r-${names[$i]}.wrk")
             ((errors == 0)) || die "${names[$i]}: $errors errors or non-2xx answers in round $r"
             local cpu_user cpu_sys
@@ -422,7 +410,7 @@ encryption_key_file = \"$work/cache.key\""
     echo "== summary (median of $rounds rounds; machine: $(nproc) cores, $(uname -r); $(date -u +%FT%TZ))"
     local extra_names=""
     for extra in ${BENCH_EXTRA:-}; do extra_names+=" ${extra%%=*}"; done
-    awk -v keys="$keys" -v conns="$conns" -v extra="$extra_names" -v work="${work_names[*]}" '
+    awk -v keys="$keys" -v conns="$conns" -v extra="$extra_names" -v work="${floor_names[*]:1}" '
         function median(a, n,   i, j, t) {
             for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] < a[i]) { t = a[i]; a[i] = a[j]; a[j] = t }
             return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
@@ -458,8 +446,7 @@ encryption_key_file = \"$work/cache.key\""
     echo "upstream calls during the measured runs: $misses_during_load (every request was a cache hit); broker misses in all: $broker_upstream"
 
     stop_pid "$nginx_pid"
-    stop_pid "$floor_pid"
-    for ns in "${work_pids[@]}"; do stop_pid "$ns"; done
+    for ns in "${floor_pids[@]}"; do stop_pid "$ns"; done
     stop_pid "$BROKER_PID"
     # Both did log every request on their logging rows.
     [[ $(grep -c ' access: request ' "$work/broker-1.log") -gt $keys ]] || die "the broker wrote no access lines"
