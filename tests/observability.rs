@@ -1114,14 +1114,10 @@ token_sha256 = "{}"
             url: format!("http://127.0.0.1:{listen}"),
             admin: format!("http://127.0.0.1:{admin}"),
         };
-        wait_for(
+        wait_for_port(
+            admin,
             Duration::from_secs(20),
             Duration::from_millis(50),
-            || async move {
-                tokio::net::TcpStream::connect(("127.0.0.1", admin))
-                    .await
-                    .is_ok()
-            },
             || format!("broker not ready: {}", served.log()),
         )
         .await;

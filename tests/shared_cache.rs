@@ -9,7 +9,8 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::{
-    config, free_port, post_tokens, send, wait_for, Process, CHECKOUT_SECRET, FORM, MASTER_KEY,
+    config, free_port, post_tokens, send, wait_for, wait_for_port, Process, CHECKOUT_SECRET, FORM,
+    MASTER_KEY,
 };
 use http::{Method, StatusCode};
 use redis::AsyncCommands;
@@ -820,10 +821,10 @@ async fn replicas_share_through_redis_over_tls() {
             .kill_on_drop(true)
             .spawn()
             .unwrap();
-        wait_for(
+        wait_for_port(
+            port,
             Duration::from_secs(10),
             Duration::from_millis(50),
-            || async move { tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() },
             || "redis-server (TLS) did not come up".to_owned(),
         )
         .await;

@@ -35,6 +35,21 @@ pub async fn wait_for<F, Fut>(
     }
 }
 
+/// [`wait_for`] a process to accept connections on loopback `port`.
+pub async fn wait_for_port(port: u16, limit: Duration, every: Duration, what: impl Fn() -> String) {
+    wait_for(
+        limit,
+        every,
+        || async move {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+        },
+        what,
+    )
+    .await;
+}
+
 /// A master key that is easy to spot in any output.
 pub const MASTER_KEY: &str = "CANARY-master-key-7f3a9c1e5b";
 pub const CHECKOUT_SECRET: &str = "checkout-secret-0123456789abcdef";
@@ -271,14 +286,10 @@ impl Process {
             .kill_on_drop(true)
             .spawn()
             .unwrap();
-        wait_for(
+        wait_for_port(
+            admin,
             Duration::from_secs(20),
             Duration::from_millis(20),
-            || async move {
-                tokio::net::TcpStream::connect(("127.0.0.1", admin))
-                    .await
-                    .is_ok()
-            },
             || format!("{name} did not start"),
         )
         .await;
