@@ -40,7 +40,8 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use std::hint::black_box;
-use token_broker::request::TokenRequest;
+use token_broker::issuance::TokenRequest;
+use token_broker::metrics::CacheOutcome;
 use token_broker::server::caller_service;
 use tower::{Service, ServiceExt};
 
@@ -54,7 +55,10 @@ fn core(c: &mut Criterion) {
     runtime.block_on(async {
         for body in forms.iter().map(String::as_bytes).chain([FORM]) {
             let req = TokenRequest::from_form(body).unwrap();
-            issuer.issue(&caller, &req).await.unwrap();
+            issuer
+                .issue(&caller, &req, &mut CacheOutcome::None)
+                .await
+                .unwrap();
         }
     });
 
@@ -62,7 +66,7 @@ fn core(c: &mut Criterion) {
     g.bench_function("hit form", |b| {
         b.iter(|| {
             let req = TokenRequest::from_form(black_box(FORM)).unwrap();
-            let issued = ready(issuer.issue(&caller, &req)).unwrap();
+            let issued = ready(issuer.issue(&caller, &req, &mut CacheOutcome::None)).unwrap();
             black_box(issued.tokens_body(Instant::now()))
         })
     });
@@ -71,14 +75,14 @@ fn core(c: &mut Criterion) {
         b.iter(|| {
             i = (i + 1) % forms.len();
             let req = TokenRequest::from_form(black_box(forms[i].as_bytes())).unwrap();
-            let issued = ready(issuer.issue(&caller, &req)).unwrap();
+            let issued = ready(issuer.issue(&caller, &req, &mut CacheOutcome::None)).unwrap();
             black_box(issued.tokens_body(Instant::now()))
         })
     });
     g.bench_function("hit json", |b| {
         b.iter(|| {
             let req = TokenRequest::from_json(black_box(JSON)).unwrap();
-            let issued = ready(issuer.issue(&caller, &req)).unwrap();
+            let issued = ready(issuer.issue(&caller, &req, &mut CacheOutcome::None)).unwrap();
             black_box(issued.tokens_body(Instant::now()))
         })
     });
@@ -92,7 +96,10 @@ fn core(c: &mut Criterion) {
             |body| {
                 runtime.block_on(async {
                     let req = TokenRequest::from_form(body.as_bytes()).unwrap();
-                    let issued = issuer.issue(&caller, &req).await.unwrap();
+                    let issued = issuer
+                        .issue(&caller, &req, &mut CacheOutcome::None)
+                        .await
+                        .unwrap();
                     black_box(issued.tokens_body(Instant::now()))
                 })
             },
@@ -105,7 +112,10 @@ fn core(c: &mut Criterion) {
         b.iter(|| {
             runtime.block_on(async {
                 let req = TokenRequest::from_form(black_box(anonymous)).unwrap();
-                let issued = issuer.issue(&caller, &req).await.unwrap();
+                let issued = issuer
+                    .issue(&caller, &req, &mut CacheOutcome::None)
+                    .await
+                    .unwrap();
                 black_box(issued.tokens_body(Instant::now()))
             })
         })

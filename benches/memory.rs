@@ -24,7 +24,8 @@ mod support;
 use std::sync::Arc;
 use std::time::Instant;
 
-use token_broker::request::TokenRequest;
+use token_broker::issuance::TokenRequest;
+use token_broker::metrics::CacheOutcome;
 
 use support::*;
 
@@ -56,7 +57,10 @@ fn main() {
             for user in from..to {
                 let body = form(user);
                 let req = TokenRequest::from_form(body.as_bytes()).unwrap();
-                issuer.issue(&caller, &req).await.unwrap();
+                issuer
+                    .issue(&caller, &req, &mut CacheOutcome::None)
+                    .await
+                    .unwrap();
             }
         })
     };

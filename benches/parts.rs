@@ -31,9 +31,11 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use std::hint::black_box;
-use token_broker::cache;
-use token_broker::request::TokenRequest;
-use token_broker::token;
+use token_broker::issuance::key::key;
+use token_broker::issuance::TokenRequest;
+use token_broker::logging::AccessLine;
+use token_broker::metrics::CacheOutcome;
+use token_broker::truora::token_lifetime;
 
 use support::*;
 
@@ -47,27 +49,27 @@ fn parts(c: &mut Criterion) {
     });
     let req = TokenRequest::from_form(FORM).unwrap();
     g.bench_function("cache key", |b| {
-        b.iter(|| black_box(cache::key(black_box(CALLER), black_box(&req))))
+        b.iter(|| black_box(key(black_box(CALLER), black_box(&req))))
     });
     let t = jwt(42);
     g.bench_function("jwt claims lifetime", |b| {
-        b.iter(|| black_box(token::lifetime(black_box(&t))))
+        b.iter(|| black_box(token_lifetime(black_box(&t))))
     });
 
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let issuer = issuer(10, Arc::default());
     let issued = runtime
-        .block_on(issuer.issue(&CALLER.into(), &req))
+        .block_on(issuer.issue(&CALLER.into(), &req, &mut CacheOutcome::None))
         .unwrap();
     g.bench_function("answer bytes", |b| {
         b.iter(|| black_box(issued.tokens_body(black_box(Instant::now()))))
     });
-    let line = token_broker::access::AccessLine {
+    let line = AccessLine {
         request_id: "3f9a0c1b2d4e-123456",
         caller: CALLER,
         route: "tokens",
         status: 200,
-        cache: token_broker::access::CacheNote::Hit,
+        cache: CacheOutcome::Hit,
         latency: Duration::from_micros(41),
     };
     // The broker's own format (access lines written by hand) against tracing-subscriber's.

@@ -15,7 +15,8 @@ mod support;
 use std::sync::Arc;
 use std::time::Instant;
 
-use token_broker::request::TokenRequest;
+use token_broker::issuance::TokenRequest;
+use token_broker::metrics::CacheOutcome;
 use token_broker::server::caller_service;
 use tower::Service;
 
@@ -36,11 +37,14 @@ fn main() {
             let caller: Arc<str> = CALLER.into();
             runtime.block_on(async {
                 let req = TokenRequest::from_form(FORM).unwrap();
-                issuer.issue(&caller, &req).await.unwrap();
+                issuer
+                    .issue(&caller, &req, &mut CacheOutcome::None)
+                    .await
+                    .unwrap();
             });
             for _ in 0..n {
                 let req = TokenRequest::from_form(std::hint::black_box(FORM)).unwrap();
-                let issued = ready(issuer.issue(&caller, &req)).unwrap();
+                let issued = ready(issuer.issue(&caller, &req, &mut CacheOutcome::None)).unwrap();
                 std::hint::black_box(issued.tokens_body(Instant::now()));
             }
         }
@@ -64,7 +68,10 @@ fn main() {
         "key" => {
             let req = TokenRequest::from_form(FORM).unwrap();
             for _ in 0..n {
-                std::hint::black_box(token_broker::cache::key(CALLER, std::hint::black_box(&req)));
+                std::hint::black_box(token_broker::issuance::key::key(
+                    CALLER,
+                    std::hint::black_box(&req),
+                ));
             }
         }
         "secret" => {

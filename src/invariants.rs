@@ -6,9 +6,10 @@
 //!   survives the trip to Truora's form and back unchanged, with the same cache key;
 //! - reading Truora's answer never panics, and a token it accepts is safe to embed unescaped.
 
-use crate::config::ArrayEncoding;
-use crate::request::TokenRequest;
-use crate::{cache, token, upstream};
+use crate::issuance::key::key;
+use crate::issuance::TokenRequest;
+use crate::truora::{self, ArrayEncoding};
+use crate::upstream;
 
 /// Parses `data` as a form body; what parses must round-trip through the upstream form.
 pub fn form_body(data: &[u8]) {
@@ -29,8 +30,8 @@ fn round_trip(req: &TokenRequest<'_>) {
     let again = TokenRequest::from_form(form.as_bytes())
         .unwrap_or_else(|e| panic!("an accepted request does not re-parse: {e}"));
     assert_eq!(&again, req, "the upstream form changes the request");
-    assert_eq!(cache::key("c", &again), cache::key("c", req));
-    assert_ne!(cache::key("c", req), cache::key("d", req));
+    assert_eq!(key("c", &again), key("c", req));
+    assert_ne!(key("c", req), key("d", req));
     let _ = req.user_tag();
 }
 
@@ -68,11 +69,7 @@ pub fn cache_key(data: &[u8]) {
     ) else {
         return;
     };
-    assert_eq!(
-        cache::key("c", &a),
-        cache::key("c", &b),
-        "field order changed the key"
-    );
+    assert_eq!(key("c", &a), key("c", &b), "field order changed the key");
     // Shift the last byte of metadata m0 to the front of m1: same bytes, other request.
     if fields.len() >= 6 {
         let (m0, m1) = (fields[4].1.clone(), fields[5].1.clone());
@@ -82,11 +79,7 @@ pub fn cache_key(data: &[u8]) {
             shifted[5].1 = format!("{last}{m1}");
             let body = encode(&mut shifted.iter());
             if let Ok(c) = TokenRequest::from_form(body.as_bytes()) {
-                assert_ne!(
-                    cache::key("c", &a),
-                    cache::key("c", &c),
-                    "a delimiter collision"
-                );
+                assert_ne!(key("c", &a), key("c", &c), "a delimiter collision");
             }
         }
     }
@@ -103,13 +96,13 @@ pub fn upstream_answer(data: &[u8]) {
         .and_then(|s| s.lines().next());
     if let Ok(token) = upstream::read_answer(status, retry_after, body) {
         assert!(
-            token::plausible(&token),
+            truora::plausible_token(&token),
             "an implausible token was accepted"
         );
-        let _ = token::lifetime(&token);
+        let _ = truora::token_lifetime(&token);
     }
     if let Ok(text) = std::str::from_utf8(data) {
-        let _ = token::lifetime(text);
+        let _ = truora::token_lifetime(text);
     }
 }
 

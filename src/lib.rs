@@ -2,37 +2,39 @@
 //! Tokens to authenticated internal callers, reusing a token for the same caller, user, flow and
 //! parameters until it nears expiry.
 //!
-//! The modules read as the architecture, outside in:
+//! The modules read as the architecture. Imports run one way, from the composition root down;
+//! `tests/architecture.rs` holds the code to it:
 //!
-//! - [`cli`]: the command line (`serve`, `demo`, `check-config`, `hash-secret`).
-//! - [`config`]: the TOML file as serde structs, validated before any socket is bound.
-//! - [`server`]: listeners, the tower stack every caller request goes through, the admin endpoints.
-//! - [`reload`]: rotation without restart (SIGHUP, `POST /admin/reload`): callers, master key, certificates.
-//! - [`tls`]: the caller listener's rustls configuration (TLS 1.2+, optional client certificates).
-//! - [`auth`]: who the caller is (bearer secret and/or client certificate -> configured client).
-//! - [`passthrough`]: callers reaching Truora's other endpoints through the broker, key injected.
-//! - [`policy`]: what each caller may ask for (flows, countries, redirect hosts, drop-in).
-//! - [`request`]: the caller's form or JSON body, parsed once and validated into a [`request::TokenRequest`].
-//! - [`issuance`]: the core. Cache lookup, single-flight minting, response bytes. Knows nothing of hyper.
-//! - [`cache`]: the in-process token cache and its expiry policy.
-//! - [`shared_cache`]: the optional Redis tier shared by replicas, and the fleet-wide minting lock.
-//! - [`resilience`]: what guards a miss: budgets, concurrency cap, throttle window, breaker, retries.
-//! - [`upstream`]: the call to Truora's `POST /v1/api-keys` and the reading of its answer.
-//! - [`token`]: reading a minted token's JWT claims for its lifetime.
-//! - [`metrics`]: the Prometheus registry and every series the broker exports.
-//! - [`access`]: request ids and the access log line of every caller request.
-//! - [`logging`]: log format and filter, and the buffer that writes lines to stderr in batches.
-//! - [`status`]: the HTML status page on the admin listener.
-//! - [`error`]: one error type, whose kind gives the HTTP status.
-//! - [`secret`]: redacting, zeroizing holders for the master key and caller secrets.
-//! - [`invariants`]: what must hold for any input; the fuzz targets and their regression tests.
-//! - [`sandbox`]: an embedded imitation of Truora for `demo` and the tests.
+//! | room | what it owns |
+//! | --- | --- |
+//! | [`app`] | The composition root: loading and checking the config, building the broker, reload, the command line, the demo. The only room that knows every other. |
+//! | [`server`] | The HTTP side: listeners and TLS, the tower stack, the caller API's handlers, the admin router and status page. |
+//! | [`auth`] | Who the caller is: the auth layer and the configured callers. |
+//! | [`passthrough`] | Callers reaching Truora's other endpoints through the broker, key injected. |
+//! | [`issuance`] | The core: request parsing and validation, caller policy, cache key, issuer (lookup, single flight, minting), answer bytes. No HTTP. |
+//! | [`cache`] | The token cache: the local tier and the Redis tier (store, lock, sealing). |
+//! | [`upstream`] | Truora as the broker calls it: the client, and the guard (throttle window, breaker, concurrency cap, budgets, retries). |
+//! | [`sandbox`] | An embedded imitation of Truora, for the demo, the tests and the benches only. |
+//! | [`invariants`] | What must hold for any input: the fuzz targets' checks. |
+//!
+//! The leaves, which import nothing of the broker's but other leaves:
+//!
+//! | leaf | what it owns |
+//! | --- | --- |
+//! | [`wire`] | The wire types: route, bodies, response helpers, framing and body checks. |
+//! | [`truora`] | Truora's vocabulary: header and path names, countries, document types, key type, grant, token lifetime. |
+//! | [`config`] | The TOML file as plain serde structs, validated per section. |
+//! | [`breaker`] | The circuit breaker, for Truora and for Redis. |
+//! | [`error`] | One error type, whose kind gives the HTTP status. |
+//! | [`secret`] | Redacting, zeroizing holders for the master key and caller secrets; hex. |
+//! | [`logging`] | Log format and filter, the access line, batched writes to stderr. |
+//! | [`metrics`] | The Prometheus registry, every series, and their bounded label sets. |
 #![forbid(unsafe_code)]
 
-pub mod access;
+pub mod app;
 pub mod auth;
+pub mod breaker;
 pub mod cache;
-pub mod cli;
 pub mod config;
 pub mod error;
 pub mod invariants;
@@ -40,15 +42,9 @@ pub mod issuance;
 pub mod logging;
 pub mod metrics;
 pub mod passthrough;
-pub mod policy;
-pub mod reload;
-pub mod request;
-pub mod resilience;
 pub mod sandbox;
 pub mod secret;
 pub mod server;
-pub mod shared_cache;
-pub mod status;
-pub mod tls;
-pub mod token;
+pub mod truora;
 pub mod upstream;
+pub mod wire;

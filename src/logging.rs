@@ -1,31 +1,68 @@
-//! Where log lines go: the format and filter of the broker's logs, and how lines reach stderr.
+//! Where log lines go: the format and filter of the broker's logs, the access line every caller
+//! request writes, and how lines reach stderr.
 //!
-//! Every caller request logs an access line ([`crate::access`]). Written the default way, one
-//! `write(2)` per line from the request's own thread, that was a system call per request and,
-//! whenever both worker threads logged at once, a futex wait on stderr's lock: 1.7 of the 11.9
-//! µs of CPU a cache hit cost in `make bench-e2e` (docs/performance.md). So a runtime worker
-//! thread keeps its lines in a buffer of its own and writes them in one go when it has nothing
-//! else to do (tokio's park hook) or when [`BATCH_BYTES`] have gathered: under load, one write
-//! per hundred lines or so; when idle, each line as soon as its request is answered.
-//!
-//! - **Batching threads**: only the runtime's workers, from their first park on. Any other
-//!   thread (`main`, blocking pool, tests) writes each line at once.
+//! - **Access line**: one `info` event per caller API request, target `access`, with the
+//!   request id, caller id, route, status, cache result and latency ([`AccessLine`]). Never a
+//!   path, query, header or body: no token, secret, email or phone can reach it.
+//!   `RUST_LOG=info,access=off` turns it off.
+//! - **Batching threads**: a runtime worker keeps its lines in a buffer of its own from its first
+//!   park on, and writes them in one go when it parks again or when [`BATCH_BYTES`] have
+//!   gathered; any other thread (`main`, blocking pool, tests) writes each line at once. Kept by
+//!   hand because one `write(2)` per line, and stderr's lock when both workers log at once, was
+//!   the largest single cost of a cache hit (measured in docs/performance.md); a writer thread
+//!   was tried and cost as much as it saved on two cores.
 //! - **Order**: a thread's lines keep their order; lines of two workers may interleave by up
 //!   to a batch (each carries its timestamp).
 //! - **Nothing left behind**: a worker writes its batch when it parks, when it stops and when
 //!   it panics (before the panic's message). A process killed outright (SIGKILL) loses what
 //!   its workers had not written yet: at most [`BATCH_BYTES`] each.
-//! - **No extra thread and no shared lock per line**: a writer thread was tried and cost as
-//!   much as it saved on two cores (docs/performance.md).
 //! - **Format**: tracing-subscriber's text and JSON formats. The access line, without colours,
-//!   is written by [`Format`] to the very same bytes in 183 ns rather than 451 (text; JSON 258
-//!   rather than 889; `benches/parts.rs`); a test holds the two formats equal.
+//!   is written by [`Format`] to the very same bytes, by hand because the generic formatter
+//!   costs about twice as much per line (`benches/parts.rs`); a test holds the two equal.
 
 use std::cell::RefCell;
 use std::io::Write;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use tracing_subscriber::fmt::MakeWriter;
+
+use crate::metrics::CacheOutcome;
+
+/// The target of the access line's event (`RUST_LOG=info,access=off` turns it off).
+pub const ACCESS_TARGET: &str = "access";
+
+/// The access line of one caller API request.
+#[derive(Debug, Clone, Copy)]
+pub struct AccessLine<'a> {
+    /// The request id (the caller's `X-Request-Id` when acceptable, else one made for it).
+    pub request_id: &'a str,
+    /// The authenticated caller's id, `-` when none.
+    pub caller: &'a str,
+    /// The route's label.
+    pub route: &'a str,
+    /// The answer's status.
+    pub status: u16,
+    /// What the cache did.
+    pub cache: CacheOutcome,
+    /// From the request's arrival to its answer.
+    pub latency: std::time::Duration,
+}
+
+impl AccessLine<'_> {
+    /// Logs the line: one `info` event, target `access`.
+    pub fn log(&self) {
+        tracing::info!(
+            target: ACCESS_TARGET,
+            request_id = %self.request_id,
+            caller = %self.caller,
+            route = %self.route,
+            status = self.status,
+            cache = %self.cache.label(),
+            latency_us = self.latency.as_micros() as u64,
+            "request"
+        );
+    }
+}
 
 /// Bytes a worker gathers before writing them even though it is still busy (about a hundred
 /// access lines).
@@ -169,9 +206,7 @@ impl<'a> MakeWriter<'a> for Lines {
 }
 
 /// The event format: tracing-subscriber's own (`inner`), except for access lines without
-/// colours, which are written here by hand to the very same bytes. The access line is logged
-/// once per request, and the generic formatter spent about 450 ns on it (text; 890 ns in
-/// JSON): the `parts/access line` bench in `benches/parts.rs`.
+/// colours, which are written here by hand to the very same bytes (see the module docs for why).
 pub struct Format<F> {
     inner: F,
     json: bool,
@@ -213,7 +248,7 @@ where
         mut writer: tracing_subscriber::fmt::format::Writer<'_>,
         event: &tracing::Event<'_>,
     ) -> std::fmt::Result {
-        let plain = event.metadata().target() == crate::access::TARGET
+        let plain = event.metadata().target() == ACCESS_TARGET
             && !writer.has_ansi_escapes()
             && event.parent().is_none()
             && (!event.is_contextual() || ctx.lookup_current().is_none());
@@ -369,58 +404,17 @@ impl std::fmt::Write for JsonEscape<'_, '_> {
 }
 
 /// `t` as RFC 3339 in UTC to the microsecond (`2026-11-26T02:25:26.770287Z`), as
-/// tracing-subscriber writes it; the date and time to the second are kept from the previous
-/// line of this thread when it fell in the same second.
+/// tracing-subscriber writes it.
 fn timestamp(t: std::time::SystemTime, buf: &mut [u8; 27]) -> &str {
-    thread_local! {
-        static LAST: std::cell::Cell<(u64, [u8; 20])> = const { std::cell::Cell::new((u64::MAX, [0; 20])) };
-    }
-    let since = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    let secs = since.as_secs();
-    let (last, mut head) = LAST
-        .try_with(std::cell::Cell::get)
-        .unwrap_or((u64::MAX, [0; 20]));
-    if last != secs {
-        let days = secs / 86_400;
-        let rem = secs % 86_400;
-        let (y, m, d) = civil_from_days(days);
-        let mut w = &mut head[..];
-        let _ = write!(
-            w,
-            "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.",
-            rem / 3600,
-            rem / 60 % 60,
-            rem % 60
-        );
-        let _ = LAST.try_with(|c| c.set((secs, head)));
-    }
-    buf[..20].copy_from_slice(&head);
-    let mut micros = since.subsec_micros();
-    for i in (20..26).rev() {
-        buf[i] = b'0' + (micros % 10) as u8;
-        micros /= 10;
-    }
-    buf[26] = b'Z';
-    std::str::from_utf8(buf).unwrap_or("")
-}
-
-/// The proleptic Gregorian date of a count of days since 1970-01-01 (Howard Hinnant's
-/// `civil_from_days`).
-fn civil_from_days(days: u64) -> (u64, u64, u64) {
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z % 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + u64::from(m <= 2);
-    (y, m, d)
+    let mut w = &mut buf[..];
+    // 27 bytes for every year before 10000; a later clock writes what fits.
+    let _ = write!(w, "{}", humantime::format_rfc3339_micros(t));
+    let len = 27 - w.len();
+    std::str::from_utf8(&buf[..len]).unwrap_or("")
 }
 
 /// Sets up the logs: stderr, filtered by `RUST_LOG` (default `info`). Every caller request
-/// writes one access line (target `access`, see [`crate::access`]); `RUST_LOG=info,access=off`
+/// writes one access line (target `access`, see [`AccessLine`]); `RUST_LOG=info,access=off`
 /// silences it. In JSON each line is one flat object: `timestamp`, `level`, `target`,
 /// `message` and the event's own fields side by side, ready for a log pipeline to index.
 /// Returns the output, for [`batch_workers`] on the runtime.
@@ -604,12 +598,12 @@ mod tests {
             .with_max_level(tracing::Level::TRACE)
             .with_writer(Lines(sink.output()));
         let emit = || {
-            crate::access::AccessLine {
+            AccessLine {
                 request_id: "3f9a0c1b2d4e-12",
                 caller: "checkout",
                 route: "tokens",
                 status: 200,
-                cache: crate::access::CacheNote::Hit,
+                cache: CacheOutcome::Hit,
                 latency: Duration::from_micros(41),
             }
             .log();
@@ -666,20 +660,10 @@ mod tests {
     #[test]
     fn timestamps_are_rfc3339_to_the_microsecond_in_utc() {
         let mut buf = [0u8; 27];
-        for secs in [
-            0u64,
-            951_782_400,   // 2000-02-29, a leap day of a century leap year
-            1_795_659_211, // 2026-11-26T02:13:31
-            4_107_542_399, // 2100-02-28T23:59:59, 2100 is no leap year
-            4_107_542_400,
-            253_402_300_799, // 9999-12-31T23:59:59
-        ] {
-            for micros in [0, 1, 999_999] {
-                let t = std::time::UNIX_EPOCH + Duration::new(secs, micros * 1000);
-                let expected = humantime::format_rfc3339_micros(t).to_string();
-                assert_eq!(timestamp(t, &mut buf), expected);
-            }
-        }
+        let t = std::time::UNIX_EPOCH + Duration::new(1_795_659_211, 770_287_000);
+        assert_eq!(timestamp(t, &mut buf), "2026-11-26T02:13:31.770287Z");
+        let t = std::time::UNIX_EPOCH + Duration::new(951_782_400, 1_000);
+        assert_eq!(timestamp(t, &mut buf), "2000-02-29T00:00:00.000001Z");
     }
 
     #[test]

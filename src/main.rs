@@ -2,5 +2,5 @@
 #![forbid(unsafe_code)]
 
 fn main() -> std::process::ExitCode {
-    token_broker::cli::main()
+    token_broker::app::cli::main()
 }

@@ -7,12 +7,15 @@
 //! of series does not grow with traffic. The hot-path children are resolved once (at start, or
 //! on first use for a status code or a caller), so a request does no label hashing.
 //!
+//! It also owns the two bounded vocabularies its labels are made of, [`RouteLabel`] and
+//! [`CacheOutcome`], so that every other module names a route or what the cache did with the
+//! same type. It imports nothing but `prometheus` and `std`.
+//!
 //! docs/observability.md lists every series with its meaning; keep the two in step.
 
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use http::StatusCode;
 use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -40,14 +43,98 @@ const WAITER_BUCKETS: &[f64] = &[
     1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0,
 ];
 
-/// The `route` label values: one per endpoint, plus the catch-all for anything else.
-pub const ROUTES: [&str; 5] = ["tokens", "api_keys", "invalidate", "passthrough", "other"];
+/// The `route` label: one per caller endpoint, plus the catch-all for anything else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteLabel {
+    /// `POST /v1/tokens`
+    Tokens,
+    /// `POST /v1/api-keys`
+    ApiKeys,
+    /// `DELETE /v1/tokens`
+    Invalidate,
+    /// `/truora/...`
+    Passthrough,
+    /// Anything else (unknown paths, wrong methods).
+    Other,
+}
+
+impl RouteLabel {
+    /// Every value, in the order of the series resolved for them.
+    pub const ALL: [RouteLabel; 5] = [
+        RouteLabel::Tokens,
+        RouteLabel::ApiKeys,
+        RouteLabel::Invalidate,
+        RouteLabel::Passthrough,
+        RouteLabel::Other,
+    ];
+
+    /// The label value, also written on the access line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouteLabel::Tokens => "tokens",
+            RouteLabel::ApiKeys => "api_keys",
+            RouteLabel::Invalidate => "invalidate",
+            RouteLabel::Passthrough => "passthrough",
+            RouteLabel::Other => "other",
+        }
+    }
+}
+
+/// What the cache did for one caller request: the one type behind `X-Cache`, the answer's
+/// `cache` field, the access line's `cache`, `token_broker_cache_lookups_total{result}` and
+/// `token_broker_caller_requests_total{cache}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CacheOutcome {
+    /// No lookup: refused before it, or not a token request.
+    #[default]
+    None,
+    /// Served from the cache.
+    Hit,
+    /// Missed and made the upstream call.
+    Miss,
+    /// Missed and waited on an identical request's upstream call.
+    Coalesced,
+    /// Names no user: minted, never cached.
+    Uncacheable,
+}
+
+impl CacheOutcome {
+    /// The access line's `cache` field: `-`, `hit`, `miss`, `coalesced`, `uncacheable`.
+    pub fn label(self) -> &'static str {
+        match self {
+            CacheOutcome::None => "-",
+            CacheOutcome::Hit => "hit",
+            CacheOutcome::Miss => "miss",
+            CacheOutcome::Coalesced => "coalesced",
+            CacheOutcome::Uncacheable => "uncacheable",
+        }
+    }
+
+    /// True when the token came from the cache (`X-Cache: HIT`, `"cache":"hit"`); every other
+    /// token was minted for this request or an identical one.
+    pub fn is_hit(self) -> bool {
+        self == CacheOutcome::Hit
+    }
+
+    /// The index of its `token_broker_caller_requests_total{cache}` child, in [`CALLER_CACHE`]
+    /// order: a coalesced request counts as a miss there.
+    fn caller_index(self) -> usize {
+        match self {
+            CacheOutcome::Hit => 0,
+            CacheOutcome::Miss | CacheOutcome::Coalesced => 1,
+            CacheOutcome::Uncacheable => 2,
+            CacheOutcome::None => 3,
+        }
+    }
+}
+
 /// The status codes the caller API answers with, whose `requests_total` children are kept
 /// resolved; any other status is counted too, through a label lookup.
 const STATUSES: [u16; 12] = [200, 400, 401, 404, 405, 413, 415, 429, 500, 502, 503, 504];
 /// The `cause` label of `token_broker_cache_evictions_total`, as moka reports them.
 pub const EVICTION_CAUSES: [&str; 4] = ["expired", "explicit", "replaced", "size"];
-/// The `cache` label of `token_broker_caller_requests_total`, indexed by [`CallerCache`].
+/// The `cache` label of `token_broker_caller_requests_total`, in the order
+/// [`CacheOutcome`] maps onto it.
 pub const CALLER_CACHE: [&str; 4] = ["hit", "miss", "uncacheable", "none"];
 /// Callers with their own series; beyond this many distinct ids (never, with a sane config) the
 /// rest share the `caller="(other)"` series.
@@ -63,27 +150,31 @@ pub const REVISION: &str = match option_env!("TOKEN_BROKER_REVISION") {
     None => "unknown",
 };
 
-/// What the cache did for one caller request, for `token_broker_caller_requests_total{cache}`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CallerCache {
-    /// A token from the cache.
-    Hit = 0,
-    /// A token minted for this request, or for an identical one it waited on.
-    Miss = 1,
-    /// The request names no user: minted, never cached.
-    Uncacheable = 2,
-    /// No cache lookup made (an invalidation, a request refused before the lookup).
-    None = 3,
-}
-
 /// One configured caller's series.
 pub struct CallerSeries {
     /// The caller's `[[clients]] id`.
     pub id: Arc<str>,
-    /// `token_broker_caller_requests_total{caller,cache}`, indexed by [`CallerCache`].
-    pub requests: [IntCounter; 4],
+    /// `token_broker_caller_requests_total{caller,cache}`, in [`CALLER_CACHE`] order.
+    requests: [IntCounter; 4],
     /// `token_broker_caller_mints_total{caller}`.
     pub mints: IntCounter,
+}
+
+impl CallerSeries {
+    /// Counts one answered request of this caller.
+    pub fn count(&self, outcome: CacheOutcome) {
+        self.requests[outcome.caller_index()].inc();
+    }
+
+    /// This caller's requests so far with `outcome` (a coalesced one counts as a miss).
+    pub fn requests(&self, outcome: CacheOutcome) -> u64 {
+        self.requests[outcome.caller_index()].get()
+    }
+
+    /// All of this caller's requests so far.
+    pub fn total(&self) -> u64 {
+        self.requests.iter().map(IntCounter::get).sum()
+    }
 }
 
 /// One route's resolved children.
@@ -148,14 +239,8 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     /// `token_broker_config_last_reload_success_timestamp_seconds`
     pub config_last_reload_success: Gauge,
-    /// Pre-resolved `cache_lookups` children.
-    pub lookup_hit: IntCounter,
-    /// `result="miss"`: this request made the upstream call.
-    pub lookup_miss: IntCounter,
-    /// `result="coalesced"`: this request waited on another's upstream call.
-    pub lookup_coalesced: IntCounter,
-    /// `result="uncacheable"`: the request names no user, so it is never cached.
-    pub lookup_uncacheable: IntCounter,
+    /// Pre-resolved `cache_lookups` children: hit, miss, coalesced, uncacheable.
+    lookups: [IntCounter; 4],
     routes: [RouteSeries; 5],
     caller_requests: IntCounterVec,
     caller_mints: IntCounterVec,
@@ -391,17 +476,20 @@ impl Metrics {
         for reason in ["missing", "malformed", "unknown", "certificate_required"] {
             auth_failures.with_label_values(&[reason]);
         }
-        let routes = ROUTES.map(|route| RouteSeries {
-            duration: request_duration.with_label_values(&[route]),
+        let routes = RouteLabel::ALL.map(|route| RouteSeries {
+            duration: request_duration.with_label_values(&[route.as_str()]),
             statuses: Default::default(),
         });
         let mut callers = Vec::with_capacity(MAX_CALLERS + 1);
         callers.resize_with(MAX_CALLERS + 1, OnceLock::new);
         Ok(Self {
-            lookup_hit: cache_lookups.with_label_values(&["hit"]),
-            lookup_miss: cache_lookups.with_label_values(&["miss"]),
-            lookup_coalesced: cache_lookups.with_label_values(&["coalesced"]),
-            lookup_uncacheable: cache_lookups.with_label_values(&["uncacheable"]),
+            lookups: [
+                CacheOutcome::Hit,
+                CacheOutcome::Miss,
+                CacheOutcome::Coalesced,
+                CacheOutcome::Uncacheable,
+            ]
+            .map(|outcome| cache_lookups.with_label_values(&[outcome.label()])),
             evictions: EVICTION_CAUSES.map(|cause| evictions_vec.with_label_values(&[cause])),
             registry,
             started: Instant::now(),
@@ -438,24 +526,40 @@ impl Metrics {
         })
     }
 
-    /// Counts and times one answered caller request. `route` is one of [`ROUTES`].
-    pub fn request_done(&self, route: &'static str, status: StatusCode, elapsed: Duration) {
-        let series = match route {
-            "tokens" => &self.routes[0],
-            "api_keys" => &self.routes[1],
-            "invalidate" => &self.routes[2],
-            "passthrough" => &self.routes[3],
-            _ => &self.routes[4],
-        };
+    /// Counts and times one answered caller request.
+    pub fn request_done(&self, route: RouteLabel, status: u16, elapsed: Duration) {
+        let series = &self.routes[route as usize];
         series.duration.observe(elapsed.as_secs_f64());
-        match STATUSES.iter().position(|s| *s == status.as_u16()) {
-            Some(i) => series.statuses[i]
-                .get_or_init(|| self.requests.with_label_values(&[route, status.as_str()]))
-                .inc(),
-            None => self
-                .requests
-                .with_label_values(&[route, status.as_str()])
-                .inc(),
+        let child = || {
+            self.requests
+                .with_label_values(&[route.as_str(), &status.to_string()])
+        };
+        match STATUSES.iter().position(|s| *s == status) {
+            Some(i) => series.statuses[i].get_or_init(child).inc(),
+            None => child().inc(),
+        }
+    }
+
+    /// Counts one cache lookup by what it found (`None`, no lookup, is not counted).
+    pub fn count_lookup(&self, outcome: CacheOutcome) {
+        let i = match outcome {
+            CacheOutcome::None => return,
+            CacheOutcome::Hit => 0,
+            CacheOutcome::Miss => 1,
+            CacheOutcome::Coalesced => 2,
+            CacheOutcome::Uncacheable => 3,
+        };
+        self.lookups[i].inc();
+    }
+
+    /// Cache lookups so far that ended with `outcome`.
+    pub fn lookups(&self, outcome: CacheOutcome) -> u64 {
+        match outcome {
+            CacheOutcome::None => 0,
+            CacheOutcome::Hit => self.lookups[0].get(),
+            CacheOutcome::Miss => self.lookups[1].get(),
+            CacheOutcome::Coalesced => self.lookups[2].get(),
+            CacheOutcome::Uncacheable => self.lookups[3].get(),
         }
     }
 
@@ -557,7 +661,7 @@ mod tests {
     fn every_required_series_is_exported_with_help() {
         let m = Metrics::new(Registry::new()).unwrap();
         m.requests.with_label_values(&["tokens", "200"]).inc();
-        m.lookup_hit.inc();
+        m.count_lookup(CacheOutcome::Hit);
         m.upstream_duration.observe(0.1);
         m.register_callers([&Arc::from("checkout")]);
         let text = text(&m);
@@ -625,9 +729,9 @@ mod tests {
     fn requests_are_counted_by_route_and_status_whatever_the_status() {
         let m = Metrics::new(Registry::new()).unwrap();
         let ms = Duration::from_millis(1);
-        m.request_done("tokens", StatusCode::OK, ms);
-        m.request_done("tokens", StatusCode::OK, ms);
-        m.request_done("invalidate", StatusCode::IM_A_TEAPOT, ms);
+        m.request_done(RouteLabel::Tokens, 200, ms);
+        m.request_done(RouteLabel::Tokens, 200, ms);
+        m.request_done(RouteLabel::Invalidate, 418, ms);
         let text = text(&m);
         assert!(text.contains(r#"token_broker_requests_total{route="tokens",status="200"} 2"#));
         assert!(text.contains(r#"token_broker_requests_total{route="invalidate",status="418"} 1"#));
@@ -643,7 +747,7 @@ mod tests {
         assert_eq!(m.caller_slot(&b), slot + 1);
         // Another Arc with the same id (a reloaded config) finds the same slot.
         assert_eq!(m.caller_slot(&Arc::from("checkout")), slot);
-        m.caller(slot).unwrap().requests[CallerCache::Hit as usize].inc();
+        m.caller(slot).unwrap().count(CacheOutcome::Hit);
         m.caller(slot).unwrap().mints.inc();
         let text = text(&m);
         assert!(

@@ -568,7 +568,10 @@ mod tests {
     #[test]
     fn minted_tokens_are_jwts_whose_claims_give_the_lifetime() {
         let t = sign(b"k", r#"{"iat":100,"exp":7300}"#);
-        assert_eq!(crate::token::lifetime(&t), Some(Duration::from_secs(7200)));
-        assert!(crate::token::plausible(&t));
+        assert_eq!(
+            crate::truora::token_lifetime(&t),
+            Some(Duration::from_secs(7200))
+        );
+        assert!(crate::truora::plausible_token(&t));
     }
 }

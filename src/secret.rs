@@ -61,17 +61,7 @@ impl SecretDigest {
 
     /// Parses the 64 hex digits of the config file (either case).
     pub fn from_hex(hex: &str) -> Option<Self> {
-        let bytes = hex.as_bytes();
-        if bytes.len() != 64 {
-            return None;
-        }
-        let mut out = [0u8; 32];
-        for (i, pair) in bytes.chunks_exact(2).enumerate() {
-            let hi = (pair[0] as char).to_digit(16)?;
-            let lo = (pair[1] as char).to_digit(16)?;
-            out[i] = (hi * 16 + lo) as u8;
-        }
-        Some(Self(out))
+        from_hex(hex).map(Self)
     }
 
     /// Lower-case hex, as `hash-secret` prints it.
@@ -91,7 +81,8 @@ impl fmt::Debug for SecretDigest {
     }
 }
 
-/// Lower-case hex of any bytes.
+/// Lower-case hex of any bytes: the broker's one hex encoder (digests, fingerprints, request ids,
+/// Redis keys).
 pub fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(bytes.len() * 2);
@@ -100,6 +91,21 @@ pub fn hex(bytes: &[u8]) -> String {
         s.push(DIGITS[(b & 15) as usize] as char);
     }
     s
+}
+
+/// Exactly `2 * N` hex digits (either case) as `N` bytes; `None` for anything else. The
+/// broker's one hex decoder; callers holding a key wrap the result in `Zeroizing`.
+pub fn from_hex<const N: usize>(hex: &str) -> Option<[u8; N]> {
+    let bytes = hex.as_bytes();
+    if bytes.len() != 2 * N {
+        return None;
+    }
+    let mut out = [0u8; N];
+    for (slot, pair) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+        let digit = |c: u8| (c as char).to_digit(16);
+        *slot = u8::try_from(digit(pair[0])? * 16 + digit(pair[1])?).ok()?;
+    }
+    Some(out)
 }
 
 #[cfg(test)]
@@ -148,6 +154,16 @@ mod tests {
     fn malformed_hex_digest_is_refused() {
         assert!(SecretDigest::from_hex("abc").is_none());
         assert!(SecretDigest::from_hex(&"g".repeat(64)).is_none());
+    }
+
+    #[test]
+    fn hex_round_trips_and_refuses_the_wrong_length() {
+        let bytes = [0x00, 0x7f, 0xab, 0xff];
+        assert_eq!(hex(&bytes), "007fabff");
+        assert_eq!(from_hex::<4>("007FABff"), Some(bytes));
+        assert_eq!(from_hex::<4>("007fab"), None);
+        assert_eq!(from_hex::<4>("007fabffff"), None);
+        assert_eq!(from_hex::<1>("+1"), None);
     }
 
     #[test]

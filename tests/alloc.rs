@@ -13,8 +13,8 @@ use std::cell::Cell;
 use std::sync::Arc;
 use std::time::Instant;
 
-use token_broker::issuance::CacheStatus;
-use token_broker::request::TokenRequest;
+use token_broker::issuance::TokenRequest;
+use token_broker::metrics::CacheOutcome;
 use token_broker::server::caller_service;
 use tower::Service;
 
@@ -128,12 +128,15 @@ fn a_cache_hit_allocates_a_pinned_small_number_of_times() {
     let caller: Arc<str> = CALLER.into();
     runtime.block_on(async {
         let req = TokenRequest::from_form(FORM).unwrap();
-        issuer.issue(&caller, &req).await.unwrap();
+        issuer
+            .issue(&caller, &req, &mut CacheOutcome::None)
+            .await
+            .unwrap();
     });
     let counts = per_call(1_000, || {
         let req = TokenRequest::from_form(FORM).unwrap();
-        let issued = ready(issuer.issue(&caller, &req)).unwrap();
-        assert_eq!(issued.cache, CacheStatus::Hit);
+        let issued = ready(issuer.issue(&caller, &req, &mut CacheOutcome::None)).unwrap();
+        assert_eq!(issued.cache, CacheOutcome::Hit);
         std::hint::black_box(issued.tokens_body(Instant::now()));
     });
     assert_every_call_made(&counts, CORE_HIT_ALLOCATIONS);

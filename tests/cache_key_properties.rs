@@ -3,8 +3,9 @@
 //! collide however their values are split between fields (no delimiter tricks).
 
 use proptest::prelude::*;
-use token_broker::cache;
-use token_broker::request::{TokenRequest, COUNTRIES};
+use token_broker::issuance::key::key;
+use token_broker::issuance::TokenRequest;
+use token_broker::truora::COUNTRIES;
 
 /// A request as (name, value) pairs; the small alphabets make near-collisions likely.
 fn fields() -> impl Strategy<Value = Vec<(String, String)>> {
@@ -55,7 +56,7 @@ fn encode(fields: &[(String, String)]) -> String {
 fn key_of(caller: &str, fields: &[(String, String)]) -> [u8; 32] {
     let body = encode(fields);
     let req = TokenRequest::from_form(body.as_bytes()).expect("generated requests are valid");
-    cache::key(caller, &req)
+    key(caller, &req)
 }
 
 proptest! {
@@ -98,6 +99,6 @@ proptest! {
         let (ba, bb) = (encode(&a), encode(&b));
         let ra = TokenRequest::from_form(ba.as_bytes()).unwrap();
         let rb = TokenRequest::from_form(bb.as_bytes()).unwrap();
-        prop_assert_eq!(ra == rb, cache::key("c", &ra) == cache::key("c", &rb));
+        prop_assert_eq!(ra == rb, key("c", &ra) == key("c", &rb));
     }
 }

@@ -4,7 +4,7 @@ use std::path::Path;
 use std::process::Command;
 
 use clap::CommandFactory;
-use token_broker::cli::Cli;
+use token_broker::app::cli::Cli;
 
 const BIN: &str = env!("CARGO_BIN_EXE_token-broker");
 

@@ -232,7 +232,7 @@ fn the_example_config_shows_every_key() {
 fn every_environment_variable_of_the_command_line_is_documented() {
     use clap::CommandFactory;
     let doc = read("docs/configuration.md");
-    let cli = token_broker::cli::Cli::command();
+    let cli = token_broker::app::cli::Cli::command();
     let mut vars = vec![
         token_broker::config::API_KEY_ENV.to_owned(),
         "RUST_LOG".to_owned(),

@@ -10,16 +10,19 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Full};
+use token_broker::app::Broker as Server;
 use token_broker::cache::{identity_prefix, Entry, Owner};
-use token_broker::issuance::{CacheStatus, Issued, DROPIN_MESSAGE};
+use token_broker::issuance::Issued;
+use token_broker::metrics::CacheOutcome;
 use token_broker::sandbox::{Sandbox, SandboxOptions};
 use token_broker::secret::MasterKey;
-use token_broker::server::{caller_service, Server};
+use token_broker::server::caller_service;
+use token_broker::truora::MINTED_MESSAGE;
 use tower::ServiceExt;
 
 use common::*;
 
-fn issued(token: &str, life: Duration, cache: CacheStatus, now: Instant) -> Issued {
+fn issued(token: &str, life: Duration, cache: CacheOutcome, now: Instant) -> Issued {
     let owner = Owner {
         caller: "c".into(),
         flow_id: "IPF1".into(),
@@ -45,11 +48,11 @@ const JWT: &str = "eyJhbGciOiJIUzI1NiJ9.eyJleHAiOjF9.c2ln-_x";
 fn the_answer_is_copied_together_from_the_token_and_its_ready_parts() {
     let now = Instant::now();
     for (secs, cache, word) in [
-        (0, CacheStatus::Hit, "hit"),
-        (9, CacheStatus::Miss, "miss"),
-        (10, CacheStatus::Hit, "hit"),
-        (7199, CacheStatus::Hit, "hit"),
-        (604_800, CacheStatus::Miss, "miss"),
+        (0, CacheOutcome::Hit, "hit"),
+        (9, CacheOutcome::Miss, "miss"),
+        (10, CacheOutcome::Hit, "hit"),
+        (7199, CacheOutcome::Hit, "hit"),
+        (604_800, CacheOutcome::Miss, "miss"),
     ] {
         let body = issued(JWT, Duration::from_secs(secs), cache, now).tokens_body(now);
         let expected = format!(
@@ -60,11 +63,11 @@ fn the_answer_is_copied_together_from_the_token_and_its_ready_parts() {
         assert_eq!(body.capacity(), body.len());
     }
     // Less than a second left reads as 0, never as a negative or fractional number.
-    let body = issued(JWT, Duration::from_millis(999), CacheStatus::Hit, now).tokens_body(now);
+    let body = issued(JWT, Duration::from_millis(999), CacheOutcome::Hit, now).tokens_body(now);
     assert!(body.ends_with(br#""expires_in":0}"#));
 
-    let dropin = issued(JWT, Duration::from_secs(60), CacheStatus::Hit, now).dropin_body();
-    let expected = format!(r#"{{"api_key":"{JWT}","message":"{DROPIN_MESSAGE}"}}"#);
+    let dropin = issued(JWT, Duration::from_secs(60), CacheOutcome::Hit, now).dropin_body();
+    let expected = format!(r#"{{"api_key":"{JWT}","message":"{MINTED_MESSAGE}"}}"#);
     assert_eq!(String::from_utf8(dropin.clone()).unwrap(), expected);
     assert_eq!(dropin.capacity(), dropin.len());
 }
@@ -73,7 +76,7 @@ fn the_answer_is_copied_together_from_the_token_and_its_ready_parts() {
 fn a_token_that_is_not_a_jwt_is_escaped_in_json_and_in_its_identity_url() {
     let now = Instant::now();
     let token = "a\"b\\c d/e+f&g\u{e9}\n";
-    let entry = issued(token, Duration::from_secs(60), CacheStatus::Hit, now);
+    let entry = issued(token, Duration::from_secs(60), CacheOutcome::Hit, now);
     let v: serde_json::Value = serde_json::from_slice(&entry.tokens_body(now)).unwrap();
     assert_eq!(v["api_key"], token);
     let url = v["identity_url"].as_str().unwrap();

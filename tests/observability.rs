@@ -390,7 +390,7 @@ async fn an_incoming_request_id_is_returned_and_one_is_made_when_absent_or_unsaf
     assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
     let generated = refused.header("x-request-id").to_owned();
     assert!(
-        token_broker::access::acceptable(generated.as_bytes()),
+        token_broker::server::access::acceptable(generated.as_bytes()),
         "{generated:?}"
     );
     let another = b.tokens(CHECKOUT_SECRET, FORM).await;
@@ -405,7 +405,10 @@ async fn an_incoming_request_id_is_returned_and_one_is_made_when_absent_or_unsaf
         let r = with_request_id(&b, unsafe_id).await;
         let id = r.header("x-request-id");
         assert_ne!(id, unsafe_id);
-        assert!(token_broker::access::acceptable(id.as_bytes()), "{id:?}");
+        assert!(
+            token_broker::server::access::acceptable(id.as_bytes()),
+            "{id:?}"
+        );
     }
     b.stop().await;
 }
@@ -1309,7 +1312,8 @@ async fn text_logs_have_one_access_line_per_request_and_never_a_secret_even_at_d
     for ((sent, r), line) in answers.iter().zip(&access) {
         let id = r.header("x-request-id");
         assert!(!id.is_empty());
-        if let Some(sent) = sent.filter(|s| token_broker::access::acceptable(s.as_bytes())) {
+        if let Some(sent) = sent.filter(|s| token_broker::server::access::acceptable(s.as_bytes()))
+        {
             assert_eq!(id, sent);
         }
         for field in [

@@ -32,7 +32,7 @@ async fn a_connect_failure_is_retried_then_reported_as_unreachable() {
     let mut cfg = config(&format!("http://{closed}"));
     cfg.upstream.max_retries = 2;
     cfg.upstream.retry_backoff = Duration::from_millis(20);
-    let server = token_broker::server::Server::from_config(
+    let server = token_broker::app::Broker::from_config(
         &cfg,
         token_broker::secret::MasterKey::new(MASTER_KEY).unwrap(),
     )

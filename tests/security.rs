@@ -19,10 +19,10 @@ use rcgen::{
 };
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use token_broker::app::Broker as Server;
 use token_broker::config::{ClientConfig, Config, TlsConfig};
 use token_broker::sandbox::{Sandbox, SandboxOptions};
 use token_broker::secret::{MasterKey, SecretDigest};
-use token_broker::server::Server;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -297,7 +297,7 @@ fn the_tls_listener_speaks_only_tls_1_2_and_1_3() {
     let pki = Pki::new("ca");
     let dir = tempfile::tempdir().unwrap();
     let server = pki.issue("localhost", ExtendedKeyUsagePurpose::ServerAuth);
-    let config = token_broker::tls::server_config(&TlsConfig {
+    let config = token_broker::server::tls::server_config(&TlsConfig {
         cert_file: write(dir.path(), "s.pem", &server.cert_pem),
         key_file: write(dir.path(), "s.key", &server.key_pem),
         client_ca_file: None,

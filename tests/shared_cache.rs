@@ -15,7 +15,7 @@ use common::{
 use http::{Method, StatusCode};
 use redis::AsyncCommands;
 use token_broker::config::{Config, SharedCacheConfig};
-use token_broker::request::TokenRequest;
+use token_broker::issuance::TokenRequest;
 use token_broker::sandbox::{Sandbox, SandboxOptions};
 use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
@@ -251,7 +251,7 @@ fn form_for(user: &str) -> String {
 /// The cache key of `form` for caller `checkout`, as the broker computes it.
 fn cache_key(form: &str) -> [u8; 32] {
     let req = TokenRequest::from_form(form.as_bytes()).unwrap();
-    token_broker::cache::key("checkout", &req)
+    token_broker::issuance::key::key("checkout", &req)
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -15,13 +15,12 @@ use base64::Engine;
 use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
-use token_broker::auth::Clients;
-use token_broker::config::{ArrayEncoding, Client};
+use token_broker::auth::{Caller, Callers};
 use token_broker::issuance::{Issuer, IssuerSettings};
 use token_broker::metrics::Metrics;
-use token_broker::resilience::{Policy, ResilienceSettings};
-use token_broker::server::State;
-use token_broker::upstream::{Mint, MintFuture};
+use token_broker::server::ApiState;
+use token_broker::truora::ArrayEncoding;
+use token_broker::upstream::{Guard, GuardSettings, Mint, MintFuture};
 
 /// The benchmarked caller.
 pub const CALLER: &str = "checkout";
@@ -88,12 +87,12 @@ pub fn issuer(max_entries: u64, upstream: Arc<InstantUpstream>) -> Arc<Issuer> {
             array_encoding: ArrayEncoding::Repeat,
         },
         Arc::new(Shared(upstream)),
-        Policy::new(
-            ResilienceSettings {
+        Guard::new(
+            GuardSettings {
                 // Benchmarks mint far faster than any real budget allows.
                 mint_rate: u32::MAX,
                 max_concurrent: 4096,
-                ..ResilienceSettings::from_config(&Default::default())
+                ..GuardSettings::from_config(&Default::default())
             },
             Arc::clone(&metrics),
         ),
@@ -102,10 +101,10 @@ pub fn issuer(max_entries: u64, upstream: Arc<InstantUpstream>) -> Arc<Issuer> {
 }
 
 /// The caller listener's state around `issuer`, with [`CALLER`] as its one client.
-pub fn state(issuer: Arc<Issuer>) -> Arc<State> {
+pub fn state(issuer: Arc<Issuer>) -> Arc<ApiState> {
     let metrics = Arc::new(Metrics::new(prometheus::Registry::new()).expect("metrics"));
-    let clients = Clients::new(vec![Client::with_secret(CALLER, SECRET.as_bytes())]);
-    Arc::new(State::new(issuer, clients, metrics))
+    let callers = Callers::new(vec![Caller::with_secret(CALLER, SECRET.as_bytes())]);
+    Arc::new(ApiState::new(issuer, callers, metrics))
 }
 
 /// `POST path` with the bearer secret and a form body, as hyper would hand it over.

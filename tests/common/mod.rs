@@ -10,10 +10,10 @@ use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use token_broker::app::Broker as Server;
 use token_broker::config::{ClientConfig, Config};
 use token_broker::sandbox::{Sandbox, SandboxOptions};
 use token_broker::secret::{MasterKey, SecretDigest};
-use token_broker::server::Server;
 use tokio::sync::oneshot;
 
 /// Polls `ready` every `every` until it holds, and fails with `what()` once `limit` has

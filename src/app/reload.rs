@@ -18,10 +18,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use http::StatusCode;
 
-use crate::auth::Clients;
+use crate::auth::Callers;
 use crate::config::{Config, ConfigError};
-use crate::resilience::ResilienceSettings;
-use crate::server::{SharedTls, State};
+use crate::server::{tls, ApiState, Reload, SharedTls};
+use crate::upstream::guard::caller_rates;
 use crate::upstream::TruoraClient;
 
 /// What a successful reload did.
@@ -41,7 +41,7 @@ pub struct Reloaded {
 pub struct Reloader {
     path: PathBuf,
     running: Mutex<Config>,
-    state: Arc<State>,
+    state: Arc<ApiState>,
     client: Arc<TruoraClient>,
     tls: Option<SharedTls>,
 }
@@ -51,7 +51,7 @@ impl Reloader {
     pub fn new(
         path: PathBuf,
         config: Config,
-        state: Arc<State>,
+        state: Arc<ApiState>,
         client: Arc<TruoraClient>,
         tls: Option<SharedTls>,
     ) -> Self {
@@ -90,7 +90,7 @@ impl Reloader {
     }
 
     /// [`Reloader::reload`] as the status and JSON body of `POST /admin/reload`.
-    pub fn reload_answer(&self) -> (StatusCode, String) {
+    fn answer(&self) -> (StatusCode, String) {
         match self.reload() {
             Ok(done) => (
                 StatusCode::OK,
@@ -119,8 +119,9 @@ impl Reloader {
         // Everything is read and checked before anything is applied.
         let new = Config::load(&self.path)?;
         let key = new.master_key()?;
+        let callers = Callers::from_config(&new.clients)?;
         let tls = match (&new.server.tls, &self.tls) {
-            (Some(t), Some(_)) => Some(crate::tls::server_config(t)?),
+            (Some(t), Some(_)) => Some(tls::server_config(t)?),
             _ => None,
         };
         let mut running = self
@@ -141,15 +142,14 @@ impl Reloader {
             .filter(|c| !kept.contains(c.id.as_str()))
             .map(|c| c.id.clone())
             .collect();
-        let clients = new.clients();
         self.state
             .metrics
-            .register_callers(clients.iter().map(|c| &c.id));
-        self.state.clients.store(Arc::new(Clients::new(clients)));
+            .register_callers(callers.iter().map(|c| &c.id));
+        self.state.callers.store(Arc::new(callers));
         self.state
             .issuer
-            .policy()
-            .set_caller_rates(&ResilienceSettings::from_config(&new).caller_rates);
+            .guard()
+            .set_caller_rates(&caller_rates(&new));
         for id in &revoked {
             let dropped = self.state.issuer.invalidate(id, None, None);
             tracing::info!(target: "audit", caller = %id, dropped, "caller revoked");
@@ -162,6 +162,12 @@ impl Reloader {
             restart_required,
             key_fingerprint,
         })
+    }
+}
+
+impl Reload for Reloader {
+    fn reload_answer(&self) -> (StatusCode, String) {
+        self.answer()
     }
 }
 

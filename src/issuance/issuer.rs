@@ -1,20 +1,21 @@
-//! The issuance core: from a validated request of an authenticated caller to the bytes of the
-//! answer. It knows nothing of hyper, so it is benchmarked and fuzzed without sockets.
+//! The issuer: from a validated request of an authenticated caller to a token, cached or freshly
+//! minted. The phases of one request, in order:
 //!
-//! The phases of one request, in order:
-//!
-//! 1. **Key**: [`cache::key`] hashes the caller and the canonical request once.
+//! 1. **Key**: [`super::key::key`] hashes the caller and the canonical request once.
 //! 2. **Lookup**: a cached token with at least `min_remaining` left is a hit; what its answer
-//!    needs is ready in the entry. A request that names no user skips the cache entirely (never shared).
+//!    needs is ready in the entry. A request that names no user skips the cache entirely (never
+//!    shared).
 //! 3. **Single flight**: on a miss, the first request for a key starts one upstream call in its
 //!    own task; identical requests arriving meanwhile wait on it (`coalesced`). The task runs to
 //!    its end even if every waiter has gone, fills the cache before it leaves the in-flight
 //!    table (so a later request finds one or the other), and a failure is handed to every
 //!    waiter and then forgotten: it is never cached.
-//! 4. **Entry**: the token's lifetime is read from its claims and measured from receipt on the
+//! 4. **Shared tier**: with `[cache.shared]`, a local miss reads Redis first, and one replica of
+//!    the fleet mints under a lock while the others wait for its value.
+//! 5. **Entry**: the token's lifetime is read from its claims and measured from receipt on the
 //!    local clock, so a skewed upstream clock cannot make the broker hand out a dead token.
-//! 5. **Render**: the answer is copied together from the entry's token and ready parts, the
-//!    cache status and `expires_in`.
+//!
+//! Rendering the answer is [`super::answer`]'s.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -23,19 +24,15 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::watch;
 use zeroize::Zeroizing;
 
-use crate::access::{self, CacheNote};
-use crate::cache::{self, CacheKey, Entry, Owner, TokenCache};
-use crate::config::{ArrayEncoding, DEFAULT_TOKEN_LIFETIME};
-use crate::error::{BrokerError, UpstreamError};
-use crate::metrics::Metrics;
-use crate::request::TokenRequest;
-use crate::resilience::Policy;
-use crate::shared_cache::{LockOutcome, SharedTier, SharedToken};
-use crate::token;
-use crate::upstream::Mint;
-
-/// The `message` of a drop-in answer, as Truora words it.
-pub const DROPIN_MESSAGE: &str = "API key created successfully";
+use super::answer::Issued;
+use super::key::key;
+use super::request::TokenRequest;
+use crate::cache::shared::{LockOutcome, SharedTier, SharedToken};
+use crate::cache::{identity_prefix, CacheKey, Entry, Owner, TokenCache};
+use crate::error::{BrokerError, Refusal, UpstreamError};
+use crate::metrics::{CacheOutcome, Metrics};
+use crate::truora::{token_lifetime, ArrayEncoding, DEFAULT_TOKEN_LIFETIME};
+use crate::upstream::{Guard, Mint};
 /// A token whose claims give a longer life than this is not believed.
 pub const MAX_PLAUSIBLE_LIFETIME: Duration = Duration::from_secs(7 * 24 * 60 * 60);
 
@@ -52,104 +49,7 @@ pub struct IssuerSettings {
     pub array_encoding: ArrayEncoding,
 }
 
-/// Whether the answer came from the cache.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CacheStatus {
-    /// Served from the cache.
-    Hit,
-    /// Minted for this request (or for an identical one it waited on).
-    Miss,
-}
-
-impl CacheStatus {
-    /// `X-Cache` header value.
-    pub fn header(self) -> &'static str {
-        match self {
-            CacheStatus::Hit => "HIT",
-            CacheStatus::Miss => "MISS",
-        }
-    }
-}
-
-/// A token to answer with.
-#[derive(Debug, Clone)]
-pub struct Issued {
-    /// The token and its ready answer bytes.
-    pub entry: Arc<Entry>,
-    /// Where it came from.
-    pub cache: CacheStatus,
-}
-
-impl Issued {
-    /// The `POST /v1/tokens` answer: `{"api_key","expires_at","identity_url","cache","expires_in"}`.
-    ///
-    /// Copied together from the entry's parts, into a buffer allocated at its final size, so
-    /// turning it into `Bytes` needs no second allocation.
-    pub fn tokens_body(&self, now: Instant) -> Vec<u8> {
-        const API_KEY: &[u8] = b"{\"api_key\":\"";
-        const EXPIRES_AT: &[u8] = b"\",\"expires_at\":\"";
-        const IDENTITY_URL: &[u8] = b"\",\"identity_url\":\"";
-        const CACHE: &[u8] = b"\",\"cache\":\"";
-        let e = &self.entry;
-        let status: &[u8] = match self.cache {
-            CacheStatus::Hit => b"hit\",\"expires_in\":",
-            CacheStatus::Miss => b"miss\",\"expires_in\":",
-        };
-        let mut digits = [0u8; 20];
-        let expires_in = Self::decimal(e.remaining(now).as_secs(), &mut digits);
-        let (at, prefix) = (e.expires_at_text(), e.identity_prefix());
-        e.with_escaped_token(|json, url| {
-            joined(&[
-                API_KEY,
-                json,
-                EXPIRES_AT,
-                at,
-                IDENTITY_URL,
-                prefix,
-                url,
-                CACHE,
-                status,
-                expires_in,
-                b"}",
-            ])
-        })
-    }
-
-    /// `n` in decimal digits, written at the end of `buf`.
-    fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
-        let mut start = buf.len();
-        loop {
-            start -= 1;
-            buf[start] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                return &buf[start..];
-            }
-        }
-    }
-
-    /// The `POST /v1/api-keys` answer, Truora's shape: `{"api_key","message"}`, allocated at
-    /// its final size.
-    pub fn dropin_body(&self) -> Vec<u8> {
-        const API_KEY: &[u8] = b"{\"api_key\":\"";
-        const MESSAGE: &[u8] = b"\",\"message\":\"";
-        self.entry.with_escaped_token(|json, _| {
-            joined(&[API_KEY, json, MESSAGE, DROPIN_MESSAGE.as_bytes(), b"\"}"])
-        })
-    }
-}
-
-/// `parts` one after the other, in a buffer allocated at its final size (so `Bytes::from` takes
-/// it without another allocation).
-fn joined(parts: &[&[u8]]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(parts.iter().map(|p| p.len()).sum());
-    for part in parts {
-        out.extend_from_slice(part);
-    }
-    out
-}
-
-type FlightResult = Option<Result<(Arc<Entry>, CacheStatus), BrokerError>>;
+type FlightResult = Option<Result<(Arc<Entry>, CacheOutcome), BrokerError>>;
 
 /// The core: cache, single flight and minting.
 pub struct Issuer {
@@ -159,10 +59,10 @@ pub struct Issuer {
     /// so a token dropped while its mint was in flight does not come back.
     invalidations: std::sync::atomic::AtomicU64,
     mint: Arc<dyn Mint>,
-    policy: Policy,
+    guard: Guard,
     metrics: Arc<Metrics>,
     settings: IssuerSettings,
-    /// [`cache::identity_prefix`] of `settings.web_url`, shared by every entry.
+    /// [`identity_prefix`] of `settings.web_url`, shared by every entry.
     identity_prefix: Arc<str>,
     /// `[cache.shared]`: consulted only on a local miss and on invalidation.
     shared: Option<SharedTier>,
@@ -178,21 +78,21 @@ struct Subject {
 }
 
 impl Issuer {
-    /// A core minting through `mint`, every call guarded by `policy`.
+    /// A core minting through `mint`, every call guarded by `guard`.
     pub fn new(
         settings: IssuerSettings,
         mint: Arc<dyn Mint>,
-        policy: Policy,
+        guard: Guard,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
-        Self::with_shared(settings, mint, policy, metrics, None)
+        Self::with_shared(settings, mint, guard, metrics, None)
     }
 
     /// [`Issuer::new`] with a Redis tier shared by replicas behind the local cache.
     pub fn with_shared(
         settings: IssuerSettings,
         mint: Arc<dyn Mint>,
-        policy: Policy,
+        guard: Guard,
         metrics: Arc<Metrics>,
         shared: Option<SharedTier>,
     ) -> Arc<Self> {
@@ -209,17 +109,17 @@ impl Issuer {
             inflight: Mutex::new(HashMap::new()),
             invalidations: std::sync::atomic::AtomicU64::new(0),
             mint,
-            policy,
+            guard,
             metrics,
-            identity_prefix: cache::identity_prefix(&settings.web_url),
+            identity_prefix: identity_prefix(&settings.web_url),
             settings,
             shared,
         })
     }
 
-    /// The resilience policy, for `/readyz` and the gauges.
-    pub fn policy(&self) -> &Policy {
-        &self.policy
+    /// The guard around upstream calls, for `/readyz`, the gauges and reloads.
+    pub fn guard(&self) -> &Guard {
+        &self.guard
     }
 
     /// The cache, for metrics and tests.
@@ -227,15 +127,17 @@ impl Issuer {
         &self.cache
     }
 
-    /// Answers a caller's validated request with a cached or freshly minted token.
+    /// Answers a caller's validated request with a cached or freshly minted token. What the
+    /// cache did is written to `outcome` as soon as it is known, so that it is reported with a
+    /// failed mint too.
     pub async fn issue(
         self: &Arc<Self>,
         caller: &Arc<str>,
         req: &TokenRequest<'_>,
+        outcome: &mut CacheOutcome,
     ) -> Result<Issued, BrokerError> {
         if !req.names_user() {
-            self.metrics.lookup_uncacheable.inc();
-            access::note_cache(CacheNote::Uncacheable);
+            self.noted(outcome, CacheOutcome::Uncacheable);
             // In its own task like a shared flight, so that a caller going away mid-call
             // cannot cut an upstream call (or a breaker probe) short.
             let this = Arc::clone(self);
@@ -243,15 +145,14 @@ impl Issuer {
             let entry = tokio::spawn(async move { this.mint_entry(subject).await })
                 .await
                 .map_err(|_| BrokerError::Internal("the upstream call was lost"))??;
-            return Ok(self.answer(entry, CacheStatus::Miss, Instant::now()));
+            return Ok(self.answer(entry, CacheOutcome::Miss, Instant::now()));
         }
 
-        let key = cache::key(caller, req);
+        let key = key(caller, req);
         let now = Instant::now();
         if let Some(entry) = self.cache.get(&key, now) {
-            self.metrics.lookup_hit.inc();
-            access::note_cache(CacheNote::Hit);
-            return Ok(self.answer(entry, CacheStatus::Hit, now));
+            self.noted(outcome, CacheOutcome::Hit);
+            return Ok(self.answer(entry, CacheOutcome::Hit, now));
         }
 
         let mut rx = {
@@ -260,17 +161,14 @@ impl Issuer {
                 .lock()
                 .map_err(|_| BrokerError::Internal("in-flight table poisoned"))?;
             if let Some(rx) = inflight.get(&key) {
-                self.metrics.lookup_coalesced.inc();
-                access::note_cache(CacheNote::Coalesced);
+                self.noted(outcome, CacheOutcome::Coalesced);
                 rx.clone()
             } else if let Some(entry) = self.cache.get(&key, Instant::now()) {
                 // A flight finished between our lookup and taking the lock.
-                self.metrics.lookup_hit.inc();
-                access::note_cache(CacheNote::Hit);
-                return Ok(self.answer(entry, CacheStatus::Hit, Instant::now()));
+                self.noted(outcome, CacheOutcome::Hit);
+                return Ok(self.answer(entry, CacheOutcome::Hit, Instant::now()));
             } else {
-                self.metrics.lookup_miss.inc();
-                access::note_cache(CacheNote::Miss);
+                self.noted(outcome, CacheOutcome::Miss);
                 let (tx, rx) = watch::channel(None);
                 inflight.insert(key, rx.clone());
                 tokio::spawn(Arc::clone(self).fly(key, self.subject(caller, req), tx));
@@ -284,14 +182,21 @@ impl Issuer {
             .map_err(|_| BrokerError::Internal("the upstream call was lost"))?
             .clone();
         match result {
+            // The flight's own answer: a hit when it found the token in the shared tier.
             Some(Ok((entry, cache))) => Ok(self.answer(entry, cache, Instant::now())),
             Some(Err(e)) => Err(e),
             None => Err(BrokerError::Internal("the upstream call was lost")),
         }
     }
 
+    /// Counts the lookup and reports it.
+    fn noted(&self, outcome: &mut CacheOutcome, found: CacheOutcome) {
+        self.metrics.count_lookup(found);
+        *outcome = found;
+    }
+
     /// A token answered now: counted in `token_broker_token_remaining_seconds`.
-    fn answer(&self, entry: Arc<Entry>, cache: CacheStatus, now: Instant) -> Issued {
+    fn answer(&self, entry: Arc<Entry>, cache: CacheOutcome, now: Instant) -> Issued {
         self.metrics
             .token_remaining
             .observe(entry.remaining(now).as_secs_f64());
@@ -343,7 +248,7 @@ impl Issuer {
             None => self
                 .mint_entry(subject)
                 .await
-                .map(|e| (e, CacheStatus::Miss)),
+                .map(|e| (e, CacheOutcome::Miss)),
             Some(shared) => self.fly_fleet(shared, &key, subject).await,
         };
         if let Ok((entry, _)) = &result {
@@ -379,7 +284,7 @@ impl Issuer {
     /// [`Issuer::mint_entry`], also giving what the shared tier stores.
     async fn mint_token(&self, subject: Subject) -> Result<(Arc<Entry>, SharedToken), BrokerError> {
         let token = Zeroizing::new(
-            self.policy
+            self.guard
                 .call(&subject.caller, &*self.mint, &subject.form)
                 .await?,
         );
@@ -391,7 +296,7 @@ impl Issuer {
         {
             series.mints.inc();
         }
-        let lifetime = match token::lifetime(&token) {
+        let lifetime = match token_lifetime(&token) {
             None => DEFAULT_TOKEN_LIFETIME,
             Some(l) if l.is_zero() => {
                 return Err(UpstreamError::BadResponse {
@@ -485,7 +390,7 @@ impl Issuer {
         };
         match shared.invalidate(caller, flow_id, account_id).await {
             Ok(n) => Ok(local.max(n)),
-            Err(_) => Err(crate::error::Refusal::SharedCacheUnavailable.into()),
+            Err(_) => Err(Refusal::SharedCacheUnavailable.into()),
         }
     }
 
@@ -497,7 +402,7 @@ impl Issuer {
         shared: &SharedTier,
         key: &CacheKey,
         subject: Subject,
-    ) -> Result<(Arc<Entry>, CacheStatus), BrokerError> {
+    ) -> Result<(Arc<Entry>, CacheOutcome), BrokerError> {
         let give_up = Instant::now() + shared.wait_bound();
         let mut pause = Duration::from_millis(5);
         let mut waited = false;
@@ -508,7 +413,7 @@ impl Issuer {
                         if waited {
                             shared.count_lock(LockOutcome::Waited);
                         }
-                        return Ok((entry, CacheStatus::Hit));
+                        return Ok((entry, CacheOutcome::Hit));
                     }
                 }
                 Ok(None) => {}
@@ -521,7 +426,7 @@ impl Issuer {
                     if let Ok(Some(found)) = shared.get(key).await {
                         if let Some(entry) = self.shared_entry(shared, found, &subject) {
                             shared.unlock(key, lock).await;
-                            return Ok((entry, CacheStatus::Hit));
+                            return Ok((entry, CacheOutcome::Hit));
                         }
                     }
                     shared.count_lock(LockOutcome::Acquired);
@@ -532,7 +437,7 @@ impl Issuer {
                         }
                     }
                     shared.unlock(key, lock).await;
-                    return result.map(|(entry, _)| (entry, CacheStatus::Miss));
+                    return result.map(|(entry, _)| (entry, CacheOutcome::Miss));
                 }
                 Ok(None) if Instant::now() < give_up => {
                     waited = true;
@@ -545,7 +450,7 @@ impl Issuer {
         shared.count_lock(outcome);
         self.mint_entry(subject)
             .await
-            .map(|entry| (entry, CacheStatus::Miss))
+            .map(|entry| (entry, CacheOutcome::Miss))
     }
 
     /// The entry for a token read from Redis, with the life it has left by the wall clock;
@@ -642,20 +547,20 @@ mod tests {
             Issuer::new(
                 settings,
                 Arc::new(Shared(Arc::clone(&fake))),
-                test_policy(&metrics),
+                test_guard(&metrics),
                 metrics,
             ),
             fake,
         )
     }
 
-    /// A policy that never gets in the way of these tests.
-    fn test_policy(metrics: &Arc<Metrics>) -> Policy {
+    /// A guard that never gets in the way of these tests.
+    fn test_guard(metrics: &Arc<Metrics>) -> Guard {
         let mut config = crate::config::Config::default();
         config.upstream.mint_rate = 100_000;
         config.upstream.max_concurrent = 4096;
-        Policy::new(
-            crate::resilience::ResilienceSettings::from_config(&config),
+        Guard::new(
+            crate::upstream::GuardSettings::from_config(&config),
             Arc::clone(metrics),
         )
     }
@@ -671,7 +576,7 @@ mod tests {
 
     const USER_REQ: &str = "country=CO&flow_id=IPF1&redirect_url=https://a.example&account_id=u1";
 
-    use crate::request::owned_form as req;
+    use crate::issuance::request::owned_form as req;
 
     fn body_json(issued: &Issued) -> serde_json::Value {
         serde_json::from_slice(&issued.tokens_body(Instant::now())).unwrap()
@@ -681,10 +586,16 @@ mod tests {
     async fn second_identical_request_is_a_hit_with_the_same_token() {
         let (issuer, fake) = issuer(fake(7200), Duration::from_secs(900));
         let caller: Arc<str> = "checkout".into();
-        let a = issuer.issue(&caller, &req(USER_REQ)).await.unwrap();
-        let b = issuer.issue(&caller, &req(USER_REQ)).await.unwrap();
-        assert_eq!(a.cache, CacheStatus::Miss);
-        assert_eq!(b.cache, CacheStatus::Hit);
+        let a = issuer
+            .issue(&caller, &req(USER_REQ), &mut CacheOutcome::None)
+            .await
+            .unwrap();
+        let b = issuer
+            .issue(&caller, &req(USER_REQ), &mut CacheOutcome::None)
+            .await
+            .unwrap();
+        assert_eq!(a.cache, CacheOutcome::Miss);
+        assert_eq!(b.cache, CacheOutcome::Hit);
         assert_eq!(body_json(&a)["api_key"], body_json(&b)["api_key"]);
         assert_eq!(body_json(&b)["cache"], "hit");
         assert_eq!(fake.calls.load(Ordering::SeqCst), 1);
@@ -693,7 +604,10 @@ mod tests {
     #[tokio::test]
     async fn the_answer_carries_every_documented_field() {
         let (issuer, _) = issuer(fake(7200), Duration::from_secs(900));
-        let a = issuer.issue(&"c".into(), &req(USER_REQ)).await.unwrap();
+        let a = issuer
+            .issue(&"c".into(), &req(USER_REQ), &mut CacheOutcome::None)
+            .await
+            .unwrap();
         let v = body_json(&a);
         let key = v["api_key"].as_str().unwrap();
         assert_eq!(
@@ -708,7 +622,7 @@ mod tests {
         assert!((7190..=7200).contains(&from_now), "{from_now}");
         let d: serde_json::Value = serde_json::from_slice(&a.dropin_body()).unwrap();
         assert_eq!(d["api_key"], key);
-        assert_eq!(d["message"], DROPIN_MESSAGE);
+        assert_eq!(d["message"], crate::truora::MINTED_MESSAGE);
     }
 
     #[tokio::test]
@@ -720,7 +634,10 @@ mod tests {
             let issuer = Arc::clone(&issuer);
             let caller = Arc::clone(&caller);
             tasks.push(tokio::spawn(async move {
-                let issued = issuer.issue(&caller, &req(USER_REQ)).await.unwrap();
+                let issued = issuer
+                    .issue(&caller, &req(USER_REQ), &mut CacheOutcome::None)
+                    .await
+                    .unwrap();
                 body_json(&issued)["api_key"].as_str().unwrap().to_owned()
             }));
         }
@@ -746,14 +663,20 @@ mod tests {
             let issuer = Arc::clone(&issuer);
             let caller = Arc::clone(&caller);
             tasks.push(tokio::spawn(async move {
-                issuer.issue(&caller, &req(USER_REQ)).await.unwrap_err()
+                issuer
+                    .issue(&caller, &req(USER_REQ), &mut CacheOutcome::None)
+                    .await
+                    .unwrap_err()
             }));
         }
         for t in tasks {
             assert_eq!(t.await.unwrap().code(), "upstream_unavailable");
         }
         assert_eq!(fake.calls.load(Ordering::SeqCst), 1);
-        issuer.issue(&caller, &req(USER_REQ)).await.unwrap_err();
+        issuer
+            .issue(&caller, &req(USER_REQ), &mut CacheOutcome::None)
+            .await
+            .unwrap_err();
         assert_eq!(fake.calls.load(Ordering::SeqCst), 2);
     }
 
@@ -762,9 +685,15 @@ mod tests {
         let (issuer, fake) = issuer(fake(7200), Duration::from_secs(900));
         let caller: Arc<str> = "c".into();
         let anon = "country=CO&flow_id=IPF1&redirect_url=https://a.example";
-        let a = issuer.issue(&caller, &req(anon)).await.unwrap();
-        let b = issuer.issue(&caller, &req(anon)).await.unwrap();
-        assert_eq!((a.cache, b.cache), (CacheStatus::Miss, CacheStatus::Miss));
+        let a = issuer
+            .issue(&caller, &req(anon), &mut CacheOutcome::None)
+            .await
+            .unwrap();
+        let b = issuer
+            .issue(&caller, &req(anon), &mut CacheOutcome::None)
+            .await
+            .unwrap();
+        assert_eq!((a.cache, b.cache), (CacheOutcome::Miss, CacheOutcome::Miss));
         assert_ne!(body_json(&a)["api_key"], body_json(&b)["api_key"]);
         assert_eq!(fake.calls.load(Ordering::SeqCst), 2);
         assert!(issuer.cache().is_empty());
@@ -773,9 +702,15 @@ mod tests {
     #[tokio::test]
     async fn another_caller_does_not_get_the_same_token() {
         let (issuer, fake) = issuer(fake(7200), Duration::from_secs(900));
-        issuer.issue(&"a".into(), &req(USER_REQ)).await.unwrap();
-        let b = issuer.issue(&"b".into(), &req(USER_REQ)).await.unwrap();
-        assert_eq!(b.cache, CacheStatus::Miss);
+        issuer
+            .issue(&"a".into(), &req(USER_REQ), &mut CacheOutcome::None)
+            .await
+            .unwrap();
+        let b = issuer
+            .issue(&"b".into(), &req(USER_REQ), &mut CacheOutcome::None)
+            .await
+            .unwrap();
+        assert_eq!(b.cache, CacheOutcome::Miss);
         assert_eq!(fake.calls.load(Ordering::SeqCst), 2);
     }
 
@@ -784,12 +719,21 @@ mod tests {
         // Lives 3 s; may be handed out while 2 s are left, so for about 1 s.
         let (issuer, fake) = issuer(fake(3), Duration::from_secs(2));
         let caller: Arc<str> = "c".into();
-        issuer.issue(&caller, &req(USER_REQ)).await.unwrap();
-        let hit = issuer.issue(&caller, &req(USER_REQ)).await.unwrap();
-        assert_eq!(hit.cache, CacheStatus::Hit);
+        issuer
+            .issue(&caller, &req(USER_REQ), &mut CacheOutcome::None)
+            .await
+            .unwrap();
+        let hit = issuer
+            .issue(&caller, &req(USER_REQ), &mut CacheOutcome::None)
+            .await
+            .unwrap();
+        assert_eq!(hit.cache, CacheOutcome::Hit);
         tokio::time::sleep(Duration::from_millis(1100)).await;
-        let again = issuer.issue(&caller, &req(USER_REQ)).await.unwrap();
-        assert_eq!(again.cache, CacheStatus::Miss);
+        let again = issuer
+            .issue(&caller, &req(USER_REQ), &mut CacheOutcome::None)
+            .await
+            .unwrap();
+        assert_eq!(again.cache, CacheOutcome::Miss);
         assert_eq!(fake.calls.load(Ordering::SeqCst), 2);
     }
 
@@ -797,19 +741,31 @@ mod tests {
     async fn a_token_living_less_than_min_remaining_is_handed_over_but_not_cached() {
         let (issuer, fake) = issuer(fake(60), Duration::from_secs(900));
         let caller: Arc<str> = "c".into();
-        issuer.issue(&caller, &req(USER_REQ)).await.unwrap();
-        let b = issuer.issue(&caller, &req(USER_REQ)).await.unwrap();
-        assert_eq!(b.cache, CacheStatus::Miss);
+        issuer
+            .issue(&caller, &req(USER_REQ), &mut CacheOutcome::None)
+            .await
+            .unwrap();
+        let b = issuer
+            .issue(&caller, &req(USER_REQ), &mut CacheOutcome::None)
+            .await
+            .unwrap();
+        assert_eq!(b.cache, CacheOutcome::Miss);
         assert_eq!(fake.calls.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
     async fn an_already_dead_or_absurd_token_is_refused() {
         let (issuer, _) = issuer(fake(0), Duration::from_secs(1));
-        let err = issuer.issue(&"c".into(), &req(USER_REQ)).await.unwrap_err();
+        let err = issuer
+            .issue(&"c".into(), &req(USER_REQ), &mut CacheOutcome::None)
+            .await
+            .unwrap_err();
         assert_eq!(err.code(), "upstream_bad_response");
         let (issuer, _) = issuer_with_lifetime(10 * 365 * 86400);
-        let err = issuer.issue(&"c".into(), &req(USER_REQ)).await.unwrap_err();
+        let err = issuer
+            .issue(&"c".into(), &req(USER_REQ), &mut CacheOutcome::None)
+            .await
+            .unwrap_err();
         assert_eq!(err.code(), "upstream_bad_response");
     }
 
@@ -834,10 +790,13 @@ mod tests {
                 array_encoding: ArrayEncoding::Repeat,
             },
             Arc::new(Opaque),
-            test_policy(&metrics),
+            test_guard(&metrics),
             metrics,
         );
-        let a = issuer.issue(&"c".into(), &req(USER_REQ)).await.unwrap();
+        let a = issuer
+            .issue(&"c".into(), &req(USER_REQ), &mut CacheOutcome::None)
+            .await
+            .unwrap();
         assert!(body_json(&a)["expires_in"].as_u64().unwrap() >= 7199);
     }
 
@@ -845,11 +804,17 @@ mod tests {
     async fn invalidation_makes_the_next_request_mint_again() {
         let (issuer, fake) = issuer(fake(7200), Duration::from_secs(900));
         let caller: Arc<str> = "c".into();
-        issuer.issue(&caller, &req(USER_REQ)).await.unwrap();
+        issuer
+            .issue(&caller, &req(USER_REQ), &mut CacheOutcome::None)
+            .await
+            .unwrap();
         assert_eq!(issuer.invalidate("other", Some("IPF1"), None), 0);
         assert_eq!(issuer.invalidate("c", None, Some("u1")), 1);
-        let again = issuer.issue(&caller, &req(USER_REQ)).await.unwrap();
-        assert_eq!(again.cache, CacheStatus::Miss);
+        let again = issuer
+            .issue(&caller, &req(USER_REQ), &mut CacheOutcome::None)
+            .await
+            .unwrap();
+        assert_eq!(again.cache, CacheOutcome::Miss);
         assert_eq!(fake.calls.load(Ordering::SeqCst), 2);
     }
 
@@ -862,15 +827,22 @@ mod tests {
         let in_flight = {
             let issuer = Arc::clone(&issuer);
             let caller = Arc::clone(&caller);
-            tokio::spawn(async move { issuer.issue(&caller, &req(USER_REQ)).await })
+            tokio::spawn(async move {
+                issuer
+                    .issue(&caller, &req(USER_REQ), &mut CacheOutcome::None)
+                    .await
+            })
         };
         tokio::time::sleep(Duration::from_millis(50)).await;
         issuer.invalidate("c", None, Some("u1"));
         // The waiter still gets its token...
-        assert_eq!(in_flight.await.unwrap().unwrap().cache, CacheStatus::Miss);
+        assert_eq!(in_flight.await.unwrap().unwrap().cache, CacheOutcome::Miss);
         // ...but it was not kept: the next request mints again.
-        let next = issuer.issue(&caller, &req(USER_REQ)).await.unwrap();
-        assert_eq!(next.cache, CacheStatus::Miss);
+        let next = issuer
+            .issue(&caller, &req(USER_REQ), &mut CacheOutcome::None)
+            .await
+            .unwrap();
+        assert_eq!(next.cache, CacheOutcome::Miss);
         assert_eq!(fake.calls.load(Ordering::SeqCst), 2);
     }
 
@@ -883,12 +855,19 @@ mod tests {
         let first = {
             let issuer = Arc::clone(&issuer);
             let caller = Arc::clone(&caller);
-            tokio::spawn(async move { issuer.issue(&caller, &req(USER_REQ)).await })
+            tokio::spawn(async move {
+                issuer
+                    .issue(&caller, &req(USER_REQ), &mut CacheOutcome::None)
+                    .await
+            })
         };
         tokio::time::sleep(Duration::from_millis(50)).await;
         first.abort();
-        let later = issuer.issue(&caller, &req(USER_REQ)).await.unwrap();
-        assert_eq!(later.cache, CacheStatus::Miss);
+        let later = issuer
+            .issue(&caller, &req(USER_REQ), &mut CacheOutcome::None)
+            .await
+            .unwrap();
+        assert_eq!(later.cache, CacheOutcome::Miss);
         assert_eq!(fake.calls.load(Ordering::SeqCst), 1);
     }
 }

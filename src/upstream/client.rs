@@ -1,13 +1,10 @@
 //! The call to Truora: `POST <account_url>/v1/api-keys` with the master key, and the reading of
 //! its answer into a token or an [`UpstreamError`].
 //!
-//! The issuance core sees only the [`Mint`] trait, so it can be benchmarked and fuzzed with a fake
-//! that needs no sockets. [`TruoraClient`] is the real one: a pooled hyper client over rustls,
-//! one overall timeout around connect, send and read, and a cap on the answer's size.
-//! Upstream bodies are read to classify them and are never passed on.
+//! [`TruoraClient`] is a pooled hyper client over rustls, one overall timeout around connect,
+//! send and read, and a cap on the answer's size. Upstream bodies are read to classify them and
+//! are never passed on.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -22,14 +19,11 @@ use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
+use super::{Mint, MintFuture};
 use crate::error::UpstreamError;
 use crate::secret::MasterKey;
-use crate::token;
+use crate::truora::{plausible_token, API_KEY_HEADER, MINT_PATH};
 
-/// Truora's credential header.
-pub const API_KEY_HEADER: &str = "truora-api-key";
-/// The path of the token call under `account_url`.
-pub const MINT_PATH: &str = "/v1/api-keys";
 /// Largest answer read from Truora; a token answer is well under 16 KiB.
 pub const MAX_ANSWER_BYTES: usize = 64 * 1024;
 /// Retry-After used when Truora throttles without saying for how long.
@@ -37,17 +31,8 @@ pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
 /// Longest Retry-After honoured; a larger one is clamped.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 
-/// A future the [`Mint`] trait returns.
-pub type MintFuture = Pin<Box<dyn Future<Output = Result<String, UpstreamError>> + Send>>;
-
-/// Something that turns an upstream form into a freshly minted token.
-pub trait Mint: Send + Sync + 'static {
-    /// Mints one token from the form body Truora's `POST /v1/api-keys` takes.
-    fn mint(&self, form: String) -> MintFuture;
-}
-
 /// The real client for Truora's account API: one attempt per [`Mint::mint`]; retries, the
-/// overall deadline, the breaker and the budgets are [`crate::resilience`]'s.
+/// overall deadline, the breaker and the budgets are [`super::guard`]'s.
 pub struct TruoraClient {
     client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     url: Uri,
@@ -63,10 +48,13 @@ impl TruoraClient {
         key: MasterKey,
         connect_timeout: Duration,
         timeout: Duration,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, ClientError> {
         let url: Uri = format!("{}{MINT_PATH}", account_url.trim_end_matches('/'))
             .parse()
-            .map_err(|e| format!("upstream.account_url: {e}"))?;
+            .map_err(|e: http::uri::InvalidUri| ClientError::Url {
+                key: "upstream.account_url",
+                reason: e.to_string(),
+            })?;
         let client = pooled_client(connect_timeout.min(timeout))?;
         Ok(Self {
             client,
@@ -135,13 +123,24 @@ impl TruoraClient {
     }
 }
 
+/// Why a client to Truora could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// A base URL does not parse.
+    #[error("{key}: {reason}")]
+    Url { key: &'static str, reason: String },
+    /// rustls could not be set up with the ring provider and Mozilla's roots.
+    #[error("TLS set-up failed: {0}")]
+    Tls(String),
+}
+
 /// A pooled HTTPS (or, for tests and the sandbox, HTTP) client to Truora: rustls with ring and
 /// Mozilla's roots, HTTP/2 where offered, TCP keep-alive, connections kept for reuse.
 /// Keep-alive connections are reused; a pooled connection that the peer closed before a
 /// request was written is retried by the pool itself (nothing was sent).
 pub fn pooled_client<B>(
     connect_timeout: Duration,
-) -> Result<Client<HttpsConnector<HttpConnector>, B>, String>
+) -> Result<Client<HttpsConnector<HttpConnector>, B>, ClientError>
 where
     B: http_body::Body + Send + 'static,
     B::Data: Send,
@@ -153,7 +152,7 @@ where
     http.set_keepalive(Some(Duration::from_secs(60)));
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
-        .map_err(|e| format!("TLS set-up failed: {e}"))?
+        .map_err(|e| ClientError::Tls(e.to_string()))?
         .https_or_http()
         .enable_http1()
         .enable_http2()
@@ -204,7 +203,7 @@ pub fn read_answer(
                 }
             };
             let token = Zeroizing::new(token);
-            if !token::plausible(&token) {
+            if !plausible_token(&token) {
                 return Err(UpstreamError::BadResponse {
                     reason: "the token is empty, too long or holds unexpected characters",
                 });

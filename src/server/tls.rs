@@ -3,7 +3,7 @@
 //! TLS 1.2 and 1.3 only (rustls offers nothing older), ALPN for HTTP/2 and HTTP/1.1, and, when
 //! `client_ca_file` is set, client certificates verified against that CA. Certificates stay
 //! optional at the handshake, because callers that authenticate by bearer secret alone need not
-//! have one; [`crate::auth`] then requires one from each caller configured with `tls_san`.
+//! have one; the auth layer then requires one from each caller configured with `tls_san`.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -15,11 +15,12 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::config::{ConfigError, TlsConfig};
 
+/// The caller listener's rustls configuration, swapped by a reload (new connections get the
+/// new certificate; open ones keep theirs).
+pub type SharedTls = Arc<arc_swap::ArcSwap<ServerConfig>>;
+
 fn invalid(key: &str, reason: String) -> ConfigError {
-    ConfigError::Invalid {
-        key: key.to_owned(),
-        reason,
-    }
+    ConfigError::invalid(key, reason)
 }
 
 fn certificates(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, ConfigError> {

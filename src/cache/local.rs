@@ -1,58 +1,21 @@
-//! The in-process token cache: which requests share a token (the key), how long a token may be
-//! handed out (the expiry policy), and dropping a caller's tokens on demand.
+//! The in-process tier: tokens by key, bounded by `cache.max_entries` (least recently used
+//! first out), each gone once it is inside `cache.min_remaining`, and dropped on demand by
+//! caller, flow and user.
 //!
-//! The key is the SHA-256 of a length-prefixed canonical encoding of the caller's id and every
-//! forwarded field, so field order does not matter, no two distinct requests collide by delimiter
-//! tricks, different callers never share an entry, and no raw user data is held as a key.
-//! An entry keeps the token once, with what its answers need made ready, so a hit parses and
-//! escapes nothing: it copies.
+//! An entry keeps the token once, with what its answers need made ready (the `expires_at`
+//! text, whether the token needs escaping at all), so a hit parses and escapes nothing: it
+//! copies. Keeping both answers rendered would hold the token three times per entry; the
+//! memory per cached token is measured in docs/performance.md.
 
 use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use moka::notification::RemovalCause;
-use moka::policy::EvictionPolicy;
-use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
+use super::{bounded, CacheKey};
 use crate::metrics::Metrics;
-use crate::request::{Field, TokenRequest};
-
-/// A cache key: SHA-256 over the caller and the canonical request.
-pub type CacheKey = [u8; 32];
-
-/// Builds the cache key of a caller's request.
-pub fn key(caller: &str, req: &TokenRequest<'_>) -> CacheKey {
-    fn put(h: &mut Sha256, bytes: &[u8]) {
-        h.update((bytes.len() as u32).to_be_bytes());
-        h.update(bytes);
-    }
-    let mut h = Sha256::new();
-    h.update(b"token-broker/cache-key/v1\0");
-    put(&mut h, caller.as_bytes());
-    req.visit(|field| match field {
-        Field::One(name, value) => {
-            h.update([1]);
-            put(&mut h, name.as_bytes());
-            put(&mut h, value.as_bytes());
-        }
-        Field::List(name, values) => {
-            h.update([2]);
-            put(&mut h, name.as_bytes());
-            h.update((values.len() as u32).to_be_bytes());
-            for v in values {
-                put(&mut h, v.as_bytes());
-            }
-        }
-        Field::Metadata(name, value) => {
-            h.update([3]);
-            put(&mut h, name.as_bytes());
-            put(&mut h, value.as_bytes());
-        }
-    });
-    h.finalize().into()
-}
 
 /// Who a token was minted for: what invalidation matches entries on.
 #[derive(Debug, Clone)]
@@ -65,13 +28,7 @@ pub struct Owner {
     pub account_id: Option<Box<str>>,
 }
 
-/// A minted token with everything needed to answer with it again.
-///
-/// The token is kept once, and the answers are rendered from it on each hit
-/// ([`crate::issuance::Issued`]): a copy of about 1.3 KiB, where keeping both answers ready
-/// would hold the token three times (issue 6's memory budget is 1.5 KiB per cached token).
-/// What a hit would otherwise redo is done here once: the `expires_at` text, and whether the
-/// token needs escaping at all (Truora's are JWTs, which need none).
+/// A minted token with everything needed to answer with it again (see the module docs).
 pub struct Entry {
     /// Who it was minted for.
     pub owner: Owner,
@@ -199,20 +156,6 @@ impl moka::Expiry<CacheKey, Arc<Entry>> for ServeUntil {
     }
 }
 
-/// A moka cache of at most `max_entries`, where the least recently used entry makes room: the
-/// broker's caches (tokens, pass-through results) all store what a caller just paid an upstream
-/// call for. moka's default policy (TinyLFU) would instead refuse a new entry whenever the cache
-/// is full of entries used more often, and the caller's next request would call Truora again.
-pub fn bounded<K, V>(max_entries: u64) -> moka::sync::CacheBuilder<K, V, moka::sync::Cache<K, V>>
-where
-    K: std::hash::Hash + Eq + Send + Sync + 'static,
-    V: Clone + Send + Sync + 'static,
-{
-    moka::sync::Cache::builder()
-        .max_capacity(max_entries)
-        .eviction_policy(EvictionPolicy::lru())
-}
-
 /// Tokens by key, bounded by `cache.max_entries`, each gone once it is inside `min_remaining`.
 #[derive(Clone)]
 pub struct TokenCache {
@@ -301,10 +244,6 @@ mod tests {
     use super::*;
     use crate::metrics::EVICTION_CAUSES;
 
-    use crate::request::owned_form as req;
-
-    const BASE: &str = "country=CO&flow_id=IPF1&redirect_url=https://a.example&account_id=u1";
-
     fn entry(caller: &str, flow: &str, account: Option<&str>, life: Duration) -> Arc<Entry> {
         let now = Instant::now();
         let owner = Owner {
@@ -320,42 +259,6 @@ mod tests {
             now + life,
             SystemTime::now() + life,
         ))
-    }
-
-    #[test]
-    fn field_order_does_not_change_the_key() {
-        let a = req(BASE);
-        let b = req("account_id=u1&redirect_url=https://a.example&flow_id=IPF1&country=CO");
-        assert_eq!(key("c", &a), key("c", &b));
-    }
-
-    #[test]
-    fn another_caller_user_or_field_changes_the_key() {
-        let base = key("c", &req(BASE));
-        assert_ne!(base, key("d", &req(BASE)));
-        assert_ne!(base, key("c", &req(&BASE.replace("u1", "u2"))));
-        assert_ne!(base, key("c", &req(&BASE.replace("IPF1", "IPF2"))));
-        assert_ne!(base, key("c", &req(&BASE.replace("CO", "BR"))));
-        assert_ne!(
-            base,
-            key("c", &req(&format!("{BASE}&document_type=passport")))
-        );
-    }
-
-    #[test]
-    fn delimiter_tricks_do_not_collide() {
-        // The same bytes split differently between two metadata fields.
-        let a = req(&format!(
-            "{BASE}&start_variables.metadata.a=1b&start_variables.metadata.c=2"
-        ));
-        let b = req(&format!(
-            "{BASE}&start_variables.metadata.a=1&start_variables.metadata.bc=2"
-        ));
-        assert_ne!(key("c", &a), key("c", &b));
-        // One email with a comma-like join versus two emails.
-        let one = req(&format!("{BASE}&emails=a@x.com"));
-        let two = req(&format!("{BASE}&emails=a@x.com&emails=b@x.com"));
-        assert_ne!(key("c", &one), key("c", &two));
     }
 
     #[test]

@@ -1,16 +1,16 @@
-//! What stands between a cache miss and Truora: the mint budgets, the cap on calls in flight,
-//! the throttle window, the circuit breaker, and retries within an overall deadline.
+//! What stands between a cache miss and Truora: the throttle window, the circuit breaker, the cap
+//! on calls in flight, the mint budgets, and retries within an overall deadline.
 //!
-//! A miss goes through [`Policy::call`], in this order:
+//! A miss goes through [`Guard::call`], in this order:
 //!
 //! 1. **Throttle window**: after Truora said 429 (or a 400 "rate limit"), no call is made until
 //!    its Retry-After has passed; callers get 503 with the time left.
-//! 2. **Breaker**: after `breaker_threshold` consecutive failures the breaker opens and misses get
+//! 2. **Breaker** ([`crate::breaker`]): after `breaker_threshold` consecutive failures misses get
 //!    503 at once for `breaker_cooldown`; then one probe call is let through, whose success
 //!    closes it again. Hits never come here, so they are served throughout.
 //! 3. **Concurrency cap**: at most `max_concurrent` calls in flight; beyond it, 503 at once
 //!    rather than a queue behind a slow upstream.
-//! 4. **Mint budgets**: token buckets of `mint_rate` a second, the caller's own and the global one;
+//! 4. **Mint budgets** ([`crate::upstream::budget`]): the caller's own and the global one;
 //!    beyond them, 429 to that caller.
 //! 5. **Attempts**: each bounded by `timeout` and by what is left of `deadline`. Only what is
 //!    safe is retried, with jittered exponential back-off: a connection that could not be made
@@ -21,26 +21,25 @@
 //! (a rejected master key raises a metric, cleared by the next success, and logs at most once a
 //! minute). Time is tokio's, so tests run on a paused clock.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
+use super::budget::Budgets;
+use super::Mint;
+use crate::breaker::{Breaker, BreakerState, Change, Health};
 use crate::config::Config;
-use crate::error::{BrokerError, BudgetScope, Refusal, UpstreamError};
+use crate::error::{BrokerError, Refusal, UpstreamError};
 use crate::metrics::Metrics;
-use crate::upstream::Mint;
 
 /// How often a rejected master key is logged at most.
 const CREDENTIAL_LOG_EVERY: Duration = Duration::from_secs(60);
-/// Retry-After given while a half-open probe is in flight.
-const PROBE_RETRY_AFTER: Duration = Duration::from_secs(1);
 
-/// The `[upstream]` and `[[clients]]` settings this module applies.
+/// The `[upstream]` and `[[clients]]` settings the guard applies.
 #[derive(Debug, Clone)]
-pub struct ResilienceSettings {
+pub struct GuardSettings {
     /// `upstream.timeout`: one attempt.
     pub timeout: Duration,
     /// `upstream.deadline`: all attempts and back-off.
@@ -63,7 +62,7 @@ pub struct ResilienceSettings {
     pub caller_rates: Vec<(Arc<str>, u32)>,
 }
 
-impl ResilienceSettings {
+impl GuardSettings {
     /// The settings of a validated config.
     pub fn from_config(config: &Config) -> Self {
         let u = &config.upstream;
@@ -77,47 +76,21 @@ impl ResilienceSettings {
             breaker_cooldown: u.breaker_cooldown,
             max_concurrent: u.max_concurrent,
             mint_rate: u.mint_rate,
-            caller_rates: config
-                .clients
-                .iter()
-                .filter_map(|c| Some((Arc::from(c.id.as_str()), c.mint_rate?)))
-                .collect(),
+            caller_rates: caller_rates(config),
         }
     }
 }
 
-/// The circuit breaker's state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BreakerState {
-    /// Calls go through; `failures` consecutive ones have failed.
-    Closed { failures: u32 },
-    /// No calls until `until`.
-    Open { until: Instant },
-    /// One probe call may go; `probing` while it is in flight.
-    HalfOpen { probing: bool },
+/// `[[clients]] mint_rate` of the callers that have one.
+pub fn caller_rates(config: &Config) -> Vec<(Arc<str>, u32)> {
+    config
+        .clients
+        .iter()
+        .filter_map(|c| Some((Arc::from(c.id.as_str()), c.mint_rate?)))
+        .collect()
 }
 
-impl BreakerState {
-    /// For `/readyz`.
-    pub fn name(&self) -> &'static str {
-        match self {
-            BreakerState::Closed { .. } => "closed",
-            BreakerState::Open { .. } => "open",
-            BreakerState::HalfOpen { .. } => "half_open",
-        }
-    }
-
-    /// The value of `token_broker_upstream_breaker_state`: 0 closed, 1 half-open, 2 open.
-    pub fn gauge(&self) -> i64 {
-        match self {
-            BreakerState::Closed { .. } => 0,
-            BreakerState::HalfOpen { .. } => 1,
-            BreakerState::Open { .. } => 2,
-        }
-    }
-}
-
-/// A point-in-time view for `/readyz` and `/metrics`.
+/// A point-in-time view for `/readyz`, the status page and the gauges.
 #[derive(Debug, Clone, Copy)]
 pub struct Snapshot {
     /// The breaker.
@@ -130,61 +103,22 @@ pub struct Snapshot {
     pub in_flight: usize,
 }
 
-struct Bucket {
-    rate: f64,
-    burst: f64,
-    tokens: f64,
-    last: Instant,
-}
-
-impl Bucket {
-    fn new(rate: u32, now: Instant) -> Self {
-        let rate = f64::from(rate.max(1));
-        Self {
-            rate,
-            burst: rate.max(1.0),
-            tokens: rate.max(1.0),
-            last: now,
-        }
-    }
-
-    /// Takes one token, or says how long until one is there.
-    fn take(&mut self, now: Instant) -> Result<(), Duration> {
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
-        self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            Ok(())
-        } else {
-            Err(Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
-        }
-    }
-}
-
-struct State {
-    breaker: BreakerState,
+/// What Truora's last answers said, besides the breaker's count.
+struct Heard {
     throttle_until: Option<Instant>,
     credential_rejected: bool,
     credential_logged: Option<Instant>,
     credential_suppressed: u64,
 }
 
-/// The resilience policy around every upstream call; see the module docs.
-pub struct Policy {
-    settings: ResilienceSettings,
-    state: Mutex<State>,
-    global: Mutex<Bucket>,
-    callers: Mutex<HashMap<Arc<str>, Bucket>>,
+/// The guard around every upstream call; see the module docs.
+pub struct Guard {
+    settings: GuardSettings,
+    heard: Mutex<Heard>,
+    breaker: Breaker,
+    budgets: Budgets,
     permits: Arc<Semaphore>,
     metrics: Arc<Metrics>,
-}
-
-fn buckets(rates: &[(Arc<str>, u32)], now: Instant) -> HashMap<Arc<str>, Bucket> {
-    rates
-        .iter()
-        .map(|(id, rate)| (Arc::clone(id), Bucket::new(*rate, now)))
-        .collect()
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -193,39 +127,19 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Clears the half-open probe flag if the probe ends without an outcome.
-struct Probe<'a> {
-    policy: &'a Policy,
-    armed: bool,
-}
-
-impl Drop for Probe<'_> {
-    fn drop(&mut self) {
-        if self.armed {
-            let mut st = lock(&self.policy.state);
-            if let BreakerState::HalfOpen { probing: true } = st.breaker {
-                st.breaker = BreakerState::HalfOpen { probing: false };
-            }
-        }
-    }
-}
-
-impl Policy {
-    /// A policy with the given settings.
-    pub fn new(settings: ResilienceSettings, metrics: Arc<Metrics>) -> Self {
-        let now = Instant::now();
-        let callers = Mutex::new(buckets(&settings.caller_rates, now));
+impl Guard {
+    /// A guard with the given settings.
+    pub fn new(settings: GuardSettings, metrics: Arc<Metrics>) -> Self {
         Self {
-            global: Mutex::new(Bucket::new(settings.mint_rate, now)),
+            budgets: Budgets::new(settings.mint_rate, &settings.caller_rates),
+            breaker: Breaker::new(settings.breaker_threshold, settings.breaker_cooldown),
             permits: Arc::new(Semaphore::new(settings.max_concurrent as usize)),
-            state: Mutex::new(State {
-                breaker: BreakerState::Closed { failures: 0 },
+            heard: Mutex::new(Heard {
                 throttle_until: None,
                 credential_rejected: false,
                 credential_logged: None,
                 credential_suppressed: 0,
             }),
-            callers,
             settings,
             metrics,
         }
@@ -239,12 +153,20 @@ impl Policy {
         form: &str,
     ) -> Result<String, BrokerError> {
         let deadline = Instant::now() + self.settings.deadline;
-        let mut probe = self.admit()?;
+        self.check_throttle()?;
+        let admitted = self.breaker.admit();
+        self.metrics.breaker_state.set(self.breaker.state().gauge());
+        let mut admitted = match admitted {
+            Ok(admitted) => admitted,
+            Err(retry_after) => return Err(self.refuse(Refusal::CircuitOpen { retry_after })),
+        };
         let _permit = match Arc::clone(&self.permits).try_acquire_owned() {
             Ok(permit) => permit,
             Err(_) => return Err(self.refuse(Refusal::Saturated)),
         };
-        self.spend_budget(caller)?;
+        if let Err((scope, retry_after)) = self.budgets.spend(caller) {
+            return Err(self.refuse(Refusal::BudgetExceeded { scope, retry_after }));
+        }
 
         self.metrics.upstream_in_flight.inc();
         struct InFlight<'a>(&'a Metrics);
@@ -266,8 +188,14 @@ impl Policy {
                     .await
                     .unwrap_or(Err(UpstreamError::Timeout))
             };
-            self.observe(&result, started.elapsed());
-            probe.armed = false;
+            let health = self.observe(&result, started.elapsed());
+            if admitted.record(health) == Some(Change::Opened) {
+                tracing::warn!(
+                    cooldown_s = self.settings.breaker_cooldown.as_secs_f64(),
+                    "circuit breaker open: Truora is failing; misses get 503 until a probe succeeds"
+                );
+            }
+            self.metrics.breaker_state.set(self.breaker.state().gauge());
             let err = match result {
                 Ok(token) => return Ok(token),
                 Err(e) => e,
@@ -293,15 +221,20 @@ impl Policy {
     /// The state for `/readyz` and the gauges.
     pub fn snapshot(&self) -> Snapshot {
         let now = Instant::now();
-        let st = lock(&self.state);
+        let heard = lock(&self.heard);
         Snapshot {
-            breaker: st.breaker,
-            throttled_for: st
+            breaker: self.breaker.state(),
+            throttled_for: heard
                 .throttle_until
                 .map_or(Duration::ZERO, |t| t.saturating_duration_since(now)),
-            credential_rejected: st.credential_rejected,
+            credential_rejected: heard.credential_rejected,
             in_flight: self.settings.max_concurrent as usize - self.permits.available_permits(),
         }
+    }
+
+    /// Replaces the per-caller budgets (a reload); see [`Budgets::set_caller_rates`].
+    pub fn set_caller_rates(&self, rates: &[(Arc<str>, u32)]) {
+        self.budgets.set_caller_rates(rates);
     }
 
     fn refuse(&self, refusal: Refusal) -> BrokerError {
@@ -312,87 +245,28 @@ impl Policy {
         refusal.into()
     }
 
-    /// Throttle window and breaker: may a call go at all? A half-open breaker admits one probe.
-    fn admit(&self) -> Result<Probe<'_>, BrokerError> {
+    /// Inside Truora's Retry-After window, no call goes.
+    fn check_throttle(&self) -> Result<(), BrokerError> {
         let now = Instant::now();
-        let mut st = lock(&self.state);
-        if let Some(until) = st.throttle_until.filter(|t| *t > now) {
-            drop(st);
-            self.metrics
-                .upstream_refused
-                .with_label_values(&["throttled"])
-                .inc();
-            return Err(UpstreamError::Throttled {
-                retry_after: until - now,
-            }
-            .into());
-        }
-        let armed = match st.breaker {
-            BreakerState::Closed { .. } => false,
-            BreakerState::Open { until } if now < until => {
-                drop(st);
-                return Err(self.refuse(Refusal::CircuitOpen {
-                    retry_after: until - now,
-                }));
-            }
-            BreakerState::Open { .. } | BreakerState::HalfOpen { probing: false } => {
-                st.breaker = BreakerState::HalfOpen { probing: true };
-                self.metrics.breaker_state.set(st.breaker.gauge());
-                true
-            }
-            BreakerState::HalfOpen { probing: true } => {
-                drop(st);
-                return Err(self.refuse(Refusal::CircuitOpen {
-                    retry_after: PROBE_RETRY_AFTER,
-                }));
-            }
+        let Some(until) = self.throttle_until().filter(|t| *t > now) else {
+            return Ok(());
         };
-        Ok(Probe {
-            policy: self,
-            armed,
-        })
-    }
-
-    /// Replaces the per-caller budgets (a reload); callers whose rate is unchanged keep their
-    /// bucket, so a reload does not refill anyone's budget.
-    pub fn set_caller_rates(&self, rates: &[(Arc<str>, u32)]) {
-        let mut callers = lock(&self.callers);
-        let mut fresh = buckets(rates, Instant::now());
-        for (id, bucket) in fresh.iter_mut() {
-            if let Some(old) = callers.remove(id) {
-                if old.rate == bucket.rate {
-                    *bucket = old;
-                }
-            }
+        self.metrics
+            .upstream_refused
+            .with_label_values(&["throttled"])
+            .inc();
+        Err(UpstreamError::Throttled {
+            retry_after: until - now,
         }
-        *callers = fresh;
-    }
-
-    fn spend_budget(&self, caller: &str) -> Result<(), BrokerError> {
-        let now = Instant::now();
-        if let Some(bucket) = lock(&self.callers).get_mut(caller) {
-            if let Err(wait) = bucket.take(now) {
-                return Err(self.refuse(Refusal::BudgetExceeded {
-                    scope: BudgetScope::Caller,
-                    retry_after: wait,
-                }));
-            }
-        }
-        if let Err(wait) = lock(&self.global).take(now) {
-            return Err(self.refuse(Refusal::BudgetExceeded {
-                scope: BudgetScope::Global,
-                retry_after: wait,
-            }));
-        }
-        Ok(())
+        .into())
     }
 
     fn throttle_until(&self) -> Option<Instant> {
-        lock(&self.state).throttle_until
+        lock(&self.heard).throttle_until
     }
 
     fn breaker_open(&self) -> bool {
-        matches!(lock(&self.state).breaker, BreakerState::Open { .. })
+        matches!(self.breaker.state(), BreakerState::Open { .. })
     }
 
     /// How long to wait before retrying after `err`, or `None` when it must not be retried.
@@ -425,9 +299,9 @@ impl Policy {
         step / 2 + step.mul_f64(fraction / 2.0)
     }
 
-    /// Feeds one attempt's outcome to the metrics, the breaker, the throttle window and the
-    /// credential state.
-    fn observe(&self, result: &Result<String, UpstreamError>, took: Duration) {
+    /// Feeds one attempt's outcome to the metrics, the throttle window and the credential state,
+    /// and says what it tells of Truora's health (for the breaker).
+    fn observe(&self, result: &Result<String, UpstreamError>, took: Duration) -> Health {
         let outcome = result
             .as_ref()
             .map_or_else(UpstreamError::outcome, |_| "ok");
@@ -438,81 +312,53 @@ impl Policy {
         self.metrics.upstream_duration.observe(took.as_secs_f64());
 
         let now = Instant::now();
-        let mut st = lock(&self.state);
-        let healthy = match result {
+        let mut heard = lock(&self.heard);
+        match result {
             Ok(_) => {
                 self.metrics.upstream_succeeded();
-                if st.credential_rejected {
-                    st.credential_rejected = false;
+                if heard.credential_rejected {
+                    heard.credential_rejected = false;
                     self.metrics.credential_rejected.set(0);
                     tracing::info!("Truora accepts the master API key again");
                 }
-                Some(true)
+                Health::Up
             }
             Err(UpstreamError::Throttled { retry_after }) => {
                 let until = now + *retry_after;
-                st.throttle_until = Some(st.throttle_until.map_or(until, |t| t.max(until)));
-                None
+                heard.throttle_until = Some(heard.throttle_until.map_or(until, |t| t.max(until)));
+                Health::Unknown
             }
             Err(UpstreamError::CredentialRejected { status }) => {
-                self.credential_rejected(&mut st, *status, now);
-                None
+                self.credential_rejected(&mut heard, *status, now);
+                Health::Unknown
             }
-            Err(UpstreamError::Rejected { .. }) => None,
+            Err(UpstreamError::Rejected { .. }) => Health::Unknown,
             Err(
                 UpstreamError::ServerError { .. }
                 | UpstreamError::BadResponse { .. }
                 | UpstreamError::Timeout
                 | UpstreamError::Unreachable
                 | UpstreamError::ConnectionLost,
-            ) => Some(false),
-        };
-        st.breaker = match (st.breaker, healthy) {
-            // Truora answered sensibly: whatever the breaker was, it closes.
-            (_, Some(true)) => BreakerState::Closed { failures: 0 },
-            // An answer that says nothing about Truora's health (429, 4xx): a probe that got one
-            // still shows Truora is up.
-            (BreakerState::HalfOpen { .. }, None) => BreakerState::Closed { failures: 0 },
-            (state, None) => state,
-            (BreakerState::Closed { failures }, Some(false))
-                if failures + 1 < self.settings.breaker_threshold =>
-            {
-                BreakerState::Closed {
-                    failures: failures + 1,
-                }
-            }
-            (BreakerState::Open { until }, Some(false)) => BreakerState::Open {
-                until: until.max(now + self.settings.breaker_cooldown),
-            },
-            (_, Some(false)) => {
-                tracing::warn!(
-                    cooldown_s = self.settings.breaker_cooldown.as_secs_f64(),
-                    "circuit breaker open: Truora is failing; misses get 503 until a probe succeeds"
-                );
-                BreakerState::Open {
-                    until: now + self.settings.breaker_cooldown,
-                }
-            }
-        };
-        self.metrics.breaker_state.set(st.breaker.gauge());
+            ) => Health::Down,
+        }
     }
 
-    fn credential_rejected(&self, st: &mut State, status: u16, now: Instant) {
-        st.credential_rejected = true;
+    fn credential_rejected(&self, heard: &mut Heard, status: u16, now: Instant) {
+        heard.credential_rejected = true;
         self.metrics.credential_rejected.set(1);
-        let due = st
+        let due = heard
             .credential_logged
             .is_none_or(|t| now.saturating_duration_since(t) >= CREDENTIAL_LOG_EVERY);
         if due {
             tracing::error!(
                 status,
-                suppressed = st.credential_suppressed,
+                suppressed = heard.credential_suppressed,
                 "Truora rejected the broker's master API key: check upstream.api_key_file / TRUORA_API_KEY"
             );
-            st.credential_logged = Some(now);
-            st.credential_suppressed = 0;
+            heard.credential_logged = Some(now);
+            heard.credential_suppressed = 0;
         } else {
-            st.credential_suppressed += 1;
+            heard.credential_suppressed += 1;
         }
     }
 }
@@ -558,8 +404,8 @@ mod tests {
         }
     }
 
-    fn settings() -> ResilienceSettings {
-        ResilienceSettings {
+    fn settings() -> GuardSettings {
+        GuardSettings {
             timeout: Duration::from_secs(5),
             deadline: Duration::from_secs(10),
             max_retries: 2,
@@ -573,8 +419,8 @@ mod tests {
         }
     }
 
-    fn policy(s: ResilienceSettings) -> Policy {
-        Policy::new(
+    fn guard(s: GuardSettings) -> Guard {
+        Guard::new(
             s,
             Arc::new(Metrics::new(prometheus::Registry::new()).unwrap()),
         )
@@ -589,7 +435,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_connect_failure_is_retried_with_backoff() {
-        let p = policy(settings());
+        let p = guard(settings());
         let m = Scripted::new(vec![Err(UpstreamError::Unreachable)]);
         let started = Instant::now();
         assert_eq!(p.call("c", &m, "").await.unwrap(), "token");
@@ -603,7 +449,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn retries_stop_at_max_retries() {
-        let p = policy(settings());
+        let p = guard(settings());
         let m = Scripted::new(vec![Err(UpstreamError::Unreachable); 5]);
         assert_eq!(
             p.call("c", &m, "").await.unwrap_err().code(),
@@ -614,7 +460,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_timeout_or_lost_connection_after_sending_is_not_retried() {
-        let p = policy(settings());
+        let p = guard(settings());
         for err in [UpstreamError::Timeout, UpstreamError::ConnectionLost] {
             let m = Scripted::new(vec![Err(err)]);
             p.call("c", &m, "").await.unwrap_err();
@@ -627,7 +473,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_503_is_retried_after_its_retry_after() {
-        let p = policy(settings());
+        let p = guard(settings());
         let m = Scripted::new(vec![Err(UpstreamError::ServerError {
             status: 503,
             retry_after: Some(Duration::from_secs(3)),
@@ -640,7 +486,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_retry_after_beyond_the_deadline_is_not_waited_for() {
-        let p = policy(settings());
+        let p = guard(settings());
         let m = Scripted::new(vec![Err(UpstreamError::Throttled {
             retry_after: Duration::from_secs(30),
         })]);
@@ -655,7 +501,7 @@ mod tests {
     async fn the_caller_never_waits_past_the_deadline() {
         let mut s = settings();
         s.deadline = Duration::from_secs(6);
-        let p = policy(s);
+        let p = guard(s);
         let mut m = Scripted::new(vec![]);
         m.delay = Duration::from_secs(100);
         let started = Instant::now();
@@ -666,7 +512,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_429_opens_a_throttle_window_that_refuses_calls_until_it_ends() {
-        let p = policy(settings());
+        let p = guard(settings());
         let m = Scripted::new(vec![Err(UpstreamError::Throttled {
             retry_after: Duration::from_secs(20),
         })]);
@@ -683,7 +529,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn consecutive_failures_open_the_breaker_and_a_probe_closes_it() {
-        let p = policy(settings());
+        let p = guard(settings());
         let m = Scripted::new(vec![server_error(), server_error(), server_error()]);
         for _ in 0..3 {
             p.call("c", &m, "").await.unwrap_err();
@@ -700,7 +546,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_failed_probe_opens_the_breaker_again() {
-        let p = policy(settings());
+        let p = guard(settings());
         let m = Scripted::new(vec![server_error(); 4]);
         for _ in 0..3 {
             p.call("c", &m, "").await.unwrap_err();
@@ -713,7 +559,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_half_open_breaker_lets_exactly_one_probe_through() {
-        let p = Arc::new(policy(settings()));
+        let p = Arc::new(guard(settings()));
         let m = Scripted::new(vec![server_error(); 3]);
         for _ in 0..3 {
             p.call("c", &m, "").await.unwrap_err();
@@ -736,7 +582,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn rejected_requests_and_429s_do_not_open_the_breaker() {
-        let p = policy(settings());
+        let p = guard(settings());
         let m = Scripted::new(vec![
             Err(UpstreamError::Rejected { status: 400 }),
             Err(UpstreamError::CredentialRejected { status: 401 }),
@@ -751,7 +597,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_rejected_master_key_is_flagged_until_the_next_success() {
-        let p = policy(settings());
+        let p = guard(settings());
         let m = Scripted::new(vec![Err(UpstreamError::CredentialRejected { status: 401 })]);
         let err = p.call("c", &m, "").await.unwrap_err();
         assert_eq!(err.code(), "upstream_credential_rejected");
@@ -764,27 +610,27 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_rejected_master_key_is_logged_at_most_once_a_minute() {
-        let p = policy(settings());
+        let p = guard(settings());
         let rejected = || Err(UpstreamError::CredentialRejected { status: 401 });
         let m = Scripted::new(vec![rejected(), rejected(), rejected()]);
         for _ in 0..3 {
             p.call("c", &m, "").await.unwrap_err();
         }
-        let first_log = lock(&p.state).credential_logged;
+        let first_log = lock(&p.heard).credential_logged;
         assert!(first_log.is_some());
-        assert_eq!(lock(&p.state).credential_suppressed, 2);
+        assert_eq!(lock(&p.heard).credential_suppressed, 2);
         tokio::time::advance(Duration::from_secs(61)).await;
         let m = Scripted::new(vec![rejected()]);
         p.call("c", &m, "").await.unwrap_err();
-        assert_eq!(lock(&p.state).credential_suppressed, 0);
-        assert!(lock(&p.state).credential_logged > first_log);
+        assert_eq!(lock(&p.heard).credential_suppressed, 0);
+        assert!(lock(&p.heard).credential_logged > first_log);
     }
 
     #[tokio::test(start_paused = true)]
     async fn the_global_mint_budget_refuses_with_429_and_refills() {
         let mut s = settings();
         s.mint_rate = 2;
-        let p = policy(s);
+        let p = guard(s);
         let m = Scripted::new(vec![]);
         p.call("a", &m, "").await.unwrap();
         p.call("b", &m, "").await.unwrap();
@@ -800,7 +646,7 @@ mod tests {
     async fn a_callers_own_budget_does_not_touch_the_others() {
         let mut s = settings();
         s.caller_rates = vec![("noisy".into(), 1)];
-        let p = policy(s);
+        let p = guard(s);
         let m = Scripted::new(vec![]);
         p.call("noisy", &m, "").await.unwrap();
         let err = p.call("noisy", &m, "").await.unwrap_err();
@@ -815,7 +661,7 @@ mod tests {
     async fn calls_beyond_max_concurrent_are_refused_at_once() {
         let mut s = settings();
         s.max_concurrent = 1;
-        let p = Arc::new(policy(s));
+        let p = Arc::new(guard(s));
         let mut m = Scripted::new(vec![]);
         m.delay = Duration::from_secs(1);
         let m = Arc::new(m);
@@ -833,7 +679,7 @@ mod tests {
 
     #[test]
     fn backoff_doubles_within_jitter_and_is_capped() {
-        let p = policy(settings());
+        let p = guard(settings());
         for attempt in 0..8 {
             let step = Duration::from_millis(100 * (1 << attempt)).min(Duration::from_secs(2));
             let b = p.backoff(attempt);

@@ -7,20 +7,16 @@ use std::io::Read;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{ClientConfig, Config, ConfigError};
+use super::{demo, load, Broker, Loaded, Reloader, StartError};
+use crate::config::ConfigError;
 use crate::logging::{self, LogFormat};
-use crate::sandbox::{Sandbox, SandboxOptions};
-use crate::secret::{hex, MasterKey, SecretDigest};
-use crate::server::Server;
+use crate::secret::SecretDigest;
 
 /// Exit status for an unusable configuration (sysexits' EX_USAGE).
 pub const EXIT_CONFIG: u8 = 64;
-/// The demo client's secret, printed in the demo's curl commands.
-pub const DEMO_SECRET: &str = "demo-secret";
 
 /// Holds Truora's master API key alone and hands short-lived Web Integration Tokens to
 /// authenticated internal callers, reusing each token until it nears expiry.
@@ -158,7 +154,7 @@ pub fn main() -> ExitCode {
         Command::Serve { config, log_format } => {
             let logs = logging::init(log_format);
             match load(&config) {
-                Ok((loaded, key)) => run(&logs, async move { serve(config, loaded, key).await }),
+                Ok(loaded) => run(&logs, serve(config, loaded)),
                 Err(e) => config_failure(&e),
             }
         }
@@ -167,10 +163,10 @@ pub fn main() -> ExitCode {
             admin_listen,
         } => {
             let logs = logging::init(LogFormat::Text);
-            run(&logs, demo(listen, admin_listen))
+            run(&logs, demo::run(listen, admin_listen))
         }
         Command::CheckConfig { config } => match load(&config) {
-            Ok((c, _)) => {
+            Ok(Loaded { config: c, .. }) => {
                 println!(
                     "{}: ok ({} caller(s); callers on {}, admin on {})",
                     config.display(),
@@ -186,15 +182,6 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn load(path: &std::path::Path) -> Result<(Config, MasterKey), ConfigError> {
-    let config = Config::load(path)?;
-    let key = config.master_key()?;
-    if let Some(shared) = &config.cache.shared {
-        crate::shared_cache::SharedSecrets::load(shared)?;
-    }
-    Ok((config, key))
-}
-
 fn config_failure(e: &ConfigError) -> ExitCode {
     eprintln!("token-broker: bad configuration: {e}");
     ExitCode::from(EXIT_CONFIG)
@@ -203,7 +190,7 @@ fn config_failure(e: &ConfigError) -> ExitCode {
 /// Runs `fut` on the multi-threaded runtime whose workers batch their log lines into `logs`.
 fn run(
     logs: &logging::Output,
-    fut: impl std::future::Future<Output = Result<(), String>>,
+    fut: impl std::future::Future<Output = Result<(), StartError>>,
 ) -> ExitCode {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all();
@@ -216,6 +203,7 @@ fn run(
     };
     match runtime.block_on(fut) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(StartError::Config(e)) => config_failure(&e),
         Err(e) => {
             tracing::error!("{e}");
             eprintln!("token-broker: {e}");
@@ -224,12 +212,11 @@ fn run(
     }
 }
 
-async fn serve(path: PathBuf, config: Config, key: MasterKey) -> Result<(), String> {
+async fn serve(path: PathBuf, loaded: Loaded) -> Result<(), StartError> {
+    let Loaded { config, key } = loaded;
     let fingerprint = key.fingerprint();
-    let server = Server::from_config(&config, key)
-        .await
-        .map_err(|e| e.to_string())?;
-    if let Some(reloader) = server.reload_from(path, config.clone()) {
+    let broker = Broker::from_config(&config, key).await?;
+    if let Some(reloader) = broker.reload_from(path, config.clone()) {
         reload_on_sighup(reloader);
     }
     if config.upstream.account_url.starts_with("http://") {
@@ -238,15 +225,15 @@ async fn serve(path: PathBuf, config: Config, key: MasterKey) -> Result<(), Stri
             "upstream.account_url is plain http: the master key crosses the network unencrypted"
         );
     }
-    log_ready(&server, config.clients.len(), &fingerprint)?;
-    server.run(shutdown_signal()).await;
+    log_ready(&broker, config.clients.len(), &fingerprint);
+    broker.run(shutdown_signal()).await;
     tracing::info!("stopped");
     Ok(())
 }
 
-fn log_ready(server: &Server, callers: usize, key: &str) -> Result<(), String> {
-    let caller = server.caller_addr().map_err(|e| e.to_string())?;
-    let admin = server.admin_addr().map_err(|e| e.to_string())?;
+/// Logs the line that says the broker is up, where and with which key.
+pub(super) fn log_ready(broker: &Broker, callers: usize, key: &str) {
+    let (caller, admin) = broker.addresses();
     tracing::info!(
         listen = %caller,
         admin_listen = %admin,
@@ -255,11 +242,10 @@ fn log_ready(server: &Server, callers: usize, key: &str) -> Result<(), String> {
         "token-broker {} ready",
         env!("CARGO_PKG_VERSION")
     );
-    Ok(())
 }
 
 /// Re-reads the configuration on every SIGHUP.
-fn reload_on_sighup(reloader: std::sync::Arc<crate::reload::Reloader>) {
+fn reload_on_sighup(reloader: std::sync::Arc<Reloader>) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
@@ -340,99 +326,6 @@ pub async fn shutdown_signal() {
         let _ = tokio::signal::ctrl_c().await;
     }
     tracing::info!("shutdown requested");
-}
-
-async fn demo(listen: SocketAddr, admin_listen: SocketAddr) -> Result<(), String> {
-    let mut raw_key = [0u8; 24];
-    getrandom::fill(&mut raw_key).map_err(|e| e.to_string())?;
-    let master_key = format!("sandbox-{}", hex(&raw_key));
-    let sandbox = Sandbox::start(SandboxOptions::new(master_key.clone()))
-        .await
-        .map_err(|e| format!("cannot start the sandbox upstream: {e}"))?;
-    let config = demo_config(&sandbox.url(), listen, admin_listen);
-    config.validate().map_err(|e| e.to_string())?;
-    let key = MasterKey::new(&master_key).ok_or("empty sandbox key")?;
-    let fingerprint = key.fingerprint();
-    let server = Server::from_config(&config, key)
-        .await
-        .map_err(|e| format!("{e} (choose others with --listen and --admin-listen)"))?;
-    let caller = server.caller_addr().map_err(|e| e.to_string())?;
-    let admin = server.admin_addr().map_err(|e| e.to_string())?;
-    log_ready(&server, 1, &fingerprint)?;
-    println!("{}", demo_instructions(caller, admin, &sandbox.url()));
-    server.run(shutdown_signal()).await;
-    Ok(())
-}
-
-/// The demo's configuration: the sandbox as upstream, one client `demo` with [`DEMO_SECRET`].
-pub fn demo_config(sandbox_url: &str, listen: SocketAddr, admin_listen: SocketAddr) -> Config {
-    let mut config = Config::default();
-    config.server.listen = listen;
-    config.server.admin_listen = admin_listen;
-    config.server.shutdown_timeout = Duration::from_secs(2);
-    config.upstream.account_url = sandbox_url.to_owned();
-    config.upstream.identity_url = sandbox_url.to_owned();
-    config.upstream.web_url = sandbox_url.to_owned();
-    config.clients.push(ClientConfig {
-        id: "demo".into(),
-        token_sha256: Some(SecretDigest::of(DEMO_SECRET.as_bytes()).to_hex()),
-        passthrough: vec!["GET /truora/identity/v1/processes/*/result".into()],
-        ..Default::default()
-    });
-    config
-}
-
-/// What `demo` prints: where things are and curl commands to paste.
-pub fn demo_instructions(caller: SocketAddr, admin: SocketAddr, sandbox: &str) -> String {
-    let base = format!("http://{caller}");
-    format!(
-        r#"
-token-broker demo is running.
-  caller API : {base}   (client "demo", secret "{DEMO_SECRET}")
-  admin      : http://{admin}   (status page at /, /metrics, /healthz, /readyz)
-  upstream   : {sandbox}   (embedded sandbox Truora: real JWTs, Truora's error shapes)
-
-Mint a token (run it twice: the second answer says "cache":"hit" and carries the same api_key):
-
-  curl -s -X POST {base}/v1/tokens -H 'Authorization: Bearer {DEMO_SECRET}' \
-    -d country=CO -d flow_id=IPF0123456789abcdef -d redirect_url=https://example.com/done -d account_id=demo-user-1
-
-The same as JSON:
-
-  curl -s -X POST {base}/v1/tokens -H 'Authorization: Bearer {DEMO_SECRET}' -H 'Content-Type: application/json' \
-    -d '{{"country":"CO","flow_id":"IPF0123456789abcdef","redirect_url":"https://example.com/done","account_id":"demo-user-1"}}'
-
-Drop-in for Truora's own endpoint (same form, Truora's answer shape):
-
-  curl -s -X POST {base}/v1/api-keys -H 'Authorization: Bearer {DEMO_SECRET}' \
-    -d key_type=web -d grant=digital-identity -d country=CO -d flow_id=IPF0123456789abcdef \
-    -d redirect_url=https://example.com/done -d account_id=demo-user-1
-
-Forget the cached tokens of a user:
-
-  curl -s -X DELETE '{base}/v1/tokens?account_id=demo-user-1' -H 'Authorization: Bearer {DEMO_SECRET}'
-
-Refused before anything goes upstream (a permanent key, a bad country):
-
-  curl -s -X POST {base}/v1/tokens -H 'Authorization: Bearer {DEMO_SECRET}' \
-    -d key_type=backend -d country=CO -d flow_id=IPF1 -d redirect_url=https://example.com/done
-
-Truora failing (flow IPFsandbox429 answers 429, IPFsandbox500 a 500, IPFsandbox401 a rejected key):
-
-  curl -s -i -X POST {base}/v1/tokens -H 'Authorization: Bearer {DEMO_SECRET}' \
-    -d country=CO -d flow_id=IPFsandbox429 -d redirect_url=https://example.com/done -d account_id=demo-user-1
-
-Read a validation result through the broker (pass-through: the master key is added by the broker):
-
-  curl -s {base}/truora/identity/v1/processes/IDP0123456789/result -H 'Authorization: Bearer {DEMO_SECRET}'
-
-Metrics:
-
-  curl -s http://{admin}/metrics | grep ^token_broker_
-
-Ctrl-C stops the demo.
-"#
-    )
 }
 
 fn hash_secret() -> ExitCode {

@@ -13,9 +13,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use prometheus::core::Collector;
 use prometheus::IntCounterVec;
 
-use crate::metrics::{CallerCache, Metrics, EVICTION_CAUSES, REVISION, VERSION};
-use crate::resilience::{BreakerState, Snapshot};
-use crate::server::State;
+use super::api::ApiState;
+use crate::breaker::BreakerState;
+use crate::metrics::{CacheOutcome, Metrics, EVICTION_CAUSES, REVISION, VERSION};
+use crate::upstream::Snapshot;
 
 /// How often the page reloads itself.
 pub const REFRESH_SECONDS: u32 = 5;
@@ -111,9 +112,9 @@ fn sum_by(vec: &IntCounterVec, mut keep: impl FnMut(&str) -> bool, label: &str) 
 
 impl StatusView {
     /// Reads the broker's state now.
-    pub fn gather(state: &State) -> Self {
+    pub fn gather(state: &ApiState) -> Self {
         let m: &Metrics = &state.metrics;
-        let upstream = state.issuer.policy().snapshot();
+        let upstream = state.issuer.guard().snapshot();
         let last_success = m.upstream_last_success.get();
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -122,17 +123,14 @@ impl StatusView {
         let status_class = |class: char| sum_by(&m.requests, |s| s.starts_with(class), "status");
         let callers = m
             .callers()
-            .map(|c| {
-                let n = |i: CallerCache| c.requests[i as usize].get();
-                CallerRow {
-                    id: c.id.to_string(),
-                    requests: c.requests.iter().map(|r| r.get()).sum(),
-                    hits: n(CallerCache::Hit),
-                    misses: n(CallerCache::Miss),
-                    uncacheable: n(CallerCache::Uncacheable),
-                    other: n(CallerCache::None),
-                    mints: c.mints.get(),
-                }
+            .map(|c| CallerRow {
+                id: c.id.to_string(),
+                requests: c.total(),
+                hits: c.requests(CacheOutcome::Hit),
+                misses: c.requests(CacheOutcome::Miss),
+                uncacheable: c.requests(CacheOutcome::Uncacheable),
+                other: c.requests(CacheOutcome::None),
+                mints: c.mints.get(),
             })
             .collect();
         Self {
@@ -144,10 +142,10 @@ impl StatusView {
             requests_4xx: status_class('4'),
             requests_5xx: status_class('5'),
             in_flight: m.requests_in_flight.get(),
-            hits: m.lookup_hit.get(),
-            misses: m.lookup_miss.get(),
-            coalesced: m.lookup_coalesced.get(),
-            uncacheable: m.lookup_uncacheable.get(),
+            hits: m.lookups(CacheOutcome::Hit),
+            misses: m.lookups(CacheOutcome::Miss),
+            coalesced: m.lookups(CacheOutcome::Coalesced),
+            uncacheable: m.lookups(CacheOutcome::Uncacheable),
             entries: state.issuer.cache().len(),
             max_entries: m.cache_max_entries.get(),
             evictions: std::array::from_fn(|i| m.evictions[i].get()),

@@ -1,10 +1,11 @@
 //! What each caller may ask for: per-caller allowlists of flows, countries and redirect hosts,
 //! and whether it may use the drop-in endpoint. Checked after validation and before the cache or
 //! Truora is touched, so a denied request costs no upstream call. Authentication (who the caller
-//! is) is [`crate::auth`]'s.
+//! is) is the auth layer's.
 
+use super::request::TokenRequest;
+use crate::config::ClientConfig;
 use crate::error::RequestError;
-use crate::request::TokenRequest;
 
 /// One caller's allowances, from its `[[clients]]` entry. `None` allows anything.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,6 +32,19 @@ impl Default for CallerPolicy {
 }
 
 impl CallerPolicy {
+    /// The allowances of a validated `[[clients]]` entry.
+    pub fn from_config(client: &ClientConfig) -> Self {
+        Self {
+            allowed_flows: client.allowed_flows.clone(),
+            allowed_countries: client.allowed_countries.clone(),
+            allowed_redirect_hosts: client
+                .allowed_redirect_hosts
+                .as_ref()
+                .map(|hosts| hosts.iter().map(|h| h.to_ascii_lowercase()).collect()),
+            drop_in: client.drop_in,
+        }
+    }
+
     /// May this caller use `POST /v1/api-keys`?
     pub fn check_drop_in(&self) -> Result<(), RequestError> {
         if self.drop_in {
@@ -98,7 +112,7 @@ fn host_matches(allowed: &str, host: &str) -> bool {
 mod tests {
     use super::*;
 
-    use crate::request::owned_form as req;
+    use crate::issuance::request::owned_form as req;
 
     const BASE: &str =
         "country=CO&flow_id=IPF1&redirect_url=https://shop.example.com/done&account_id=u";

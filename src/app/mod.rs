@@ -1,0 +1,209 @@
+//! The composition root: the one room that knows every other. It reads and checks the
+//! configuration and the secrets ([`load`]), builds the broker from them ([`Broker`]: metrics,
+//! upstream client and guard, the Redis tier, the issuance core, callers, pass-through, the two
+//! listeners), re-reads the configuration into a running broker ([`reload`]), and holds the
+//! command line ([`cli`]) and the demo ([`demo`]).
+//!
+//! Start-up fails with a typed [`StartError`]: a bad configuration is reported before any
+//! socket is bound (the command line exits 64 for it), a listener that cannot be bound after
+//! (exit 1).
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::auth::Callers;
+use crate::cache::shared::{SharedSecrets, SharedTier, TierError};
+use crate::config::{Config, ConfigError};
+use crate::issuance::{Issuer, IssuerSettings};
+use crate::metrics::Metrics;
+use crate::passthrough::{Forwarder, Passthrough, ResultCache};
+use crate::secret::MasterKey;
+use crate::server::{tls, Admin, ApiState, BindError, Listeners, SharedTls};
+use crate::upstream::{ClientError, Guard, GuardSettings, TruoraClient};
+
+pub mod cli;
+pub mod demo;
+pub mod reload;
+
+pub use reload::Reloader;
+
+/// Why a broker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration, a secret it names, or a file it points at cannot be used.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A client to Truora could not be built.
+    #[error(transparent)]
+    Upstream(#[from] ClientError),
+    /// The Redis tier could not be set up.
+    #[error(transparent)]
+    SharedCache(#[from] TierError),
+    /// The series could not be registered.
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    /// A listener could not be bound.
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    /// The demo's sandbox Truora could not start.
+    #[error("cannot start the sandbox upstream: {0}")]
+    Sandbox(#[source] io::Error),
+}
+
+impl StartError {
+    /// True for what a better configuration would fix (exit 64), false for run-time failures.
+    pub fn is_config(&self) -> bool {
+        matches!(self, StartError::Config(_))
+    }
+}
+
+/// A configuration file and everything it names, read and checked: what `serve` and
+/// `check-config` start from.
+pub struct Loaded {
+    /// The validated file.
+    pub config: Config,
+    /// The master key.
+    pub key: MasterKey,
+}
+
+/// Reads and checks `path` whole, as `serve` does before binding anything: the file, every
+/// rule, the master key, the callers (pass-through patterns included) and, with `[cache.shared]`,
+/// its secrets.
+pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
+    let config = Config::load(path)?;
+    let key = config.master_key()?;
+    check(&config)?;
+    Ok(Loaded { config, key })
+}
+
+/// What only the owners of the runtime types can check of a validated config.
+fn check(config: &Config) -> Result<(), ConfigError> {
+    Callers::from_config(&config.clients)?;
+    if let Some(shared) = &config.cache.shared {
+        SharedSecrets::load(shared)?;
+    }
+    Ok(())
+}
+
+/// A broker with both listeners bound, ready to run.
+pub struct Broker {
+    state: Arc<ApiState>,
+    admin: Arc<Admin>,
+    listeners: Listeners,
+    client: Arc<TruoraClient>,
+    tls: Option<SharedTls>,
+}
+
+impl Broker {
+    /// Assembles a broker from a validated config and binds its listeners.
+    pub async fn from_config(config: &Config, key: MasterKey) -> Result<Self, StartError> {
+        let registry = prometheus::Registry::new();
+        let metrics = Arc::new(Metrics::new(registry.clone())?);
+        let tls = match &config.server.tls {
+            Some(t) => Some(Arc::new(arc_swap::ArcSwap::new(tls::server_config(t)?))),
+            None => None,
+        };
+        let u = &config.upstream;
+        let client = Arc::new(TruoraClient::new(
+            &u.account_url,
+            key,
+            u.connect_timeout,
+            u.timeout,
+        )?);
+        let guard = Guard::new(GuardSettings::from_config(config), Arc::clone(&metrics));
+        let shared = match &config.cache.shared {
+            Some(shared) => Some(SharedTier::new(
+                shared,
+                SharedSecrets::load(shared)?,
+                &registry,
+            )?),
+            None => None,
+        };
+        let issuer = Issuer::with_shared(
+            IssuerSettings {
+                min_remaining: config.cache.min_remaining,
+                max_entries: config.cache.max_entries,
+                web_url: u.web_url.clone(),
+                array_encoding: u.array_encoding,
+            },
+            Arc::new(Arc::clone(&client)),
+            guard,
+            Arc::clone(&metrics),
+            shared,
+        );
+        let callers = Callers::from_config(&config.clients)?;
+        metrics.register_callers(callers.iter().map(|c| &c.id));
+        // Every pass-through pattern's series exist from the start, at zero.
+        for pattern in callers.iter().flat_map(|c| c.passthrough.iter()) {
+            metrics
+                .passthrough_duration
+                .with_label_values(&[pattern.text()]);
+        }
+        let forwarder = Forwarder::new(
+            &u.identity_url,
+            &u.account_url,
+            client.key_handle(),
+            u.connect_timeout,
+            u.passthrough_timeout,
+            u.passthrough_max_body_bytes,
+        )?;
+        let results =
+            (!config.cache.result_ttl.is_zero()).then(|| ResultCache::new(config.cache.result_ttl));
+        let mut state = ApiState::new(issuer, callers, Arc::clone(&metrics));
+        state.max_body_bytes = config.server.max_body_bytes;
+        state.body_read_timeout = config.server.body_read_timeout;
+        state.passthrough = Some(Passthrough::new(forwarder, results, metrics));
+        let state = Arc::new(state);
+        let listeners = Listeners::bind(&config.server, tls.clone()).await?;
+        Ok(Self {
+            admin: Arc::new(Admin::new(Arc::clone(&state))),
+            state,
+            listeners,
+            client,
+            tls,
+        })
+    }
+
+    /// Lets SIGHUP and `POST /admin/reload` re-read `path` (the file this broker was built from,
+    /// as `config`).
+    pub fn reload_from(&self, path: PathBuf, config: Config) -> Option<Arc<Reloader>> {
+        let reloader = Arc::new(Reloader::new(
+            path,
+            config,
+            Arc::clone(&self.state),
+            Arc::clone(&self.client),
+            self.tls.clone(),
+        ));
+        self.admin
+            .set_reload(Arc::clone(&reloader) as Arc<dyn crate::server::Reload>)
+            .then_some(reloader)
+    }
+
+    /// The caller API's state, for tests.
+    pub fn state(&self) -> &Arc<ApiState> {
+        &self.state
+    }
+
+    /// The caller listener's address (useful with port 0); never fails once bound.
+    pub fn caller_addr(&self) -> io::Result<SocketAddr> {
+        Ok(self.listeners.caller_addr())
+    }
+
+    /// The admin listener's address; never fails once bound.
+    pub fn admin_addr(&self) -> io::Result<SocketAddr> {
+        Ok(self.listeners.admin_addr())
+    }
+
+    /// Both addresses: the caller listener's and the admin listener's.
+    pub fn addresses(&self) -> (SocketAddr, SocketAddr) {
+        (self.listeners.caller_addr(), self.listeners.admin_addr())
+    }
+
+    /// Serves until `shutdown` completes, then drains (see [`Listeners::run`]).
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        self.listeners.run(self.state, self.admin, shutdown).await;
+    }
+}

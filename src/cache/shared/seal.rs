@@ -1,0 +1,212 @@
+//! The Redis tier's secrets and what they protect: every value and every invalidation message
+//! is sealed with AES-256-GCM under the configured key, with what it is bound to (the cache key,
+//! the channel) as associated data, so a value moved to another key does not open.
+
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Nonce};
+use zeroize::Zeroizing;
+
+use crate::config::{ConfigError, SharedCacheConfig};
+use crate::secret::from_hex;
+
+/// The environment variable read for the value encryption key when
+/// `cache.shared.encryption_key_file` is not set.
+pub const ENCRYPTION_KEY_ENV: &str = "TOKEN_BROKER_CACHE_ENCRYPTION_KEY";
+
+/// Format byte of a sealed value: 1 = AES-256-GCM, 96-bit random nonce, JSON inside.
+const SEALED_V1: u8 = 1;
+const NONCE_LEN: usize = 12;
+
+/// The secrets of the shared tier: the value key and, when it is not in the URL, the password.
+pub struct SharedSecrets {
+    pub(super) key: Zeroizing<[u8; 32]>,
+    pub(super) password: Option<Zeroizing<String>>,
+}
+
+impl std::fmt::Debug for SharedSecrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SharedSecrets([redacted])")
+    }
+}
+
+impl SharedSecrets {
+    /// Reads them from the files, the key from [`ENCRYPTION_KEY_ENV`] when it has no file.
+    pub fn load(cfg: &SharedCacheConfig) -> Result<Self, ConfigError> {
+        Self::load_with(
+            cfg,
+            std::env::var(ENCRYPTION_KEY_ENV).ok().map(Zeroizing::new),
+        )
+    }
+
+    /// [`SharedSecrets::load`] with the environment's value given, for tests.
+    pub fn load_with(
+        cfg: &SharedCacheConfig,
+        env_key: Option<Zeroizing<String>>,
+    ) -> Result<Self, ConfigError> {
+        let bad = |key: &str, reason: String| ConfigError::Invalid {
+            key: format!("cache.shared.{key}"),
+            reason,
+        };
+        let read = |key: &str, path: &std::path::Path| {
+            std::fs::read_to_string(path)
+                .map(Zeroizing::new)
+                .map_err(|e| bad(key, format!("cannot read {}: {e}", path.display())))
+        };
+        let hex = match &cfg.encryption_key_file {
+            Some(path) => read("encryption_key_file", path)?,
+            None => env_key.ok_or_else(|| {
+                bad(
+                    "encryption_key_file",
+                    format!("not set, and {ENCRYPTION_KEY_ENV} is not set: values in Redis must be encrypted"),
+                )
+            })?,
+        };
+        let key = from_hex::<32>(hex.trim())
+            .map(Zeroizing::new)
+            .ok_or_else(|| {
+                bad(
+                    "encryption_key_file",
+                    "the key must be 64 hex digits (32 random bytes: `openssl rand -hex 32`)"
+                        .into(),
+                )
+            })?;
+        let password = match &cfg.password_file {
+            Some(path) => {
+                let text = read("password_file", path)?;
+                let pw = text.trim_end_matches(['\r', '\n']);
+                if pw.is_empty() {
+                    return Err(bad("password_file", format!("{} is empty", path.display())));
+                }
+                Some(Zeroizing::new(pw.to_owned()))
+            }
+            None => None,
+        };
+        Ok(Self { key, password })
+    }
+}
+
+/// Seals and opens values with AES-256-GCM.
+pub(super) struct Sealer(Aes256Gcm);
+
+impl Sealer {
+    pub(super) fn new(key: &[u8; 32]) -> Self {
+        Self(Aes256Gcm::new(key.into()))
+    }
+
+    pub(super) fn seal(&self, aad: &[&[u8]], plaintext: &[u8]) -> Vec<u8> {
+        let mut nonce = [0u8; NONCE_LEN];
+        // The OS random source failing is not something to serve through.
+        getrandom::fill(&mut nonce).expect("the OS random source works");
+        let aad = aad.concat();
+        let sealed = self
+            .0
+            .encrypt(
+                Nonce::from_slice(&nonce),
+                Payload {
+                    msg: plaintext,
+                    aad: &aad,
+                },
+            )
+            .expect("AES-GCM sealing of a small value cannot fail");
+        let mut out = Vec::with_capacity(1 + NONCE_LEN + sealed.len());
+        out.push(SEALED_V1);
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&sealed);
+        out
+    }
+
+    pub(super) fn open(&self, aad: &[&[u8]], sealed: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
+        let (&version, rest) = sealed.split_first()?;
+        if version != SEALED_V1 || rest.len() < NONCE_LEN {
+            return None;
+        }
+        let (nonce, ciphertext) = rest.split_at(NONCE_LEN);
+        self.0
+            .decrypt(
+                Nonce::from_slice(nonce),
+                Payload {
+                    msg: ciphertext,
+                    aad: &aad.concat(),
+                },
+            )
+            .ok()
+            .map(Zeroizing::new)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn cfg() -> SharedCacheConfig {
+        crate::config::Config::parse(
+            "[cache.shared]\nurl = \"redis://127.0.0.1:6379\"\n[[clients]]\nid = \"c\"\ntoken_sha256 = \"0000000000000000000000000000000000000000000000000000000000000000\"\n",
+        )
+        .unwrap()
+        .cache
+        .shared
+        .unwrap()
+    }
+
+    #[test]
+    fn a_sealed_value_opens_only_under_its_own_key() {
+        let sealer = Sealer::new(&[7; 32]);
+        let a = [1u8; 32];
+        let b = [2u8; 32];
+        let sealed = sealer.seal(&[b"value", &a], b"secret-token");
+        assert!(!sealed.windows(12).any(|w| w == b"secret-token"));
+        assert_eq!(
+            sealer.open(&[b"value", &a], &sealed).unwrap().as_slice(),
+            b"secret-token"
+        );
+        assert!(sealer.open(&[b"value", &b], &sealed).is_none());
+        assert!(Sealer::new(&[8; 32])
+            .open(&[b"value", &a], &sealed)
+            .is_none());
+        let mut tampered = sealed.clone();
+        *tampered.last_mut().unwrap() ^= 1;
+        assert!(sealer.open(&[b"value", &a], &tampered).is_none());
+        // A fresh nonce each time: the same value never seals the same way twice.
+        assert_ne!(sealed, sealer.seal(&[b"value", &a], b"secret-token"));
+    }
+
+    #[test]
+    fn the_key_comes_from_the_file_or_the_environment_and_must_be_32_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = cfg();
+        let err = SharedSecrets::load_with(&c, None).unwrap_err().to_string();
+        assert!(err.contains("cache.shared.encryption_key_file"), "{err}");
+        let good = "ab".repeat(32);
+        assert!(SharedSecrets::load_with(&c, Some(Zeroizing::new(good.clone()))).is_ok());
+        let short = "abcd1234";
+        let err = SharedSecrets::load_with(&c, Some(Zeroizing::new(short.into())))
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains(short), "the key is never echoed: {err}");
+        let path = dir.path().join("key");
+        std::fs::write(&path, format!("{}\n", "0f".repeat(32))).unwrap();
+        c.encryption_key_file = Some(path);
+        let s = SharedSecrets::load_with(&c, None).unwrap();
+        assert_eq!(*s.key, [0x0f; 32]);
+        assert_eq!(format!("{s:?}"), "SharedSecrets([redacted])");
+    }
+
+    #[test]
+    fn the_password_comes_from_its_file_or_the_url_not_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pw");
+        std::fs::write(&path, "hunter2\n").unwrap();
+        let mut c = cfg();
+        c.password_file = Some(path);
+        let key = Some(Zeroizing::new("ab".repeat(32)));
+        let s = SharedSecrets::load_with(&c, key).unwrap();
+        assert_eq!(s.password.as_deref().map(String::as_str), Some("hunter2"));
+        assert!(c.validate(Duration::from_secs(10)).is_ok());
+        c.url = "redis://:inline@127.0.0.1:6379".into();
+        let err = c.validate(Duration::from_secs(10)).unwrap_err().to_string();
+        assert!(err.starts_with("cache.shared.password_file"), "{err}");
+        assert!(!err.contains("inline"), "{err}");
+        assert!(!format!("{c:?}").contains("inline"));
+    }
+}

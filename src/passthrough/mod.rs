@@ -1,0 +1,132 @@
+//! Pass-through: callers reach Truora's other endpoints (process results, listings, access
+//! links) under `/truora/identity/...` and `/truora/account/...` without ever holding the master
+//! key. The broker authenticates the caller (the auth layer), checks method and path against
+//! that caller's allowlist ([`pattern`]), relays the request with the master key injected
+//! ([`forward`]), and may keep final process results for `cache.result_ttl` ([`results`]).
+//! Truora's status and body come back as they are (they are the caller's own results), except
+//! that a 401/403 (the master key refused) becomes 502, as for minting.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body::Body;
+use http_body_util::Either;
+
+use crate::error::{BrokerError, RequestError};
+use crate::metrics::{CacheOutcome, Metrics};
+use crate::wire::{x_cache, HttpResponse};
+
+pub mod forward;
+pub mod pattern;
+pub mod results;
+
+pub use forward::Forwarder;
+pub use pattern::{check_path, Pattern, TruoraApi};
+pub use results::ResultCache;
+
+/// The pass-through as the caller API uses it.
+pub struct Passthrough {
+    forwarder: Forwarder,
+    results: Option<ResultCache>,
+    metrics: Arc<Metrics>,
+}
+
+impl Passthrough {
+    /// Relays through `forwarder`, keeping final results in `results` when set.
+    pub fn new(forwarder: Forwarder, results: Option<ResultCache>, metrics: Arc<Metrics>) -> Self {
+        Self {
+            forwarder,
+            results,
+            metrics,
+        }
+    }
+
+    /// Relays an authenticated `caller`'s request, if its `allowlist` allows it, counting and
+    /// auditing the call.
+    pub async fn relay<B>(
+        &self,
+        caller: &Arc<str>,
+        allowlist: &[Pattern],
+        req: Request<B>,
+        peer_ip: Option<IpAddr>,
+    ) -> Result<HttpResponse, BrokerError>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: std::error::Error + Send + Sync + 'static,
+    {
+        let path = req.uri().path().to_owned();
+        check_path(&path)?;
+        let (api, upstream_path) = TruoraApi::of(&path).ok_or(RequestError::NotFound)?;
+        let metrics = &self.metrics;
+        let Some(pattern) = allowlist.iter().find(|p| p.matches(req.method(), &path)) else {
+            metrics
+                .passthrough_requests
+                .with_label_values(&["denied", "403"])
+                .inc();
+            return Err(RequestError::Forbidden {
+                rule: "passthrough",
+                field: None,
+                message: "this caller's passthrough allowlist does not allow this method and path",
+            }
+            .into());
+        };
+        let pattern = Arc::clone(pattern.text());
+        let path_and_query = req
+            .uri()
+            .path_and_query()
+            .map_or(path.clone(), |pq| pq.as_str().to_owned());
+        let cacheable = ResultCache::cacheable(req.method(), api, upstream_path);
+        let method = req.method().clone();
+        let count = |status: StatusCode| {
+            metrics
+                .passthrough_requests
+                .with_label_values(&[&pattern, status.as_str()])
+                .inc();
+            tracing::info!(
+                target: "audit",
+                caller = &**caller,
+                method = %method,
+                pattern = &*pattern,
+                status = status.as_u16(),
+                "pass-through"
+            );
+        };
+        if let (true, Some(results)) = (cacheable, &self.results) {
+            if let Some(mut hit) = results.get(caller, &path_and_query) {
+                count(hit.status());
+                let (name, value) = x_cache(CacheOutcome::Hit);
+                hit.headers_mut().insert(name, value);
+                return Ok(hit);
+            }
+        }
+        let started = Instant::now();
+        let relayed = self
+            .forwarder
+            .forward(api, upstream_path, req, peer_ip)
+            .await;
+        metrics
+            .passthrough_duration
+            .with_label_values(&[&pattern])
+            .observe(started.elapsed().as_secs_f64());
+        let relayed = match relayed {
+            Ok(r) => r,
+            Err(e) => {
+                count(e.status());
+                return Err(e);
+            }
+        };
+        count(relayed.status());
+        match (cacheable, &self.results) {
+            (true, Some(results)) => {
+                let mut response = results.fill(caller, &path_and_query, relayed).await?;
+                let (name, value) = x_cache(CacheOutcome::Miss);
+                response.headers_mut().insert(name, value);
+                Ok(response)
+            }
+            _ => Ok(relayed.map(Either::Right)),
+        }
+    }
+}

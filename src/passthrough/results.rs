@@ -1,0 +1,210 @@
+//! Final process results (`status` success or failure) read through
+//! `GET /truora/identity/v1/processes/<id>/result`, kept for `cache.result_ttl` per caller and
+//! path; pending ones never are.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::HeaderValue;
+use http::{Method, Response, StatusCode};
+use http_body_util::{BodyExt, Either};
+
+use super::forward::Relayed;
+use super::pattern::TruoraApi;
+use crate::cache::bounded;
+use crate::error::{BrokerError, UpstreamError};
+use crate::wire::{full, HttpResponse};
+
+/// A final result kept for `cache.result_ttl`.
+#[derive(Debug, Clone)]
+pub struct CachedResult {
+    status: StatusCode,
+    content_type: Option<HeaderValue>,
+    body: Bytes,
+}
+
+/// Largest result body the result cache reads to decide whether it is final.
+pub const MAX_CACHED_RESULT: usize = 256 * 1024;
+
+/// Final process results by caller and path.
+pub struct ResultCache {
+    inner: moka::sync::Cache<(Arc<str>, Box<str>), CachedResult>,
+}
+
+impl ResultCache {
+    /// A cache keeping results for `ttl`.
+    pub fn new(ttl: Duration) -> Self {
+        Self::with_capacity(ttl, 10_000)
+    }
+
+    /// At most `max_entries` results (the least recently read make room, see
+    /// [`bounded`]), each kept for `ttl`.
+    fn with_capacity(ttl: Duration, max_entries: u64) -> Self {
+        Self {
+            inner: bounded(max_entries).time_to_live(ttl).build(),
+        }
+    }
+
+    /// True for the paths whose answers may be cached: `GET /v1/processes/<id>/result`.
+    pub fn cacheable(method: &Method, api: TruoraApi, path: &str) -> bool {
+        let mut parts = path.split('/');
+        *method == Method::GET
+            && api == TruoraApi::Identity
+            && parts.next() == Some("")
+            && parts.next() == Some("v1")
+            && parts.next() == Some("processes")
+            && parts.next().is_some_and(|id| !id.is_empty())
+            && parts.next() == Some("result")
+            && parts.next().is_none()
+    }
+
+    /// The cached answer for the caller's path.
+    pub fn get(&self, caller: &Arc<str>, path_and_query: &str) -> Option<HttpResponse> {
+        let hit = self
+            .inner
+            .get(&(Arc::clone(caller), path_and_query.into()))?;
+        let mut r = Response::new(full(hit.body));
+        *r.status_mut() = hit.status;
+        if let Some(ct) = hit.content_type {
+            r.headers_mut().insert(http::header::CONTENT_TYPE, ct);
+        }
+        Some(r)
+    }
+
+    /// Reads a relayed answer whole (it is small) and keeps it when the result is final.
+    /// Answers that are not 200, too large, or pending pass through untouched.
+    pub async fn fill(
+        &self,
+        caller: &Arc<str>,
+        path_and_query: &str,
+        response: Relayed,
+    ) -> Result<HttpResponse, BrokerError> {
+        let small = response
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok())
+            .is_some_and(|len| len <= MAX_CACHED_RESULT);
+        if response.status() != StatusCode::OK || !small {
+            return Ok(response.map(Either::Right));
+        }
+        let (parts, body) = response.into_parts();
+        let bytes = body
+            .collect()
+            .await
+            .map_err(|_| UpstreamError::ConnectionLost)?
+            .to_bytes();
+        if is_final(&bytes) {
+            self.inner.insert(
+                (Arc::clone(caller), path_and_query.into()),
+                CachedResult {
+                    status: parts.status,
+                    content_type: parts.headers.get(http::header::CONTENT_TYPE).cloned(),
+                    body: bytes.clone(),
+                },
+            );
+        }
+        Ok(Response::from_parts(parts, full(bytes)))
+    }
+}
+
+/// A process result is final when its status (`override_status` first) is success or failure.
+fn is_final(body: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Result_ {
+        status: Option<String>,
+        override_status: Option<String>,
+    }
+    serde_json::from_slice::<Result_>(body)
+        .ok()
+        .and_then(|r| r.override_status.or(r.status))
+        .is_some_and(|s| s == "success" || s == "failure")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_final_results_are_final() {
+        assert!(is_final(br#"{"status":"success"}"#));
+        assert!(is_final(
+            br#"{"status":"failure","failure_status":"declined"}"#
+        ));
+        assert!(!is_final(br#"{"status":"pending"}"#));
+        assert!(is_final(
+            br#"{"status":"pending","override_status":"success"}"#
+        ));
+        assert!(!is_final(
+            br#"{"status":"success","override_status":"pending"}"#
+        ));
+        assert!(!is_final(b"not json"));
+    }
+
+    /// A relayed 200 answer carrying `body`, as the forwarder hands it over.
+    fn relayed(body: &'static str) -> Relayed {
+        let mut r = Response::new(
+            http_body_util::Full::new(Bytes::from_static(body.as_bytes()))
+                .map_err(|never| match never {})
+                .boxed_unsync(),
+        );
+        r.headers_mut()
+            .insert(http::header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        r
+    }
+
+    #[tokio::test]
+    async fn a_full_result_cache_keeps_the_result_just_read() {
+        let cache = ResultCache::with_capacity(Duration::from_secs(600), 20);
+        let caller: Arc<str> = "c".into();
+        let path = |i: u32| format!("/v1/processes/P{i}/result");
+        const FINAL: &str = r#"{"status":"success"}"#;
+        for i in 0..20 {
+            cache.fill(&caller, &path(i), relayed(FINAL)).await.unwrap();
+        }
+        for _ in 0..20 {
+            for i in 0..20 {
+                assert!(cache.get(&caller, &path(i)).is_some());
+            }
+            cache.inner.run_pending_tasks();
+        }
+        for new in 100..105 {
+            cache
+                .fill(&caller, &path(new), relayed(FINAL))
+                .await
+                .unwrap();
+            cache.inner.run_pending_tasks();
+            assert!(
+                cache.get(&caller, &path(new)).is_some(),
+                "the result just read for {} was refused",
+                path(new)
+            );
+        }
+        assert!(cache.inner.entry_count() <= 20);
+    }
+
+    #[test]
+    fn only_result_reads_are_cacheable() {
+        assert!(ResultCache::cacheable(
+            &Method::GET,
+            TruoraApi::Identity,
+            "/v1/processes/P1/result"
+        ));
+        assert!(!ResultCache::cacheable(
+            &Method::POST,
+            TruoraApi::Identity,
+            "/v1/processes/P1/result"
+        ));
+        assert!(!ResultCache::cacheable(
+            &Method::GET,
+            TruoraApi::Account,
+            "/v1/processes/P1/result"
+        ));
+        assert!(!ResultCache::cacheable(
+            &Method::GET,
+            TruoraApi::Identity,
+            "/v1/processes/P1"
+        ));
+    }
+}
