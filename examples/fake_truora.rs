@@ -45,7 +45,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     tokio::select! {
         () = serve_control => {}
-        () = token_broker::app::cli::shutdown_signal() => {}
+        () = token_broker::app::process::shutdown_signal() => {}
     }
     Ok(())
 }

@@ -77,7 +77,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     tokio::select! {
         () = serve => {}
-        () = token_broker::app::cli::shutdown_signal() => {}
+        () = token_broker::app::process::shutdown_signal() => {}
     }
     Ok(())
 }

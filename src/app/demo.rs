@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use super::cli::{log_ready, shutdown_signal};
+use super::process::{log_ready, shutdown_signal};
 use super::{Broker, StartError};
 use crate::config::{ClientConfig, Config};
 use crate::sandbox::{Sandbox, SandboxOptions};

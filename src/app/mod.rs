@@ -2,7 +2,8 @@
 //! configuration and the secrets ([`load`]), builds the broker from them ([`Broker`]: metrics,
 //! upstream client and guard, the Redis tier, the issuance core, callers, pass-through, the two
 //! listeners), re-reads the configuration into a running broker ([`reload`]), and holds the
-//! command line ([`cli`]) and the demo ([`demo`]).
+//! command line ([`cli`]), the process around a running broker ([`process`]: hardening, signals)
+//! and the demo ([`demo`]).
 //!
 //! Start-up fails with a typed [`StartError`]: a bad configuration is reported before any
 //! socket is bound (the command line exits 64 for it), a listener that cannot be bound after
@@ -26,6 +27,7 @@ use crate::upstream::{ClientError, Guard, GuardSettings, TruoraClient};
 
 pub mod cli;
 pub mod demo;
+pub mod process;
 pub mod reload;
 
 pub use reload::Reloader;
