@@ -200,7 +200,7 @@ fn strip(text: &str) -> String {
             b'r' | b'b' if raw_string_start(b, i).is_some() => {
                 let (hashes, open) = raw_string_start(b, i).unwrap();
                 let close: Vec<u8> = std::iter::once(b'"')
-                    .chain(std::iter::repeat(b'#').take(hashes))
+                    .chain(std::iter::repeat_n(b'#', hashes))
                     .collect();
                 i = open + 1;
                 while i < b.len() && !b[i..].starts_with(&close) {
