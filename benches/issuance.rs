@@ -11,25 +11,9 @@
 //!   body read, the core, response headers, metrics.
 //!
 //! Command: `make bench` (or `cargo bench --bench issuance`). Not a test: nothing here fails on a
-//! timing. docs/performance.md has the method and the history.
+//! timing.
 //!
-//! Machine: Firecracker VM, 2 vCPUs of an AMD EPYC (SHA-NI), 23 GiB, Linux 6.18, rustc 1.95.0, SHARED with
-//! two engineers compiling (load average about 4): timings move by 10 to 30 % between runs.
-//!
-//! Results, 2026-11-26 03:07 UTC, commit 065370e (criterion medians; at 01:24 UTC, commit
-//! ac0d316, and before the performance work, commit 63fdde6, at 00:21 UTC, in brackets). Since
-//! 01:24 the panic guard, access log and body-read timeout joined the service and the
-//! resilience policy every miss; the miss benches mostly measure thread hand-offs between the
-//! bench and the runtime (docs/performance.md):
-//!
-//! | bench                   | median                       |
-//! |-------------------------|------------------------------|
-//! | core/hit form           | 654 ns (708 ns, 916 ns)      |
-//! | core/hit form, 10k keys | 1,074 ns (1,154, 1,177)      |
-//! | core/hit json           | 690 ns (655 ns, 794 ns)      |
-//! | core/miss               | 53.8 µs (20.2 µs, 51.6 µs)   |
-//! | core/miss, no user      | 20.4 µs (3.78 µs, 4.21 µs)   |
-//! | service/hit             | 1,663 ns (1,304, 1,649)      |
+//! Results and the machine they were measured on: docs/performance.md.
 
 #[path = "support/mod.rs"]
 mod support;

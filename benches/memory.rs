@@ -4,19 +4,12 @@
 //! Fills the issuance core with `BENCH_TOKENS` (1,000,000) distinct cached tokens through the
 //! miss path, against an upstream that answers at once, and reads the resident set from
 //! /proc/self/status before and after; then sends a fifth as many new users again, to show that
-//! `cache.max_entries` bounds both the entries and the memory. Target (issue 6): 1,000,000
-//! cached tokens within 1.5 GiB resident. Not a test: it prints, it does not fail on a number.
+//! `cache.max_entries` bounds both the entries and the memory. Not a test: it prints, it does not
+//! fail on a number.
 //!
 //! Command: `make bench-memory` (or `cargo bench --bench memory`).
 //!
-//! Machine: Firecracker VM, 2 vCPUs of an AMD EPYC (SHA-NI), 23 GiB, Linux 6.18, rustc 1.95.0, SHARED with
-//! two engineers compiling (load average about 4): timings move by 10 to 30 % between runs.
-//!
-//! Results, 2026-11-26 02:17 UTC, commit 91f5329, tokens of 588 characters: 1,000,000 misses in
-//! 7.3 s; resident 4 MiB empty, 1,190 MiB full (1,244 bytes per cached token: target met);
-//! after 200,000 more users, 1,000,000 entries and 1,259 MiB (+5.8 %). Before each token was
-//! kept once (01:10 UTC, commit ac0d316): 2,851 MiB, 2,987 bytes per token.
-//! docs/performance.md says where the bytes go.
+//! Results and the machine they were measured on: docs/performance.md.
 
 #[path = "support/mod.rs"]
 mod support;

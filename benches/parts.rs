@@ -3,25 +3,9 @@
 //! line (the broker's format against tracing-subscriber's).
 //!
 //! Command: `make bench` (or `cargo bench --bench parts`). Not a test: nothing here fails on a
-//! timing. docs/performance.md has the method and the history.
+//! timing.
 //!
-//! Machine: Firecracker VM, 2 vCPUs of an AMD EPYC (SHA-NI), 23 GiB, Linux 6.18, rustc 1.95.0, SHARED with
-//! two engineers compiling (load average about 4): timings move by 10 to 30 % between runs.
-//!
-//! Results, 2026-11-26 03:07 UTC, commit 065370e (criterion medians; at 01:24 UTC, commit
-//! ac0d316, and before the performance work, commit 63fdde6, at 00:21 UTC, in brackets):
-//!
-//! | bench                                          | median                  |
-//! |------------------------------------------------|-------------------------|
-//! | form parse + validate                          | 208 ns (210 ns, 371 ns) |
-//! | json parse + validate                          | 246 ns (242 ns, 347 ns) |
-//! | cache key                                      | 153 ns (159 ns, 154 ns) |
-//! | jwt claims lifetime                            | 488 ns (505 ns, 505 ns) |
-//! | answer bytes (the token copied twice)          | 74 ns (61 ns, 67 ns)    |
-//! | access line text                               | 183 ns                  |
-//! | access line json                               | 258 ns                  |
-//! | access line text, tracing-subscriber's format  | 451 ns                  |
-//! | access line json, tracing-subscriber's format  | 889 ns                  |
+//! Results and the machine they were measured on: docs/performance.md.
 
 #[path = "support/mod.rs"]
 mod support;

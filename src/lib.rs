@@ -30,6 +30,7 @@
 //! | [`logging`] | Log format and filter, the access line, batched writes to stderr. |
 //! | [`metrics`] | The Prometheus registry, every series, and their bounded label sets. |
 #![forbid(unsafe_code)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod app;
 pub mod auth;

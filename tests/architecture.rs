@@ -571,3 +571,38 @@ fn the_reader_finds_imports_and_nothing_in_comments_strings_or_tests() {
     );
     assert!(!crates_named("let x = a::http::y;").contains("http"));
 }
+
+/// The rooms `src/lib.rs` declares, the rows of its module table and the rows of the tables in
+/// docs/architecture.md are one and the same list.
+#[test]
+fn the_module_tables_of_lib_rs_and_the_architecture_doc_match_the_tree() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let lib = std::fs::read_to_string(root.join("src/lib.rs")).unwrap();
+    let declared: BTreeSet<String> = lib
+        .lines()
+        .filter_map(|l| l.strip_prefix("pub mod "))
+        .map(|l| l.trim_end_matches(';').to_owned())
+        .collect();
+    let in_lib_table: BTreeSet<String> = lib
+        .lines()
+        .filter_map(|l| l.strip_prefix("//! | [`"))
+        .filter_map(|l| l.split('`').next())
+        .map(str::to_owned)
+        .collect();
+    let doc = std::fs::read_to_string(root.join("docs/architecture.md")).unwrap();
+    let in_doc_tables: BTreeSet<String> = doc
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|l| l.split('`').next())
+        .map(str::to_owned)
+        .collect();
+    let rooms: BTreeSet<String> = rooms().keys().cloned().collect();
+    assert_eq!(
+        declared, rooms,
+        "src/lib.rs declares other modules than src/ holds"
+    );
+    assert_eq!(in_lib_table, rooms, "src/lib.rs's table");
+    assert_eq!(in_doc_tables, rooms, "docs/architecture.md's tables");
+    let placed: BTreeSet<String> = ALLOWED.iter().map(|(r, _)| r.to_string()).collect();
+    assert_eq!(placed, rooms, "ALLOWED");
+}

@@ -20,12 +20,7 @@
 # key and the caller secret are random per run, kept in a private temporary directory, and
 # never printed.
 #
-# Latest results (2026-11-26 04:35 UTC, commit b05b6fd; 2-vCPU AMD EPYC VM shared with other
-# engineers, load average about 3; medians of 3 rounds): floor 116,425 req/s, floor+500ns /
-# floor 0.90, floor+1000ns 0.83, floor+2000ns 0.73; broker 89,549 (p99 3.62 ms, 12.0 us
-# CPU/request), nginx logging 78,243, nginx not logging 68,805; broker/floor 0.62, broker/nginx
-# 1.12 (1.14 against nginx not logging); start-up 13 ms. Misses (03:34 UTC): the broker adds
-# 0.24 ms at p99 at one connection. Full tables and method: docs/performance.md.
+# Results, the machine they were measured on and the method: docs/performance.md.
 #
 # Knobs (environment): BENCH_DURATION seconds per measured run (10), BENCH_ROUNDS (3),
 # BENCH_CONNECTIONS (64), BENCH_KEYS distinct cached keys (10000), BENCH_NO_BUILD=1 to skip the

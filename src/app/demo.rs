@@ -17,16 +17,15 @@ pub const DEMO_SECRET: &str = "demo-secret";
 /// Runs the demo until SIGTERM or Ctrl-C.
 pub async fn run(listen: SocketAddr, admin_listen: SocketAddr) -> Result<(), StartError> {
     let mut raw_key = [0u8; 24];
-    getrandom::fill(&mut raw_key)
-        .map_err(|_| StartError::Sandbox(std::io::Error::other("the OS random source failed")))?;
+    getrandom::fill(&mut raw_key).map_err(|_| StartError::Random)?;
     let master_key = format!("sandbox-{}", hex(&raw_key));
     let sandbox = Sandbox::start(SandboxOptions::new(master_key.clone()))
         .await
         .map_err(StartError::Sandbox)?;
     let config = demo_config(&sandbox.url(), listen, admin_listen);
     config.validate()?;
-    let key = MasterKey::new(&master_key)
-        .ok_or_else(|| StartError::Sandbox(std::io::Error::other("empty sandbox key")))?;
+    // "sandbox-" and 48 hex digits: never blank.
+    let key = MasterKey::new(&master_key).ok_or(StartError::Random)?;
     let fingerprint = key.fingerprint();
     let broker = Broker::from_config(&config, key).await?;
     let (caller, admin) = broker.addresses();

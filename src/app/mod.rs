@@ -53,6 +53,9 @@ pub enum StartError {
     /// The demo's sandbox Truora could not start.
     #[error("cannot start the sandbox upstream: {0}")]
     Sandbox(#[source] io::Error),
+    /// The OS random source failed (the demo's random master key).
+    #[error("the OS random source failed")]
+    Random,
 }
 
 impl StartError {

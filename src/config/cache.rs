@@ -149,6 +149,14 @@ impl CacheConfig {
 }
 
 impl SharedCacheConfig {
+    /// `[cache.shared]` with `url = "redis://127.0.0.1:6379"` and every default, for tests.
+    #[cfg(test)]
+    pub(crate) fn example() -> Self {
+        let text = "[cache.shared]\nurl = \"redis://127.0.0.1:6379\"\n";
+        let parsed: CacheSection = toml::from_str(text).unwrap();
+        parsed.cache.shared.unwrap()
+    }
+
     /// Checks the section on its own and against `upstream.deadline`.
     pub fn validate(&self, upstream_deadline: Duration) -> Result<(), ConfigError> {
         let bad = |key: &str, reason: String| ConfigError::Invalid {
@@ -208,18 +216,19 @@ impl SharedCacheConfig {
     }
 }
 
+/// A file holding only `[cache]`, for [`SharedCacheConfig::example`].
+#[cfg(test)]
+#[derive(Deserialize)]
+struct CacheSection {
+    cache: CacheConfig,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn cfg() -> SharedCacheConfig {
-        crate::config::Config::parse(
-            "[cache.shared]\nurl = \"redis://127.0.0.1:6379\"\n[[clients]]\nid = \"c\"\ntoken_sha256 = \"0000000000000000000000000000000000000000000000000000000000000000\"\n",
-        )
-        .unwrap()
-        .cache
-        .shared
-        .unwrap()
+        SharedCacheConfig::example()
     }
 
     #[test]

@@ -743,6 +743,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn what_the_lower_layers_learn_comes_back_up_with_failures_too() {
+        let (state, fake) = state();
+        // Refused by validation after authentication: the caller is known, no lookup was made.
+        call(&state, form("/v1/tokens", "country=XX")).await;
+        // A miss whose mint fails: the caller and the miss are both reported.
+        *fake.fail.lock().unwrap() = Some(UpstreamError::Timeout);
+        let (status, _, _) = call(&state, form("/v1/tokens", FORM)).await;
+        assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+        // Unauthenticated: no caller to count.
+        let mut anonymous = form("/v1/tokens", FORM);
+        anonymous.headers_mut().remove(http::header::AUTHORIZATION);
+        call(&state, anonymous).await;
+        let text = String::from_utf8(state.metrics.render()).unwrap();
+        let count = |cache: &str| {
+            format!(r#"token_broker_caller_requests_total{{cache="{cache}",caller="checkout"}} 1"#)
+        };
+        assert!(text.contains(&count("none")), "{text}");
+        assert!(text.contains(&count("miss")), "{text}");
+        assert!(text.contains(r#"token_broker_cache_lookups_total{result="miss"} 1"#));
+    }
+
+    #[tokio::test]
     async fn a_panic_in_a_handler_answers_500_to_that_request_only() {
         let (state, _) = state();
         // Panics while building its future on /build, and on /poll while polling it, after

@@ -93,10 +93,11 @@ impl Sealer {
         Self(Aes256Gcm::new(key.into()))
     }
 
-    pub(super) fn seal(&self, aad: &[&[u8]], plaintext: &[u8]) -> Vec<u8> {
+    /// `plaintext` sealed with a fresh random nonce, bound to `aad`; `None` when the OS random
+    /// source or the cipher fails (then nothing is stored or sent).
+    pub(super) fn seal(&self, aad: &[&[u8]], plaintext: &[u8]) -> Option<Vec<u8>> {
         let mut nonce = [0u8; NONCE_LEN];
-        // The OS random source failing is not something to serve through.
-        getrandom::fill(&mut nonce).expect("the OS random source works");
+        getrandom::fill(&mut nonce).ok()?;
         let aad = aad.concat();
         let sealed = self
             .0
@@ -107,12 +108,12 @@ impl Sealer {
                     aad: &aad,
                 },
             )
-            .expect("AES-GCM sealing of a small value cannot fail");
+            .ok()?;
         let mut out = Vec::with_capacity(1 + NONCE_LEN + sealed.len());
         out.push(SEALED_V1);
         out.extend_from_slice(&nonce);
         out.extend_from_slice(&sealed);
-        out
+        Some(out)
     }
 
     pub(super) fn open(&self, aad: &[&[u8]], sealed: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
@@ -140,13 +141,7 @@ mod tests {
     use std::time::Duration;
 
     fn cfg() -> SharedCacheConfig {
-        crate::config::Config::parse(
-            "[cache.shared]\nurl = \"redis://127.0.0.1:6379\"\n[[clients]]\nid = \"c\"\ntoken_sha256 = \"0000000000000000000000000000000000000000000000000000000000000000\"\n",
-        )
-        .unwrap()
-        .cache
-        .shared
-        .unwrap()
+        SharedCacheConfig::example()
     }
 
     #[test]
@@ -154,7 +149,7 @@ mod tests {
         let sealer = Sealer::new(&[7; 32]);
         let a = [1u8; 32];
         let b = [2u8; 32];
-        let sealed = sealer.seal(&[b"value", &a], b"secret-token");
+        let sealed = sealer.seal(&[b"value", &a], b"secret-token").unwrap();
         assert!(!sealed.windows(12).any(|w| w == b"secret-token"));
         assert_eq!(
             sealer.open(&[b"value", &a], &sealed).unwrap().as_slice(),
@@ -168,7 +163,10 @@ mod tests {
         *tampered.last_mut().unwrap() ^= 1;
         assert!(sealer.open(&[b"value", &a], &tampered).is_none());
         // A fresh nonce each time: the same value never seals the same way twice.
-        assert_ne!(sealed, sealer.seal(&[b"value", &a], b"secret-token"));
+        assert_ne!(
+            sealed,
+            sealer.seal(&[b"value", &a], b"secret-token").unwrap()
+        );
     }
 
     #[test]

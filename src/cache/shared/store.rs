@@ -126,7 +126,11 @@ impl SharedTier {
             account_id: token.account_id.clone(),
         };
         let json = Zeroizing::new(serde_json::to_vec(&stored).map_err(|_| SharedError::Failed)?);
-        let sealed = self.inner.sealer.seal(&[VALUE_AAD, key], &json);
+        let sealed = self
+            .inner
+            .sealer
+            .seal(&[VALUE_AAD, key], &json)
+            .ok_or(SharedError::Failed)?;
         let cmd = redis::cmd("EVAL")
             .arg(PUT)
             .arg(2)
@@ -212,7 +216,8 @@ impl SharedTier {
         let sealed = self
             .inner
             .sealer
-            .seal(&[MESSAGE_AAD, self.inner.channel.as_bytes()], &json);
+            .seal(&[MESSAGE_AAD, self.inner.channel.as_bytes()], &json)
+            .ok_or(SharedError::Failed)?;
         self.inner
             .call::<u64>(
                 "publish",
