@@ -302,6 +302,36 @@ fn check_config_exits_64_naming_the_bad_key() {
 }
 
 #[test]
+fn a_parse_error_names_the_line_and_key_but_never_shows_the_line() {
+    let good = config_text(8080, 9090, "https://api.account.truora.com");
+    let password = "CANARY-redis-password-5d1e";
+    for broken in [
+        // A typo after the value: the line does not parse.
+        format!("[cache.shared]\nurl = \"redis://:{password}@127.0.0.1:6379\" x\n"),
+        // A string where a number belongs: the value of the wrong type.
+        format!("[cache.shared]\nurl = \"redis://127.0.0.1:6379\"\ntimeout = \"{password}\"\n"),
+    ] {
+        let text = good.replacen("[[clients]]", &format!("{broken}[[clients]]"), 1);
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_config(dir.path(), &text);
+        for command in ["check-config", "serve"] {
+            let (code, out, err) = run(
+                &[command, "--config", path.to_str().unwrap()],
+                &[("TRUORA_API_KEY", MASTER_KEY)],
+                b"",
+            );
+            assert_eq!(code, 64, "{command}: {err}");
+            assert!(err.contains("line "), "{command}: {err}");
+            assert!(err.contains("cache.shared."), "{command}: {err}");
+            assert!(
+                !err.contains(password) && !out.contains(password),
+                "{command}: {err}"
+            );
+        }
+    }
+}
+
+#[test]
 fn a_missing_master_key_refuses_to_start() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_config(

@@ -77,7 +77,7 @@ fn accepted_keys(table: &str) -> Option<Vec<String>> {
     } else {
         format!("[{table}]\n{PROBE} = 1\n")
     };
-    let err = Config::parse(&text).err()?;
+    let err = Config::parse(&text).err()?.to_string();
     // Only a struct's refusal lists keys: an enum lists variants ("unknown variant"), a scalar
     // says what type it wanted.
     if !err.contains("unknown field") {

@@ -682,6 +682,23 @@ async fn a_bad_new_config_is_refused_and_the_old_one_kept() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_refused_for_a_parse_error_never_shows_the_line() {
+    let b = FileBroker::start().await;
+    let password = "CANARY-redis-password-9c2b";
+    let text = std::fs::read_to_string(&b.path).unwrap();
+    std::fs::write(
+        &b.path,
+        format!("{text}\n[cache.shared]\nurl = \"redis://:{password}@127.0.0.1:6379\" x\n"),
+    )
+    .unwrap();
+    let r = b.reload().await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    let message = r.json()["message"].as_str().unwrap().to_owned();
+    assert!(message.contains("cache.shared.url"), "{message}");
+    assert!(!r.text().contains(password), "{}", r.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_master_key_is_used_after_reload() {
     let b = FileBroker::start().await;
     let rotated = "CANARY-rotated-master-key-42";

@@ -16,11 +16,13 @@ use crate::secret::MasterKey;
 
 mod cache;
 mod clients;
+mod parse_error;
 mod server;
 mod upstream;
 
 pub use cache::{redacted_url, CacheConfig, SharedCacheConfig};
 pub use clients::ClientConfig;
+pub use parse_error::ParseError;
 pub use server::{ServerConfig, TlsConfig};
 pub use upstream::UpstreamConfig;
 
@@ -51,9 +53,10 @@ pub enum ConfigError {
     /// The file could not be read.
     #[error("cannot read config file {path}: {reason}")]
     Read { path: PathBuf, reason: String },
-    /// The TOML does not parse, has an unknown key, or a value of the wrong type.
-    #[error("config file {path}: {reason}")]
-    Parse { path: PathBuf, reason: String },
+    /// The TOML does not parse, has an unknown key, or a value of the wrong type. Said by
+    /// line, column and key, never with the line's text.
+    #[error("config file {path}: {source}")]
+    Parse { path: PathBuf, source: ParseError },
     /// A value parses but breaks a rule.
     #[error("{key}: {reason}")]
     Invalid { key: String, reason: String },
@@ -80,17 +83,17 @@ impl Config {
             path: path.to_owned(),
             reason: e.to_string(),
         })?;
-        let config = Self::parse(&text).map_err(|reason| ConfigError::Parse {
+        let config = Self::parse(&text).map_err(|source| ConfigError::Parse {
             path: path.to_owned(),
-            reason,
+            source,
         })?;
         config.validate()?;
         Ok(config)
     }
 
     /// Parses TOML text without validating it.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())
+    pub fn parse(text: &str) -> Result<Self, ParseError> {
+        toml::from_str(text).map_err(|e| ParseError::of(text, &e))
     }
 
     /// Checks every rule that the types alone do not: each section's, then across sections.
@@ -175,14 +178,14 @@ token_sha256 = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad
     #[test]
     fn unknown_key_is_an_error_naming_it() {
         let text = GOOD.replace("timeout = \"5s\"", "timeout = \"5s\"\ntimout = \"5s\"");
-        let err = Config::parse(&text).unwrap_err();
+        let err = Config::parse(&text).unwrap_err().to_string();
         assert!(err.contains("timout"), "{err}");
     }
 
     #[test]
     fn bad_duration_is_an_error_naming_the_key() {
         let text = GOOD.replace("\"15m\"", "\"fifteen\"");
-        let err = Config::parse(&text).unwrap_err();
+        let err = Config::parse(&text).unwrap_err().to_string();
         assert!(err.contains("min_remaining"), "{err}");
     }
 
