@@ -144,6 +144,100 @@ async fn paths_that_could_slip_past_the_allowlist_are_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_parameters_and_escapes_are_refused_before_truora() {
+    let b = broker(|_| {}).await;
+    for path in [
+        "/truora/identity/v1/processes/IDP1;v=2/result",
+        "/truora/identity/v1/processes/IDP1%00/result",
+        "/truora/identity/v1/processes/IDP%251/result",
+        "/truora/identity/v1/processes/IDP1%3F/result",
+    ] {
+        let r = get(&b, CHECKOUT_SECRET, path).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{path}");
+    }
+    assert!(b.sandbox.forwarded().is_empty());
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mint_endpoint_can_neither_be_allowlisted_nor_reached() {
+    for pattern in [
+        "POST /truora/account/*/*",
+        "POST /truora/account/v1/api-keys",
+        "GET /truora/account/v1/api-keys/*",
+    ] {
+        let mut cfg = config("http://127.0.0.1:9");
+        cfg.clients[0].passthrough = vec![pattern.into()];
+        cfg.validate().unwrap();
+        let err = token_broker::app::Broker::from_config(
+            &cfg,
+            token_broker::secret::MasterKey::new(MASTER_KEY).unwrap(),
+        )
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(
+            err.contains("clients[0].passthrough[0]") && err.contains("mint endpoint"),
+            "{pattern}: {err}"
+        );
+    }
+    let b = broker(|_| {}).await;
+    for path in [
+        "/truora/account/v1/api-keys",
+        "/truora/account/V1/API-KEYS",
+        "/truora/account/v1/api-keys/anything",
+    ] {
+        let r = send(
+            Method::POST,
+            &format!("{}{path}", b.url),
+            &[
+                ("authorization", &auth(CHECKOUT_SECRET)),
+                ("content-type", "application/x-www-form-urlencoded"),
+            ],
+            "key_type=backend&grant=digital-identity&country=CO",
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{path}");
+    }
+    assert_eq!(b.sandbox.calls(), 0, "nothing was minted");
+    assert!(b.sandbox.forwarded().is_empty());
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_that_could_redirect_the_call_at_truora_are_not_forwarded() {
+    let b = broker(|_| {}).await;
+    let r = send(
+        Method::GET,
+        &format!("{}/truora/identity/v1/processes/IDP1/result", b.url),
+        &[
+            ("authorization", &auth(CHECKOUT_SECRET)),
+            ("x-http-method-override", "DELETE"),
+            ("x-original-url", "/v1/api-keys"),
+            ("x-forwarded-host", "evil.example"),
+            ("forwarded", "host=evil.example"),
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let f = &b.sandbox.forwarded()[0];
+    for name in [
+        "x-http-method-override",
+        "x-original-url",
+        "x-forwarded-host",
+        "forwarded",
+    ] {
+        assert!(
+            !f.header_names.iter().any(|h| h == name),
+            "{name} was forwarded"
+        );
+    }
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn truoras_status_and_body_come_back_as_they_are_except_a_rejected_key() {
     let b = broker(|_| {}).await;
     let r = get(

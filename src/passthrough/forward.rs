@@ -38,6 +38,28 @@ const NOT_FORWARDED: [&str; 10] = [
     "authorization",
 ];
 
+/// Request headers that ask a server or proxy on the way to read the request as another method
+/// or another URL, or to believe another host or client. A caller could use them to reach past
+/// its allowlist at Truora's edge, so they never travel upstream.
+const REWRITING: [&str; 9] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-original-url",
+    "x-rewrite-url",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-forwarded-prefix",
+    "forwarded",
+];
+
+/// Removes from a request to Truora what could make it mean another method, URL or host.
+pub fn strip_rewriting(headers: &mut HeaderMap) {
+    for name in REWRITING {
+        headers.remove(name);
+    }
+}
+
 /// Removes hop-by-hop headers (those named by `Connection` too) and credentials.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
@@ -152,6 +174,7 @@ impl Forwarder {
             .parse()
             .map_err(|_| BrokerError::Internal("a pass-through URI did not parse"))?;
         strip_hop_by_hop(&mut parts.headers);
+        strip_rewriting(&mut parts.headers);
         // The client sets Host from the URI: Truora's, not the broker's.
         parts.headers.remove(HOST);
         append_forwarded_for(&mut parts.headers, peer);
@@ -211,6 +234,18 @@ mod tests {
             h.insert(k, HeaderValue::from_static(v));
         }
         strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("accept"));
+    }
+
+    #[test]
+    fn headers_that_rewrite_the_method_url_or_host_are_stripped() {
+        let mut h = HeaderMap::new();
+        for name in REWRITING {
+            h.insert(name, HeaderValue::from_static("x"));
+        }
+        h.insert("accept", HeaderValue::from_static("application/json"));
+        strip_rewriting(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("accept"));
     }

@@ -58,9 +58,17 @@ impl Passthrough {
         B::Error: std::error::Error + Send + Sync + 'static,
     {
         let path = req.uri().path().to_owned();
-        check_path(&path)?;
-        let (api, upstream_path) = TruoraApi::of(&path).ok_or(RequestError::NotFound)?;
         let metrics = &self.metrics;
+        if let Err(e) = check_path(&path) {
+            if let RequestError::Forbidden { .. } = e {
+                metrics
+                    .passthrough_requests
+                    .with_label_values(&["denied", "403"])
+                    .inc();
+            }
+            return Err(e.into());
+        }
+        let (api, upstream_path) = TruoraApi::of(&path).ok_or(RequestError::NotFound)?;
         let Some(pattern) = allowlist.iter().find(|p| p.matches(req.method(), &path)) else {
             metrics
                 .passthrough_requests

@@ -1,11 +1,39 @@
 //! What a caller may reach: the `[[clients]] passthrough` allowlist entries, and the path checks
 //! that keep a request from slipping past them.
+//!
+//! Truora's mint endpoint (`/truora/account/v1/api-keys` and anything below it) is never
+//! relayed, whatever the allowlist says: through it a caller could mint a permanent
+//! `key_type=backend` key with the master key, around every token rule. An entry that could
+//! match it is refused when the config is loaded, and a request for it is refused at once.
 
 use std::sync::Arc;
 
 use http::Method;
 
 use crate::error::RequestError;
+use crate::truora::MINT_PATH;
+
+/// The broker's path prefix of Truora's account API.
+const ACCOUNT_PREFIX: &str = "/truora/account";
+
+/// The segments of the mint path as a caller would send it: `truora`, `account`, `v1`,
+/// `api-keys`.
+fn mint_segments() -> impl Iterator<Item = &'static str> {
+    ACCOUNT_PREFIX[1..]
+        .split('/')
+        .chain(MINT_PATH[1..].split('/'))
+}
+
+/// True when `path` is Truora's mint endpoint or below it (compared without regard to case:
+/// what Truora's gateway would route there is not ours to guess).
+pub fn is_mint_path(path: &str) -> bool {
+    let mut parts = path.trim_start_matches('/').split('/');
+    mint_segments().all(|want| {
+        parts
+            .next()
+            .is_some_and(|got| got.eq_ignore_ascii_case(want))
+    })
+}
 
 /// Which Truora API a pass-through path goes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,10 +100,26 @@ impl Pattern {
                 ));
             }
         }
-        Ok(Self {
+        let pattern = Self {
             method,
             segments,
             text: text.into(),
+        };
+        if pattern.reaches_mint_path() {
+            return Err(format!(
+                "it could match Truora's mint endpoint ({ACCOUNT_PREFIX}{MINT_PATH}), which is never relayed: callers get tokens from POST /v1/tokens"
+            ));
+        }
+        Ok(pattern)
+    }
+
+    /// True when some path this entry matches is the mint path or below it.
+    fn reaches_mint_path(&self) -> bool {
+        let mut segments = self.segments.iter();
+        mint_segments().all(|want| {
+            segments
+                .next()
+                .is_some_and(|s| s == "*" || s.eq_ignore_ascii_case(want))
         })
     }
 
@@ -100,20 +144,26 @@ impl Pattern {
     }
 }
 
-/// Refuses paths that could slip past an allowlist: empty, `.` or `..` segments, and encoded
-/// slashes, backslashes or dots.
+/// Refuses paths that could slip past an allowlist or mean something else to a server behind
+/// Truora's: empty, `.` or `..` segments, backslashes, `;` (path parameters), and any escape
+/// (`%2F`, `%00`, `%25`, `%3F`...: Truora's paths are ids and words, none needs one). Then
+/// refuses the mint endpoint.
 pub fn check_path(path: &str) -> Result<(), RequestError> {
-    let lower = path.to_ascii_lowercase();
     let bad = path[1..]
         .split('/')
         .any(|s| s.is_empty() || s == "." || s == "..")
-        || ["%2f", "%5c", "%2e", "\\"]
-            .iter()
-            .any(|p| lower.contains(p));
+        || path.contains(['%', ';', '\\']);
     if bad {
         return Err(RequestError::InvalidField {
             field: "path".into(),
-            rule: "must not hold empty, '.' or '..' segments or encoded slashes".into(),
+            rule: "must not hold empty, '.' or '..' segments, ';', '\\\\' or %-escapes".into(),
+        });
+    }
+    if is_mint_path(path) {
+        return Err(RequestError::Forbidden {
+            rule: "passthrough",
+            field: None,
+            message: "Truora's mint endpoint is never relayed: ask for tokens with POST /v1/tokens",
         });
     }
     Ok(())
@@ -151,6 +201,61 @@ mod tests {
             "GET /truora/identity/v1/a*",
         ] {
             assert!(Pattern::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn no_pattern_can_grant_the_mint_endpoint() {
+        for bad in [
+            "POST /truora/account/v1/api-keys",
+            "POST /truora/account/*/*",
+            "GET /truora/account/v1/*",
+            "POST /truora/account/*/api-keys/*",
+            "DELETE /truora/account/v1/api-keys/x",
+            "POST /truora/account/V1/API-KEYS",
+        ] {
+            let err = Pattern::parse(bad).unwrap_err();
+            assert!(err.contains("mint endpoint"), "{bad}: {err}");
+        }
+        for fine in [
+            "GET /truora/account/v1/bre/rules",
+            "POST /truora/account/*",
+            "GET /truora/account/v2/api-keys",
+            "GET /truora/identity/v1/api-keys",
+        ] {
+            Pattern::parse(fine).unwrap();
+        }
+    }
+
+    #[test]
+    fn the_mint_endpoint_is_refused_at_request_time_whatever_the_config() {
+        for path in [
+            "/truora/account/v1/api-keys",
+            "/truora/account/v1/api-keys/abc",
+            "/truora/account/V1/Api-Keys",
+        ] {
+            assert!(
+                matches!(check_path(path), Err(RequestError::Forbidden { .. })),
+                "{path}"
+            );
+        }
+        check_path("/truora/account/v1/bre/rules").unwrap();
+    }
+
+    #[test]
+    fn path_parameters_and_escapes_are_refused() {
+        for bad in [
+            "/truora/identity/v1/processes/IDP1;x=y/result",
+            "/truora/identity/v1/processes/IDP1%00/result",
+            "/truora/identity/v1/processes/IDP1%25/result",
+            "/truora/identity/v1/processes/IDP1%3Fa/result",
+            "/truora/account/v1/api%2Dkeys",
+            "/truora/identity/v1\\processes",
+        ] {
+            assert!(
+                matches!(check_path(bad), Err(RequestError::InvalidField { .. })),
+                "{bad}"
+            );
         }
     }
 
