@@ -175,10 +175,10 @@ impl BodyFormat {
     }
 }
 
-/// Refuses the request-smuggling shapes. hyper refuses differing Content-Lengths itself and,
-/// given Content-Length and Transfer-Encoding together, drops the length before we see the
-/// request: so any Transfer-Encoding is refused here (411), as is any repeated length that
-/// reaches us.
+/// Refuses the request-smuggling shapes. Given Content-Length and Transfer-Encoding together,
+/// hyper drops the length before we see the request: so any Transfer-Encoding is refused here
+/// (411). A repeated Content-Length never reaches us on HTTP/1 (hyper merges identical values
+/// and refuses differing ones), but identical ones do on HTTP/2: refused here (400).
 pub fn check_framing(headers: &HeaderMap) -> Result<(), RequestError> {
     if headers.contains_key(TRANSFER_ENCODING) {
         return Err(RequestError::LengthRequired);

@@ -502,6 +502,57 @@ async fn smuggling_shapes_are_refused_and_the_connection_closed() {
     b.stop().await;
 }
 
+/// A repeated `Content-Length`: on HTTP/1 hyper merges identical values (the request is served)
+/// and refuses differing ones itself; on HTTP/2 identical ones reach the broker, which refuses
+/// them (400 `ambiguous_framing`), and h2 resets the stream on differing ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_content_length_is_merged_by_http1_and_refused_on_http2() {
+    let b = Broker::start(|_, _| {}).await;
+    let addr = addr_of(&b.url);
+    let twice = format!(
+        "Connection: close\r\nContent-Length: {0}\r\nContent-Length: {0}\r\n",
+        FORM.len()
+    );
+    let (answer, _) = raw(&addr, &head(&twice, FORM), Duration::from_secs(3)).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    for (second, expect) in [(FORM.len().to_string(), Some(400)), ("5".into(), None)] {
+        let tcp = TcpStream::connect(&addr).await.unwrap();
+        let (mut client, connection) = h2::client::handshake(tcp).await.unwrap();
+        tokio::spawn(connection);
+        let req = Request::post("/v1/tokens")
+            .header("authorization", format!("Bearer {CHECKOUT_SECRET}"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("content-length", FORM.len().to_string())
+            .header("content-length", second)
+            .body(())
+            .unwrap();
+        let (response, mut body) = client.send_request(req, false).unwrap();
+        let _ = body.send_data(Bytes::from(FORM), true);
+        let response = tokio::time::timeout(Duration::from_secs(5), response)
+            .await
+            .unwrap();
+        match expect {
+            Some(status) => {
+                let response = response.unwrap();
+                assert_eq!(response.status().as_u16(), status);
+                let mut body = response.into_body();
+                let mut text = Vec::new();
+                while let Some(chunk) = body.data().await {
+                    text.extend_from_slice(&chunk.unwrap());
+                }
+                assert!(String::from_utf8_lossy(&text).contains("ambiguous_framing"));
+            }
+            None => assert!(response.is_err(), "differing lengths were accepted"),
+        }
+    }
+    assert_eq!(
+        b.sandbox.calls(),
+        1,
+        "only the merged HTTP/1 request minted"
+    );
+    b.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_beyond_the_cap_are_closed_and_counted() {
     let b = Broker::start(|c, _| c.server.max_connections = 2).await;
