@@ -332,6 +332,34 @@ fn a_parse_error_names_the_line_and_key_but_never_shows_the_line() {
 }
 
 #[test]
+fn a_secret_file_other_users_can_read_is_warned_about_not_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("master.key");
+    std::fs::write(&key, MASTER_KEY).unwrap();
+    let text = config_text(8080, 9090, "https://api.account.truora.com").replace(
+        "timeout = \"2s\"",
+        &format!("timeout = \"2s\"\napi_key_file = \"{}\"", key.display()),
+    );
+    let path = write_config(dir.path(), &text);
+    for (mode, warned) in [(0o644, true), (0o640, true), (0o600, false), (0o400, false)] {
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
+        let (code, _, err) = run(
+            &["check-config", "--config", path.to_str().unwrap()],
+            &[],
+            b"",
+        );
+        assert_eq!(code, 0, "{mode:o}: {err}");
+        assert_eq!(
+            err.contains("upstream.api_key_file") && err.contains("readable by other users"),
+            warned,
+            "{mode:o}: {err}"
+        );
+        assert!(!err.contains(MASTER_KEY));
+    }
+}
+
+#[test]
 fn a_missing_master_key_refuses_to_start() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_config(

@@ -623,6 +623,10 @@ impl Drop for FileBroker {
 
 impl FileBroker {
     async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    async fn start_with(tweak: impl FnOnce(&mut Config)) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let sandbox = Sandbox::start(SandboxOptions::new(MASTER_KEY))
             .await
@@ -631,6 +635,8 @@ impl FileBroker {
         let key_path = write(dir.path(), "key", MASTER_KEY);
         let mut cfg = config(&sandbox.url());
         cfg.upstream.api_key_file = Some(key_path.clone());
+        cfg.upstream.identity_url = sandbox.url();
+        tweak(&mut cfg);
         let path = dir.path().join("broker.toml");
         std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
         let loaded = Config::load(&path).unwrap();
@@ -712,6 +718,90 @@ async fn reload_adds_and_revokes_callers_at_once_cached_tokens_included() {
         b.tokens(BILLING_SECRET, FORM).await.header("x-cache"),
         "MISS"
     );
+}
+
+/// Two overlapping reloads apply in the order they read: the first reads its config, then blocks
+/// on its master-key file (a FIFO) while the file is rewritten and a second reload starts; the
+/// second must wait, so the newer file is the one in force at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_reloads_never_apply_an_older_file_last() {
+    let mut b = FileBroker::start().await;
+    let fifo = b.path.with_file_name("key.fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    // Older: billing removed, the key read from the FIFO.
+    b.rewrite(|c| {
+        c.clients.retain(|c| c.id != "billing");
+        c.upstream.api_key_file = Some(fifo.clone());
+    });
+    let admin = b.admin.clone();
+    let reload = move || {
+        let admin = admin.clone();
+        tokio::spawn(
+            async move { send(Method::POST, &format!("{admin}/admin/reload"), &[], "").await },
+        )
+    };
+    let older = reload();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Newer: billing back, and the regular key file.
+    let key_path = b.key_path.clone();
+    b.rewrite(|c| {
+        c.clients.push(ClientConfig {
+            id: "billing".into(),
+            token_sha256: Some(SecretDigest::of(BILLING_SECRET.as_bytes()).to_hex()),
+            ..Default::default()
+        });
+        c.upstream.api_key_file = Some(key_path);
+    });
+    let newer = reload();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Let the older one go on: its key arrives.
+    tokio::task::spawn_blocking(move || std::fs::write(&fifo, MASTER_KEY).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(older.await.unwrap().status, StatusCode::OK);
+    assert_eq!(newer.await.unwrap().status, StatusCode::OK);
+    assert_eq!(
+        b.tokens(BILLING_SECRET, FORM).await.status,
+        StatusCode::OK,
+        "the older file was applied last"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_caller_loses_its_cached_pass_through_results_too() {
+    const RESULT: &str = "/truora/identity/v1/processes/IDP1/result";
+    let mut b = FileBroker::start_with(|c| {
+        c.cache.result_ttl = Duration::from_secs(600);
+        c.clients[1].passthrough = vec!["GET /truora/identity/v1/processes/*/result".into()];
+    })
+    .await;
+    let read = |url: String| async move {
+        send(
+            Method::GET,
+            &format!("{url}{RESULT}"),
+            &[("authorization", &format!("Bearer {BILLING_SECRET}"))],
+            "",
+        )
+        .await
+    };
+    assert_eq!(read(b.url.clone()).await.header("x-cache"), "MISS");
+    assert_eq!(read(b.url.clone()).await.header("x-cache"), "HIT");
+    let billing = b
+        .config
+        .clients
+        .iter()
+        .find(|c| c.id == "billing")
+        .unwrap()
+        .clone();
+    b.rewrite(|c| c.clients.retain(|c| c.id != "billing"));
+    assert_eq!(b.reload().await.status, StatusCode::OK);
+    b.rewrite(|c| c.clients.push(billing));
+    assert_eq!(b.reload().await.status, StatusCode::OK);
+    assert_eq!(read(b.url.clone()).await.header("x-cache"), "MISS");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -167,7 +167,14 @@ pub fn main() -> ExitCode {
             run(&logs, demo::run(listen, admin_listen))
         }
         Command::CheckConfig { config } => match load(&config) {
-            Ok(Loaded { config: c, .. }) => {
+            Ok(Loaded {
+                config: c,
+                warnings,
+                ..
+            }) => {
+                for warning in warnings {
+                    eprintln!("token-broker: warning: {warning}");
+                }
                 println!(
                     "{}: ok ({} caller(s); callers on {}, admin on {})",
                     config.display(),
@@ -214,7 +221,14 @@ fn run(
 }
 
 async fn serve(path: PathBuf, loaded: Loaded) -> Result<(), StartError> {
-    let Loaded { config, key } = loaded;
+    let Loaded {
+        config,
+        key,
+        warnings,
+    } = loaded;
+    for warning in warnings {
+        tracing::warn!("{warning}");
+    }
     let fingerprint = key.fingerprint();
     let broker = Broker::from_config(&config, key).await?;
     if let Some(reloader) = broker.reload_from(path, config.clone()) {

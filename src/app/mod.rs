@@ -65,13 +65,15 @@ impl StartError {
     }
 }
 
-/// A configuration file and everything it names, read and checked: what `serve` and
-/// `check-config` start from.
+/// A configuration file and everything it names, read and checked: what `serve`,
+/// `check-config` and a reload start from.
 pub struct Loaded {
     /// The validated file.
     pub config: Config,
     /// The master key.
     pub key: MasterKey,
+    /// What is usable but unwise, for the operator (secret files other users can read).
+    pub warnings: Vec<String>,
 }
 
 /// Reads and checks `path` whole, as `serve` does before binding anything: the file, every
@@ -81,7 +83,63 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
     let config = Config::load(path)?;
     let key = config.master_key()?;
     check(&config)?;
-    Ok(Loaded { config, key })
+    let warnings = secret_files_others_can_read(&config);
+    Ok(Loaded {
+        config,
+        key,
+        warnings,
+    })
+}
+
+/// One warning per secret file that users other than the broker's own can read (mode bits for
+/// group or others): the broker still starts, but the file should be `0600` (or `0400`; on
+/// Kubernetes, `defaultMode: 0400` on the Secret's volume).
+pub fn secret_files_others_can_read(config: &Config) -> Vec<String> {
+    let shared = config.cache.shared.as_ref();
+    let files = [
+        (
+            "upstream.api_key_file",
+            config.upstream.api_key_file.as_ref(),
+        ),
+        (
+            "server.tls.key_file",
+            config.server.tls.as_ref().map(|t| &t.key_file),
+        ),
+        (
+            "cache.shared.password_file",
+            shared.and_then(|s| s.password_file.as_ref()),
+        ),
+        (
+            "cache.shared.encryption_key_file",
+            shared.and_then(|s| s.encryption_key_file.as_ref()),
+        ),
+    ];
+    let mut warnings = Vec::new();
+    for (key, path) in files {
+        let Some(path) = path else { continue };
+        if let Some(mode) = readable_by_others(path) {
+            warnings.push(format!(
+                "{key}: {} is readable by other users (mode {mode:o}); make it 0600 or 0400",
+                path.display()
+            ));
+        }
+    }
+    warnings
+}
+
+/// The permission bits of `path` (its target, for a link) when group or others may read it.
+fn readable_by_others(path: &Path) -> Option<u32> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+        (mode & 0o044 != 0).then_some(mode)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        None
+    }
 }
 
 /// What only the owners of the runtime types can check of a validated config.
@@ -155,8 +213,9 @@ impl Broker {
             u.passthrough_timeout,
             u.passthrough_max_body_bytes,
         )?;
+        let c = &config.cache;
         let results =
-            (!config.cache.result_ttl.is_zero()).then(|| ResultCache::new(config.cache.result_ttl));
+            (!c.result_ttl.is_zero()).then(|| ResultCache::new(c.result_ttl, c.result_max_bytes));
         let mut state = ApiState::new(issuer, callers, Arc::clone(&metrics));
         state.max_body_bytes = config.server.max_body_bytes;
         state.body_read_timeout = config.server.body_read_timeout;

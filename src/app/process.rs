@@ -26,9 +26,8 @@ pub fn reload_on_sighup(reloader: std::sync::Arc<Reloader>) {
                 tokio::spawn(async move {
                     while hup.recv().await.is_some() {
                         tracing::info!("SIGHUP: reloading the configuration");
-                        let reloader = std::sync::Arc::clone(&reloader);
-                        // File reads: off the async workers.
-                        let _ = tokio::task::spawn_blocking(move || reloader.reload()).await;
+                        // Reads its files on the blocking pool.
+                        let _ = reloader.reload().await;
                     }
                 });
             }

@@ -10,14 +10,23 @@
 //! A bad new config is refused as a whole: the old one stays in force, the failure is logged and
 //! counted, and the caller of `/admin/reload` gets the reason. Requests in flight finish with
 //! the settings they started with, since each took its own snapshot.
+//!
+//! Files are read on the blocking pool, never on a runtime worker, and one reload runs at a
+//! time from reading to applying, so two overlapping reloads apply in the order they read: an
+//! older file never overwrites a newer one. A revoked caller's tokens are dropped everywhere
+//! (this replica, Redis, the other replicas) and so are its cached pass-through results.
 
 use std::collections::HashSet;
+use std::future::Future;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use http::StatusCode;
+use tokio::sync::Mutex;
 
+use super::{load, Loaded};
 use crate::auth::Callers;
 use crate::config::{Config, ConfigError};
 use crate::server::{tls, ApiState, Reload, SharedTls};
@@ -66,8 +75,8 @@ impl Reloader {
     }
 
     /// Reloads, logs and counts the outcome.
-    pub fn reload(&self) -> Result<Reloaded, ConfigError> {
-        let outcome = self.try_reload();
+    pub async fn reload(&self) -> Result<Reloaded, ConfigError> {
+        let outcome = self.try_reload().await;
         let metrics = &self.state.metrics;
         match &outcome {
             Ok(done) => {
@@ -90,8 +99,8 @@ impl Reloader {
     }
 
     /// [`Reloader::reload`] as the status and JSON body of `POST /admin/reload`.
-    fn answer(&self) -> (StatusCode, String) {
-        match self.reload() {
+    async fn answer(&self) -> (StatusCode, String) {
+        match self.reload().await {
             Ok(done) => (
                 StatusCode::OK,
                 serde_json::json!({
@@ -115,19 +124,32 @@ impl Reloader {
         }
     }
 
-    fn try_reload(&self) -> Result<Reloaded, ConfigError> {
-        // Everything is read and checked before anything is applied.
-        let new = Config::load(&self.path)?;
-        let key = new.master_key()?;
-        let callers = Callers::from_config(&new.clients)?;
-        let tls = match (&new.server.tls, &self.tls) {
-            (Some(t), Some(_)) => Some(tls::server_config(t)?),
-            _ => None,
-        };
-        let mut running = self
-            .running
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+    async fn try_reload(&self) -> Result<Reloaded, ConfigError> {
+        // One reload at a time, from reading the file to applying it.
+        let mut running = self.running.lock().await;
+        // Everything is read and checked before anything is applied, off the runtime's workers.
+        let path = self.path.clone();
+        let with_tls = self.tls.is_some();
+        let read = tokio::task::spawn_blocking(move || {
+            let Loaded {
+                config,
+                key,
+                warnings,
+            } = load(&path)?;
+            for warning in warnings {
+                tracing::warn!("{warning}");
+            }
+            let callers = Callers::from_config(&config.clients)?;
+            let tls = match (&config.server.tls, with_tls) {
+                (Some(t), true) => Some(tls::server_config(t)?),
+                _ => None,
+            };
+            Ok::<_, ConfigError>((config, key, callers, tls))
+        });
+        let (new, key, callers, tls) = read.await.map_err(|_| ConfigError::Read {
+            path: self.path.clone(),
+            reason: "the reading task stopped".into(),
+        })??;
         let restart_required = restart_required(&running, &new);
 
         let key_fingerprint = key.fingerprint();
@@ -151,8 +173,7 @@ impl Reloader {
             .guard()
             .set_caller_rates(&caller_rates(&new));
         for id in &revoked {
-            let dropped = self.state.issuer.invalidate(id, None, None);
-            tracing::info!(target: "audit", caller = %id, dropped, "caller revoked");
+            self.revoke(id).await;
         }
         let callers = new.clients.len();
         *running = new;
@@ -165,9 +186,32 @@ impl Reloader {
     }
 }
 
+impl Reloader {
+    /// Forgets a removed caller's tokens here, in Redis and on every replica, and its cached
+    /// pass-through results.
+    async fn revoke(&self, id: &str) {
+        if let Some(passthrough) = &self.state.passthrough {
+            passthrough.forget_caller(id);
+        }
+        match self
+            .state
+            .issuer
+            .invalidate_everywhere(id, None, None)
+            .await
+        {
+            Ok(dropped) => tracing::info!(target: "audit", caller = %id, dropped, "caller revoked"),
+            Err(_) => tracing::warn!(
+                target: "audit",
+                caller = %id,
+                "caller revoked; its tokens are dropped here, but the shared cache could not be reached: other replicas refuse the caller from their next reload, and its values in Redis expire with the tokens"
+            ),
+        }
+    }
+}
+
 impl Reload for Reloader {
-    fn reload_answer(&self) -> (StatusCode, String) {
-        self.answer()
+    fn reload_answer(&self) -> Pin<Box<dyn Future<Output = (StatusCode, String)> + Send + '_>> {
+        Box::pin(self.answer())
     }
 }
 

@@ -25,6 +25,10 @@ pub struct CacheConfig {
     /// `GET /truora/identity/v1/processes/*/result` is kept, per caller and path. `0s`: off.
     #[serde(default, with = "humantime_serde")]
     pub result_ttl: Duration,
+    /// Most bytes of results the result cache holds (bodies and keys counted); the least
+    /// recently read make room beyond it.
+    #[serde(default = "default_result_max_bytes")]
+    pub result_max_bytes: u64,
     /// `[cache.shared]`: a second tier in Redis shared by every replica. Absent: the cache is
     /// this process's alone (see docs/scaling.md).
     #[serde(default)]
@@ -106,6 +110,9 @@ fn default_shared_breaker_cooldown() -> Duration {
     Duration::from_secs(5)
 }
 
+fn default_result_max_bytes() -> u64 {
+    16 * 1024 * 1024
+}
 fn default_max_entries() -> u64 {
     100_000
 }
@@ -119,6 +126,7 @@ impl Default for CacheConfig {
             max_entries: default_max_entries(),
             min_remaining: default_min_remaining(),
             result_ttl: Duration::ZERO,
+            result_max_bytes: default_result_max_bytes(),
             shared: None,
         }
     }
@@ -133,6 +141,12 @@ impl CacheConfig {
         }
         if c.result_ttl > Duration::from_secs(3600) {
             return Err(invalid("cache.result_ttl", "must be at most 1h"));
+        }
+        if !(64 * 1024..=1024 * 1024 * 1024).contains(&c.result_max_bytes) {
+            return Err(invalid(
+                "cache.result_max_bytes",
+                "must be between 65536 and 1073741824",
+            ));
         }
         if c.min_remaining >= DEFAULT_TOKEN_LIFETIME {
             return Err(invalid(

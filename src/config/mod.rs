@@ -113,12 +113,13 @@ impl Config {
     /// [`Config::master_key`] with the environment's value given, for tests.
     pub fn master_key_with(&self, env_value: Option<String>) -> Result<MasterKey, ConfigError> {
         if let Some(path) = &self.upstream.api_key_file {
-            let text = std::fs::read_to_string(path).map_err(|e| {
+            // Wiped when dropped: the key is copied into the MasterKey, which wipes its own.
+            let text = zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
                 invalid(
                     "upstream.api_key_file",
                     format!("cannot read {}: {e}", path.display()),
                 )
-            })?;
+            })?);
             return MasterKey::new(&text).ok_or_else(|| {
                 invalid(
                     "upstream.api_key_file",

@@ -44,6 +44,13 @@ impl Passthrough {
         }
     }
 
+    /// Forgets what was kept for `caller` (revoked by a reload).
+    pub fn forget_caller(&self, caller: &str) {
+        if let Some(results) = &self.results {
+            results.forget_caller(caller);
+        }
+    }
+
     /// Relays an authenticated `caller`'s request, if its `allowlist` allows it, counting and
     /// auditing the call.
     pub async fn relay<B>(
@@ -82,10 +89,6 @@ impl Passthrough {
             .into());
         };
         let pattern = Arc::clone(pattern.text());
-        let path_and_query = req
-            .uri()
-            .path_and_query()
-            .map_or(path.clone(), |pq| pq.as_str().to_owned());
         let cacheable = ResultCache::cacheable(req.method(), api, upstream_path);
         let method = req.method().clone();
         let count = |status: StatusCode| {
@@ -103,7 +106,7 @@ impl Passthrough {
             );
         };
         if let (true, Some(results)) = (cacheable, &self.results) {
-            if let Some(mut hit) = results.get(caller, &path_and_query) {
+            if let Some(mut hit) = results.get(caller, &path) {
                 count(hit.status());
                 let (name, value) = x_cache(CacheOutcome::Hit);
                 hit.headers_mut().insert(name, value);
@@ -129,7 +132,7 @@ impl Passthrough {
         count(relayed.status());
         match (cacheable, &self.results) {
             (true, Some(results)) => {
-                let mut response = results.fill(caller, &path_and_query, relayed).await?;
+                let mut response = results.fill(caller, &path, relayed).await?;
                 let (name, value) = x_cache(CacheOutcome::Miss);
                 response.headers_mut().insert(name, value);
                 Ok(response)

@@ -1,6 +1,11 @@
 //! Final process results (`status` success or failure) read through
 //! `GET /truora/identity/v1/processes/<id>/result`, kept for `cache.result_ttl` per caller and
 //! path; pending ones never are.
+//!
+//! Bounded in bytes (`cache.result_max_bytes`, every body and key counted), not by count: one
+//! caller varying a path could otherwise hold thousands of large answers. The query string is
+//! not part of the key (Truora's result call takes no parameters), so varying it makes no new
+//! entries either.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,23 +32,44 @@ pub struct CachedResult {
 /// Largest result body the result cache reads to decide whether it is final.
 pub const MAX_CACHED_RESULT: usize = 256 * 1024;
 
+/// What an entry costs besides its body and path: the key's caller, the status, the content
+/// type and moka's own bookkeeping, rounded up.
+const ENTRY_OVERHEAD: usize = 256;
+
 /// Final process results by caller and path.
 pub struct ResultCache {
     inner: moka::sync::Cache<(Arc<str>, Box<str>), CachedResult>,
 }
 
 impl ResultCache {
-    /// A cache keeping results for `ttl`.
-    pub fn new(ttl: Duration) -> Self {
-        Self::with_capacity(ttl, 10_000)
+    /// A cache keeping results for `ttl`, at most `max_bytes` of them (the least recently read
+    /// make room, see [`bounded`]).
+    pub fn new(ttl: Duration, max_bytes: u64) -> Self {
+        Self {
+            inner: bounded(max_bytes)
+                .weigher(|(caller, path): &(Arc<str>, Box<str>), r: &CachedResult| {
+                    let bytes = r.body.len() + caller.len() + path.len() + ENTRY_OVERHEAD;
+                    u32::try_from(bytes).unwrap_or(u32::MAX)
+                })
+                .time_to_live(ttl)
+                .support_invalidation_closures()
+                .build(),
+        }
     }
 
-    /// At most `max_entries` results (the least recently read make room, see
-    /// [`bounded`]), each kept for `ttl`.
-    fn with_capacity(ttl: Duration, max_entries: u64) -> Self {
-        Self {
-            inner: bounded(max_entries).time_to_live(ttl).build(),
-        }
+    /// Drops every result kept for `caller` (a revoked caller).
+    pub fn forget_caller(&self, caller: &str) {
+        let caller: Arc<str> = caller.into();
+        // Fails only when closures are not supported, which `new` turns on.
+        let _ = self
+            .inner
+            .invalidate_entries_if(move |(c, _), _| *c == caller);
+    }
+
+    /// Bytes held now (after pending evictions are applied).
+    pub fn weighted_size(&self) -> u64 {
+        self.inner.run_pending_tasks();
+        self.inner.weighted_size()
     }
 
     /// True for the paths whose answers may be cached: `GET /v1/processes/<id>/result`.
@@ -60,10 +86,8 @@ impl ResultCache {
     }
 
     /// The cached answer for the caller's path.
-    pub fn get(&self, caller: &Arc<str>, path_and_query: &str) -> Option<HttpResponse> {
-        let hit = self
-            .inner
-            .get(&(Arc::clone(caller), path_and_query.into()))?;
+    pub fn get(&self, caller: &Arc<str>, path: &str) -> Option<HttpResponse> {
+        let hit = self.inner.get(&(Arc::clone(caller), path.into()))?;
         let mut r = Response::new(full(hit.body));
         *r.status_mut() = hit.status;
         if let Some(ct) = hit.content_type {
@@ -77,7 +101,7 @@ impl ResultCache {
     pub async fn fill(
         &self,
         caller: &Arc<str>,
-        path_and_query: &str,
+        path: &str,
         response: Relayed,
     ) -> Result<HttpResponse, BrokerError> {
         let small = response
@@ -97,7 +121,7 @@ impl ResultCache {
             .to_bytes();
         if is_final(&bytes) {
             self.inner.insert(
-                (Arc::clone(caller), path_and_query.into()),
+                (Arc::clone(caller), path.into()),
                 CachedResult {
                     status: parts.status,
                     content_type: parts.headers.get(http::header::CONTENT_TYPE).cloned(),
@@ -154,11 +178,18 @@ mod tests {
         r
     }
 
+    /// What one entry of these tests weighs.
+    fn weight(caller: &str, path: &str, body: &str) -> u64 {
+        (caller.len() + path.len() + body.len() + ENTRY_OVERHEAD) as u64
+    }
+
     #[tokio::test]
     async fn a_full_result_cache_keeps_the_result_just_read() {
-        let cache = ResultCache::with_capacity(Duration::from_secs(600), 20);
+        const ROOM: u64 = 20;
+        let one = weight("c", "/v1/processes/P00/result", r#"{"status":"success"}"#);
+        let cache = ResultCache::new(Duration::from_secs(600), ROOM * one);
         let caller: Arc<str> = "c".into();
-        let path = |i: u32| format!("/v1/processes/P{i}/result");
+        let path = |i: u32| format!("/v1/processes/P{i:02}/result");
         const FINAL: &str = r#"{"status":"success"}"#;
         for i in 0..20 {
             cache.fill(&caller, &path(i), relayed(FINAL)).await.unwrap();
@@ -181,7 +212,33 @@ mod tests {
                 path(new)
             );
         }
-        assert!(cache.inner.entry_count() <= 20);
+        assert!(cache.inner.entry_count() <= ROOM);
+    }
+
+    #[tokio::test]
+    async fn the_cache_stays_under_its_byte_bound_and_forgets_a_revoked_caller() {
+        const BOUND: u64 = 1024 * 1024;
+        let cache = ResultCache::new(Duration::from_secs(600), BOUND);
+        let big: &'static str = Box::leak(
+            format!(
+                r#"{{"status":"success","pad":"{}"}}"#,
+                "x".repeat(100 * 1024)
+            )
+            .into_boxed_str(),
+        );
+        for caller in ["a", "b"] {
+            let caller: Arc<str> = caller.into();
+            for i in 0..100 {
+                let path = format!("/v1/processes/P{i}/result");
+                cache.fill(&caller, &path, relayed(big)).await.unwrap();
+            }
+        }
+        let held = cache.weighted_size();
+        assert!(held <= BOUND, "{held} bytes held, bound {BOUND}");
+        assert!(held >= BOUND / 2, "the bound is used: {held}");
+        cache.forget_caller("b");
+        cache.weighted_size();
+        assert!(cache.inner.iter().all(|(k, _)| &*k.0 == "a"));
     }
 
     #[test]

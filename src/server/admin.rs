@@ -3,6 +3,8 @@
 //! and the kubelet without opening minting.
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
@@ -16,8 +18,9 @@ use crate::wire::{full, HttpResponse, NO_STORE};
 /// Re-reads the configuration: what `POST /admin/reload` calls. The composition root's
 /// reloader implements it; a broker started without a config file has none (409).
 pub trait Reload: Send + Sync {
-    /// Reloads now; the status and JSON body of the answer.
-    fn reload_answer(&self) -> (StatusCode, String);
+    /// Reloads now (its files read off the runtime's workers); the status and JSON body of the
+    /// answer.
+    fn reload_answer(&self) -> Pin<Box<dyn Future<Output = (StatusCode, String)> + Send + '_>>;
 }
 
 /// What the admin listener serves from.
@@ -102,7 +105,7 @@ pub async fn admin<B>(admin: Arc<Admin>, req: Request<B>) -> Result<HttpResponse
                     ),
                 ),
                 Some(reload) => {
-                    let (status, body) = reload.reload_answer();
+                    let (status, body) = reload.reload_answer().await;
                     (status, "application/json", Bytes::from(body))
                 }
             },
