@@ -92,15 +92,25 @@ fuzz:
 	    RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run $$t fuzz/corpus/$$t -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 || exit 1; \
 	done
 
-## Licences, banned and duplicate crates, sources (and advisories when the database can be
-## fetched). Needs cargo-deny (`cargo install cargo-deny`).
+## Licences, banned and duplicate crates, sources, and advisories. Needs cargo-deny
+## (`cargo install cargo-deny`). Advisories: from the RustSec snapshot ADVISORY_SNAPSHOT when it
+## exists (unpacked where cargo-deny looks for the database, checked offline, its date printed),
+## else from GitHub; where neither can be had it says so.
+ADVISORY_SNAPSHOT ?= ../shared/rustsec-advisory-db.tar.gz
+ADVISORY_DB := $(HOME)/.cargo/advisory-dbs/advisory-db-3157b0e258782691
 deny:
 	@command -v cargo-deny >/dev/null || { echo "make deny needs cargo-deny: cargo install cargo-deny"; exit 1; }
 	$(CARGO) deny check bans licenses sources
-	@if ls -d $$HOME/.cargo/advisory-dbs/*/.git >/dev/null 2>&1; then \
-	    $(CARGO) deny check --disable-fetch advisories; \
+	@if [ -f "$(ADVISORY_SNAPSHOT)" ]; then \
+	    rm -rf "$(ADVISORY_DB)" && mkdir -p "$(ADVISORY_DB)" && \
+	    tar xzf "$(ADVISORY_SNAPSHOT)" --strip-components=1 -C "$(ADVISORY_DB)" && \
+	    echo "cargo deny: advisories from the snapshot $(ADVISORY_SNAPSHOT), as of $$(git -C "$(ADVISORY_DB)" log -1 --format=%cs) (advisories published later are not in it)" && \
+	    $(CARGO) deny --offline check advisories; \
+	elif $(CARGO) deny fetch db >/dev/null 2>&1; then \
+	    echo "cargo deny: advisories from the RustSec database fetched now" && \
+	    $(CARGO) deny --offline check advisories; \
 	else \
-	    echo "cargo deny: advisories not checked: the RustSec database is fetched from GitHub, which this machine cannot reach (clone it to ~/.cargo/advisory-dbs to check)"; \
+	    echo "cargo deny: advisories NOT checked: no snapshot at $(ADVISORY_SNAPSHOT) and the RustSec database cannot be fetched"; \
 	fi
 
 clean:
