@@ -173,6 +173,9 @@ pub enum Refusal {
     /// dropped on this replica only, other replicas may still hold them. Retry.
     #[error("the shared cache could not be reached: the tokens were dropped on this replica only; retry")]
     SharedCacheUnavailable,
+    /// The caller sends `DELETE /v1/tokens` faster than `cache.invalidate_rate` a second.
+    #[error("too many invalidations from this caller; retry after {} s", retry_after.as_secs().max(1))]
+    InvalidationRateExceeded { retry_after: Duration },
     /// The mint budget (`upstream.mint_rate`, or the caller's `mint_rate`) is spent.
     #[error("{scope} mint budget exhausted; retry after {} s", retry_after.as_secs().max(1))]
     BudgetExceeded {
@@ -206,6 +209,7 @@ impl Refusal {
             Refusal::CircuitOpen { .. } => "circuit_open",
             Refusal::Saturated => "saturated",
             Refusal::SharedCacheUnavailable => "shared_cache_unavailable",
+            Refusal::InvalidationRateExceeded { .. } => "invalidation_rate",
             Refusal::BudgetExceeded {
                 scope: BudgetScope::Global,
                 ..
@@ -280,7 +284,9 @@ impl BrokerError {
                 Refusal::CircuitOpen { .. }
                 | Refusal::Saturated
                 | Refusal::SharedCacheUnavailable => StatusCode::SERVICE_UNAVAILABLE,
-                Refusal::BudgetExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
+                Refusal::BudgetExceeded { .. } | Refusal::InvalidationRateExceeded { .. } => {
+                    StatusCode::TOO_MANY_REQUESTS
+                }
             },
             BrokerError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -322,6 +328,7 @@ impl BrokerError {
                 Refusal::CircuitOpen { .. } => "upstream_circuit_open",
                 Refusal::Saturated => "upstream_saturated",
                 Refusal::SharedCacheUnavailable => "shared_cache_unavailable",
+                Refusal::InvalidationRateExceeded { .. } => "invalidation_rate_exceeded",
                 Refusal::BudgetExceeded { .. } => "mint_budget_exceeded",
             },
             BrokerError::Internal(_) => "internal_error",
@@ -348,7 +355,8 @@ impl BrokerError {
         match self {
             BrokerError::Upstream(UpstreamError::Throttled { retry_after })
             | BrokerError::Refused(Refusal::CircuitOpen { retry_after })
-            | BrokerError::Refused(Refusal::BudgetExceeded { retry_after, .. }) => {
+            | BrokerError::Refused(Refusal::BudgetExceeded { retry_after, .. })
+            | BrokerError::Refused(Refusal::InvalidationRateExceeded { retry_after }) => {
                 Some(retry_after.as_secs_f64().ceil().max(1.0) as u64)
             }
             BrokerError::Refused(Refusal::Saturated | Refusal::SharedCacheUnavailable) => Some(1),
@@ -631,6 +639,15 @@ mod tests {
             assert_eq!(err.retry_after(), Some(1));
             check(err, 429, "mint_budget_exceeded");
         }
+    }
+
+    #[test]
+    fn too_many_invalidations_is_429_with_retry_after() {
+        let err = BrokerError::from(Refusal::InvalidationRateExceeded {
+            retry_after: Duration::from_millis(300),
+        });
+        assert_eq!(err.retry_after(), Some(1));
+        check(err, 429, "invalidation_rate_exceeded");
     }
 
     #[test]

@@ -25,6 +25,7 @@
 //! | [`truora`] | Truora's vocabulary: header and path names, countries, document types, key type, grant, token lifetime. |
 //! | [`config`] | The TOML file as plain serde structs, validated per section. |
 //! | [`breaker`] | The circuit breaker, for Truora and for Redis. |
+//! | [`rate`] | Token buckets, alone or one per key: mint budgets, the `DELETE` rate. |
 //! | [`error`] | One error type, whose kind gives the HTTP status. |
 //! | [`secret`] | Redacting, zeroizing holders for the master key and caller secrets; hex. |
 //! | [`logging`] | Log format and filter, the access line, batched writes to stderr. |
@@ -43,6 +44,7 @@ pub mod issuance;
 pub mod logging;
 pub mod metrics;
 pub mod passthrough;
+pub mod rate;
 pub mod sandbox;
 pub mod secret;
 pub mod server;

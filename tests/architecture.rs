@@ -14,7 +14,7 @@
 //!                    └─ upstream    Truora's client and the guard around it
 //!   sandbox                     the fake Truora: only the composition root (and tests) use it
 //!   invariants                  the fuzz targets' checks: the core and the upstream reader
-//!   leaves: wire, logging, config, then error, metrics, breaker, truora, secret
+//!   leaves: wire, logging, config, then error, metrics, breaker, rate, truora, secret
 //! ```
 //!
 //! [`ALLOWED`] is the whole rule: each room with the rooms it may import. Every `crate::` path
@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 
 /// The leaves every room may use. They import only other leaves, as their own lines say.
 const LEAVES: &[&str] = &[
-    "wire", "logging", "config", "error", "metrics", "breaker", "truora", "secret",
+    "wire", "logging", "config", "error", "metrics", "breaker", "rate", "truora", "secret",
 ];
 
 /// Each room of `src/` and the rooms it may import; `LEAVES` stands for all of them.
@@ -60,8 +60,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
     (
         "issuance",
         &[
-            "cache", "upstream", "logging", "config", "error", "metrics", "breaker", "truora",
-            "secret",
+            "cache", "upstream", "logging", "config", "error", "metrics", "breaker", "rate",
+            "truora", "secret",
         ],
     ),
     ("cache", &["LEAVES"]),
@@ -75,6 +75,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("error", &[]),
     ("metrics", &[]),
     ("breaker", &[]),
+    ("rate", &[]),
     ("truora", &[]),
     ("secret", &[]),
 ];

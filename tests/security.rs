@@ -5,6 +5,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -600,6 +601,72 @@ async fn http2_connections_are_held_to_the_stream_cap() {
         .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(client.current_max_send_streams(), 7);
+    b.stop().await;
+}
+
+/// One caller deleting an unrelated user in a loop changes nothing for another caller: its
+/// repeat requests are hits, even while its mints are in flight during those deletes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_callers_deletes_do_not_change_a_callers_hit_ratio() {
+    let b = Broker::start(|_, o| o.delay = Duration::from_millis(150)).await;
+    let url = b.url.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let deleting = {
+        let stop = Arc::clone(&stop);
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                send(
+                    Method::DELETE,
+                    &format!("{url}/v1/tokens?account_id=somebody-else"),
+                    &[("authorization", &format!("Bearer {BILLING_SECRET}"))],
+                    "",
+                )
+                .await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    let mut caches = Vec::new();
+    for _ in 0..6 {
+        caches.push(
+            b.tokens(CHECKOUT_SECRET, FORM)
+                .await
+                .header("x-cache")
+                .to_owned(),
+        );
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    deleting.await.unwrap();
+    assert_eq!(caches, ["MISS", "HIT", "HIT", "HIT", "HIT", "HIT"]);
+    assert_eq!(b.sandbox.calls(), 1);
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletes_beyond_a_callers_rate_get_429_with_retry_after() {
+    let b = Broker::start(|c, _| c.cache.invalidate_rate = 3).await;
+    let delete = |secret: &'static str| {
+        let url = b.url.clone();
+        async move {
+            send(
+                Method::DELETE,
+                &format!("{url}/v1/tokens?account_id=user-1"),
+                &[("authorization", &format!("Bearer {secret}"))],
+                "",
+            )
+            .await
+        }
+    };
+    for _ in 0..3 {
+        assert_eq!(delete(CHECKOUT_SECRET).await.status, StatusCode::OK);
+    }
+    let refused = delete(CHECKOUT_SECRET).await;
+    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(refused.json()["error"], "invalidation_rate_exceeded");
+    assert!(!refused.header("retry-after").is_empty());
+    // Another caller has a rate of its own.
+    assert_eq!(delete(BILLING_SECRET).await.status, StatusCode::OK);
     b.stop().await;
 }
 

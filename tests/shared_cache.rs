@@ -555,6 +555,8 @@ async fn values_in_redis_are_sealed_and_bound_to_their_key() {
                 .unwrap();
             let raw: Vec<Vec<u8>> = if kind == "set" {
                 redis.smembers(k).await.unwrap()
+            } else if kind == "zset" {
+                redis.zrange(k, 0, -1).await.unwrap()
             } else {
                 vec![redis.get(k).await.unwrap()]
             };
@@ -625,6 +627,92 @@ async fn invalidation_reaches_redis_and_the_other_replica() {
         assert_eq!(other.header("x-cache"), "HIT");
         assert_eq!(other.json()["api_key"], t2);
         assert_eq!(fleet.sandbox.calls(), 3);
+        fleet.stop().await;
+    })
+    .await;
+}
+
+/// A DELETE that runs while a mint is in flight wins, on both replicas: the token minted
+/// meanwhile is handed to the request that waited for it, but neither Redis nor either replica
+/// serves it afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_delete_during_an_in_flight_mint_sticks_on_every_replica() {
+    bounded(async {
+        let mut options = SandboxOptions::new(MASTER_KEY);
+        options.delay = Duration::from_millis(600);
+        let fleet = Fleet::start(options, |_| {}).await;
+        for (deleting, name) in [
+            (&fleet.a, "the minting replica"),
+            (&fleet.b, "the other replica"),
+        ] {
+            let before = fleet.sandbox.calls();
+            let url = fleet.a.url.clone();
+            let in_flight =
+                tokio::spawn(async move { post_tokens(&url, CHECKOUT_SECRET, FORM).await });
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let del = send(
+                Method::DELETE,
+                &format!("{}/v1/tokens?account_id=user-1", deleting.url),
+                &[("authorization", &format!("Bearer {CHECKOUT_SECRET}"))],
+                "",
+            )
+            .await;
+            assert_eq!(del.status, StatusCode::OK, "{name}: {}", del.text());
+            let minted = in_flight.await.unwrap();
+            assert_eq!(minted.status, StatusCode::OK);
+            let old = minted.json()["api_key"].clone();
+            for replica in [&fleet.a, &fleet.b] {
+                let next = replica.tokens(FORM).await;
+                assert_ne!(
+                    next.json()["api_key"],
+                    old,
+                    "{name}: the invalidated token came back"
+                );
+            }
+            assert_eq!(fleet.sandbox.calls(), before + 2, "{name}");
+            let gone = send(
+                Method::DELETE,
+                &format!("{}/v1/tokens?account_id=user-1", fleet.a.url),
+                &[("authorization", &format!("Bearer {CHECKOUT_SECRET}"))],
+                "",
+            )
+            .await;
+            assert_eq!(gone.status, StatusCode::OK);
+        }
+        fleet.stop().await;
+    })
+    .await;
+}
+
+/// The index of a caller's values holds the live ones: members leave when their value dies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_index_of_a_callers_values_stays_near_the_live_values() {
+    bounded(async {
+        let mut options = SandboxOptions::new(MASTER_KEY);
+        options.token_lifetime = Duration::from_secs(2);
+        let fleet = Fleet::start(options, |c| {
+            c.cache.min_remaining = Duration::from_millis(500)
+        })
+        .await;
+        for i in 0..40 {
+            let r = fleet.a.tokens(&form_for(&format!("short-{i}"))).await;
+            assert_eq!(r.status, StatusCode::OK);
+        }
+        let mut redis = fleet.redis.conn().await.unwrap();
+        let indexes: Vec<String> = redis.keys("token-broker:caller:*").await.unwrap();
+        assert_eq!(indexes.len(), 1, "{indexes:?}");
+        let size = |redis: &mut redis::aio::MultiplexedConnection| {
+            let index = indexes[0].clone();
+            let mut redis = redis.clone();
+            async move { redis.zcard::<_, u64>(index).await.unwrap() }
+        };
+        assert_eq!(size(&mut redis).await, 40);
+        // Every one of those values has died; five new ones are written.
+        tokio::time::sleep(Duration::from_millis(2200)).await;
+        for i in 0..5 {
+            fleet.a.tokens(&form_for(&format!("later-{i}"))).await;
+        }
+        assert_eq!(size(&mut redis).await, 5, "dead members were kept");
         fleet.stop().await;
     })
     .await;

@@ -85,6 +85,7 @@ pub fn issuer(max_entries: u64, upstream: Arc<InstantUpstream>) -> Arc<Issuer> {
             max_entries,
             web_url: "https://identity.truora.com".into(),
             array_encoding: ArrayEncoding::Repeat,
+            invalidate_rate: 10,
         },
         Arc::new(Shared(upstream)),
         Guard::new(

@@ -191,6 +191,7 @@ impl Broker {
                 max_entries: config.cache.max_entries,
                 web_url: u.web_url.clone(),
                 array_encoding: u.array_encoding,
+                invalidate_rate: config.cache.invalidate_rate,
             },
             Arc::new(Arc::clone(&client)),
             guard,

@@ -28,6 +28,7 @@ use tokio::sync::Mutex;
 
 use super::{load, Loaded};
 use crate::auth::Callers;
+use crate::cache::Filter;
 use crate::config::{Config, ConfigError};
 use crate::server::{tls, ApiState, Reload, SharedTls};
 use crate::upstream::guard::caller_rates;
@@ -196,7 +197,7 @@ impl Reloader {
         match self
             .state
             .issuer
-            .invalidate_everywhere(id, None, None)
+            .invalidate_everywhere(&Filter::caller(id))
             .await
         {
             Ok(dropped) => tracing::info!(target: "audit", caller = %id, dropped, "caller revoked"),

@@ -1,137 +1,20 @@
 //! The in-process tier: tokens by key, bounded by `cache.max_entries` (least recently used
-//! first out), each gone once it is inside `cache.min_remaining`, and dropped on demand by
-//! caller, flow and user.
+//! first out), each gone once it is inside `cache.min_remaining`, and dropped on demand.
 //!
-//! An entry keeps the token once, with what its answers need made ready (the `expires_at`
-//! text, whether the token needs escaping at all), so a hit parses and escapes nothing: it
-//! copies. Keeping both answers rendered would hold the token three times per entry; the
-//! memory per cached token is measured in docs/performance.md.
+//! Invalidation never scans the cache: an index, kept with the cache (an entry evicted leaves it
+//! too), finds a caller's tokens and a user's tokens of a flow. Every invalidation is recorded in
+//! the [`Log`], and a mint stores its token only when none that matches it came since the mint
+//! started ([`TokenCache::insert_unless_invalidated`]). A hit takes no lock of ours.
 
-use std::io::Write;
-use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
 
 use moka::notification::RemovalCause;
-use zeroize::Zeroizing;
 
-use super::{bounded, CacheKey};
+use super::invalidation::{Filter, Log, Mark};
+use super::{bounded, CacheKey, Entry, Owner};
 use crate::metrics::Metrics;
-
-/// Who a token was minted for: what invalidation matches entries on.
-#[derive(Debug, Clone)]
-pub struct Owner {
-    /// The caller it was minted for.
-    pub caller: Arc<str>,
-    /// The flow it was minted for.
-    pub flow_id: Box<str>,
-    /// The user it was minted for, when named by account_id.
-    pub account_id: Option<Box<str>>,
-}
-
-/// A minted token with everything needed to answer with it again (see the module docs).
-pub struct Entry {
-    /// Who it was minted for.
-    pub owner: Owner,
-    /// When the token dies, on the local monotonic clock.
-    pub expires: Instant,
-    /// The last moment it may be handed out (`expires - min_remaining`).
-    pub serve_until: Instant,
-    /// When the token dies, on the wall clock.
-    pub expires_at: SystemTime,
-    token: Zeroizing<Box<str>>,
-    /// `expires_at` in RFC 3339 to the second (`2026-11-26T02:13:31Z`).
-    expires_at_text: [u8; 20],
-    /// `{upstream.web_url}/?token=`, JSON-escaped without quotes; one allocation shared by
-    /// every entry of an issuer.
-    identity_prefix: Arc<str>,
-    /// The token is all `A-Z a-z 0-9 - _ .`: the same bytes in JSON and in a URL query.
-    plain: bool,
-}
-
-impl std::fmt::Debug for Entry {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Entry")
-            .field("caller", &self.owner.caller)
-            .field("expires", &self.expires)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Entry {
-    /// An entry for `token`, answered with `identity_prefix` (see [`identity_prefix`]) before
-    /// the token in its `identity_url`.
-    pub fn new(
-        token: &str,
-        identity_prefix: Arc<str>,
-        owner: Owner,
-        expires: Instant,
-        serve_until: Instant,
-        expires_at: SystemTime,
-    ) -> Self {
-        let mut expires_at_text = [b'0'; 20];
-        // RFC 3339 to the second is 20 bytes for every year a token can end in (before 10000).
-        let _ = write!(
-            &mut expires_at_text[..],
-            "{}",
-            humantime::format_rfc3339_seconds(expires_at)
-        );
-        Self {
-            owner,
-            expires,
-            serve_until,
-            expires_at,
-            plain: token
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')),
-            token: Zeroizing::new(token.into()),
-            expires_at_text,
-            identity_prefix,
-        }
-    }
-
-    /// Life left at `now`.
-    pub fn remaining(&self, now: Instant) -> Duration {
-        self.expires.saturating_duration_since(now)
-    }
-
-    /// `expires_at` as the answer says it.
-    pub fn expires_at_text(&self) -> &[u8] {
-        &self.expires_at_text
-    }
-
-    /// The JSON-escaped `identity_url` before the token.
-    pub fn identity_prefix(&self) -> &[u8] {
-        self.identity_prefix.as_bytes()
-    }
-
-    /// Calls `f` with the token JSON-escaped (without quotes) and the token escaped for a URL
-    /// query (which JSON needs no further escaping for). Both are the token itself unless it
-    /// holds other bytes than a JWT's; then they are made here, in buffers wiped after use.
-    pub fn with_escaped_token<R>(&self, f: impl FnOnce(&[u8], &[u8]) -> R) -> R {
-        if self.plain {
-            return f(self.token.as_bytes(), self.token.as_bytes());
-        }
-        let mut json = Zeroizing::new(Vec::with_capacity(self.token.len() + 16));
-        // Serialising a str into a Vec cannot fail.
-        let _ = serde_json::to_writer(&mut *json, &**self.token);
-        let inner = json
-            .get(1..json.len().saturating_sub(1))
-            .unwrap_or_default();
-        let url: Zeroizing<String> =
-            Zeroizing::new(form_urlencoded::byte_serialize(self.token.as_bytes()).collect());
-        f(inner, url.as_bytes())
-    }
-}
-
-/// The JSON-escaped `identity_url` before the token (`{web_url}/?token=`), for [`Entry::new`].
-pub fn identity_prefix(web_url: &str) -> Arc<str> {
-    let url = format!("{}/?token=", web_url.trim_end_matches('/'));
-    let quoted = serde_json::to_string(&url).unwrap_or_default();
-    quoted
-        .get(1..quoted.len().saturating_sub(1))
-        .unwrap_or_default()
-        .into()
-}
 
 struct ServeUntil;
 
@@ -156,26 +39,116 @@ impl moka::Expiry<CacheKey, Arc<Entry>> for ServeUntil {
     }
 }
 
+/// Entries by key, without holding them alive.
+type Keys = HashMap<CacheKey, Weak<Entry>>;
+
+/// The cache's entries by caller, and by flow and user (flow id, account id).
+#[derive(Default)]
+struct Index {
+    by_caller: HashMap<Arc<str>, Keys>,
+    by_user: HashMap<(Box<str>, Box<str>), Keys>,
+}
+
+impl Index {
+    fn add(&mut self, key: CacheKey, entry: &Arc<Entry>) {
+        let owner = &entry.owner;
+        let weak = Arc::downgrade(entry);
+        self.by_caller
+            .entry(Arc::clone(&owner.caller))
+            .or_default()
+            .insert(key, weak.clone());
+        if let Some(account) = &owner.account_id {
+            self.by_user
+                .entry((owner.flow_id.clone(), account.clone()))
+                .or_default()
+                .insert(key, weak);
+        }
+    }
+
+    /// Forgets `entry` under `key`, unless the index already holds a newer entry there.
+    fn remove(&mut self, key: &CacheKey, entry: &Arc<Entry>) {
+        let owner = &entry.owner;
+        let gone = |keys: &mut Keys| {
+            if keys
+                .get(key)
+                .is_some_and(|w| w.as_ptr() == Arc::as_ptr(entry))
+            {
+                keys.remove(key);
+            }
+            keys.is_empty()
+        };
+        if self.by_caller.get_mut(&owner.caller).is_some_and(gone) {
+            self.by_caller.remove(&owner.caller);
+        }
+        if let Some(account) = &owner.account_id {
+            let user = (owner.flow_id.clone(), account.clone());
+            if self.by_user.get_mut(&user).is_some_and(gone) {
+                self.by_user.remove(&user);
+            }
+        }
+    }
+
+    /// The keys of the entries `filter` may drop: a caller's, or a user's in a flow, or (for a
+    /// filter naming neither) every key.
+    fn candidates(&self, filter: &Filter) -> Vec<(CacheKey, Weak<Entry>)> {
+        let pairs = |keys: &Keys| -> Vec<(CacheKey, Weak<Entry>)> {
+            keys.iter().map(|(k, w)| (*k, w.clone())).collect()
+        };
+        match (&filter.caller, &filter.flow_id, &filter.account_id) {
+            (_, Some(flow), Some(account)) => self
+                .by_user
+                .get(&(flow.clone(), account.clone()))
+                .map(pairs)
+                .unwrap_or_default(),
+            (Some(caller), _, _) => self.by_caller.get(caller).map(pairs).unwrap_or_default(),
+            (None, _, _) => self.by_caller.values().flat_map(pairs).collect(),
+        }
+    }
+}
+
+/// What the cache and its eviction listener share.
+#[derive(Default)]
+struct Shared {
+    index: Mutex<Index>,
+    /// Held while an invalidation is recorded and applied, and while a mint checks and stores:
+    /// so a mint can never store its token between an invalidation's record and its sweep.
+    log: Mutex<Log>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Each update is complete before its lock is let go: a panic elsewhere leaves no half-made
+    // state behind.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// Tokens by key, bounded by `cache.max_entries`, each gone once it is inside `min_remaining`.
 #[derive(Clone)]
 pub struct TokenCache {
     inner: moka::sync::Cache<CacheKey, Arc<Entry>>,
+    shared: Arc<Shared>,
 }
 
 impl TokenCache {
     /// A cache of at most `max_entries` tokens.
     pub fn new(max_entries: u64) -> Self {
-        Self {
-            inner: Self::builder(max_entries).build(),
-        }
+        Self::build(max_entries, None)
     }
 
     /// A cache of at most `max_entries` tokens whose evictions are counted, by cause, in
     /// `token_broker_cache_evictions_total`.
     pub fn observed(max_entries: u64, metrics: Arc<Metrics>) -> Self {
-        Self {
-            inner: Self::builder(max_entries)
-                .eviction_listener(move |_key, _entry, cause| {
+        Self::build(max_entries, Some(metrics))
+    }
+
+    /// Bounded by `max_entries` (see [`bounded`]), each entry gone at its `serve_until`, and out
+    /// of the index once evicted.
+    fn build(max_entries: u64, metrics: Option<Arc<Metrics>>) -> Self {
+        let shared = Arc::new(Shared::default());
+        let listener = Arc::clone(&shared);
+        let inner = bounded(max_entries)
+            .expire_after(ServeUntil)
+            .eviction_listener(move |key, entry: Arc<Entry>, cause| {
+                if let Some(metrics) = &metrics {
                     let i = match cause {
                         RemovalCause::Expired => 0,
                         RemovalCause::Explicit => 1,
@@ -183,17 +156,11 @@ impl TokenCache {
                         RemovalCause::Size => 3,
                     };
                     metrics.evictions[i].inc();
-                })
-                .build(),
-        }
-    }
-
-    /// Bounded by `max_entries` (see [`bounded`]), each entry gone at its `serve_until`.
-    fn builder(
-        max_entries: u64,
-    ) -> moka::sync::CacheBuilder<CacheKey, Arc<Entry>, moka::sync::Cache<CacheKey, Arc<Entry>>>
-    {
-        bounded(max_entries).expire_after(ServeUntil)
+                }
+                lock(&listener.index).remove(&key, &entry);
+            })
+            .build();
+        Self { inner, shared }
     }
 
     /// The entry for `key` if it may still be handed out at `now`.
@@ -201,30 +168,67 @@ impl TokenCache {
         self.inner.get(key).filter(|e| e.serve_until > now)
     }
 
-    /// Stores an entry (replacing any older one for the key).
+    /// Where the invalidation log stands: a mint takes this when it starts.
+    pub fn mark(&self) -> Mark {
+        lock(&self.shared.log).mark()
+    }
+
+    /// True when an invalidation since `mark` drops `owner`'s token (see [`Log`]).
+    pub fn invalidated_since(&self, mark: Mark, owner: &Owner) -> bool {
+        lock(&self.shared.log).invalidated_since(mark, owner)
+    }
+
+    /// Stores an entry (replacing any older one for the key), whatever came before.
     pub fn insert(&self, key: CacheKey, entry: Arc<Entry>) {
+        let _log = lock(&self.shared.log);
+        self.store(key, entry);
+    }
+
+    /// Stores the entry of a mint that started at `since`, unless an invalidation that drops it
+    /// came meanwhile; says whether it was stored.
+    pub fn insert_unless_invalidated(&self, key: CacheKey, entry: Arc<Entry>, since: Mark) -> bool {
+        let log = lock(&self.shared.log);
+        if log.invalidated_since(since, &entry.owner) {
+            return false;
+        }
+        self.store(key, entry);
+        true
+    }
+
+    /// With the log held: into the cache, then into the index.
+    fn store(&self, key: CacheKey, entry: Arc<Entry>) {
+        lock(&self.shared.index).add(key, &entry);
         self.inner.insert(key, entry);
     }
 
-    /// Drops the caller's entries for the flow and/or account given (neither: all of the
-    /// caller's, as when it is revoked); returns how many.
-    pub fn invalidate(&self, caller: &str, flow_id: Option<&str>, account_id: Option<&str>) -> u64 {
+    /// Records the invalidation and drops the entries it matches; returns how many. Looks only
+    /// at the caller's entries, or the user's in a flow, through the index.
+    pub fn invalidate(&self, filter: &Filter) -> u64 {
+        let mut log = lock(&self.shared.log);
+        log.record(filter.clone());
+        let candidates = lock(&self.shared.index).candidates(filter);
         let mut dropped = 0;
-        for (key, entry) in self.inner.iter() {
-            let owner = &entry.owner;
-            let matches = &*owner.caller == caller
-                && flow_id.is_none_or(|f| &*owner.flow_id == f)
-                && account_id.is_none_or(|a| owner.account_id.as_deref() == Some(a));
-            if matches && self.inner.remove(&*key).is_some() {
+        for (key, weak) in candidates {
+            let Some(entry) = weak.upgrade() else {
+                continue;
+            };
+            // Whatever entry holds the key now has the same owner (the key is made from it),
+            // and was indexed before this invalidation took the log.
+            if filter.matches(&entry.owner) && self.inner.remove(&key).is_some() {
                 dropped += 1;
             }
         }
+        drop(log);
         dropped
     }
 
-    /// Drops every entry (the shared tier does this when it may have missed invalidations).
+    /// Drops every entry, and counts as an invalidation of everything for mints in flight (the
+    /// shared tier does this when it may have missed invalidations).
     pub fn clear(&self) {
+        let mut log = lock(&self.shared.log);
+        log.record(Filter::default());
         self.inner.invalidate_all();
+        drop(log);
     }
 
     /// Entries held now (after pending evictions are applied).
@@ -242,7 +246,9 @@ impl TokenCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cache::identity_prefix;
     use crate::metrics::EVICTION_CAUSES;
+    use std::time::SystemTime;
 
     fn entry(caller: &str, flow: &str, account: Option<&str>, life: Duration) -> Arc<Entry> {
         let now = Instant::now();
@@ -280,9 +286,18 @@ mod tests {
         cache.insert([2; 32], entry("c", "f2", Some("u1"), life));
         cache.insert([3; 32], entry("c", "f1", Some("u2"), life));
         cache.insert([4; 32], entry("other", "f1", Some("u1"), life));
-        assert_eq!(cache.invalidate("c", Some("f1"), Some("u1")), 1);
-        assert_eq!(cache.invalidate("c", None, Some("u1")), 1);
-        assert_eq!(cache.invalidate("c", Some("f1"), None), 1);
+        assert_eq!(
+            cache.invalidate(&Filter::of(Some("c"), Some("f1"), Some("u1"))),
+            1
+        );
+        assert_eq!(
+            cache.invalidate(&Filter::of(Some("c"), None, Some("u1"))),
+            1
+        );
+        assert_eq!(
+            cache.invalidate(&Filter::of(Some("c"), Some("f1"), None)),
+            1
+        );
         assert_eq!(cache.len(), 1);
         assert!(cache.get(&[4; 32], Instant::now()).is_some());
     }
@@ -300,7 +315,10 @@ mod tests {
         cache.insert([1; 32], entry("c", "f", Some("u1"), long));
         cache.len();
         assert_eq!(count("replaced"), 1);
-        assert_eq!(cache.invalidate("c", None, Some("u1")), 1);
+        assert_eq!(
+            cache.invalidate(&Filter::of(Some("c"), None, Some("u1"))),
+            1
+        );
         cache.len();
         assert_eq!(count("explicit"), 1);
         cache.insert([2; 32], entry("c", "f", None, Duration::from_millis(50)));
@@ -352,5 +370,51 @@ mod tests {
             cache.insert([i; 32], entry("c", "f", None, Duration::from_secs(60)));
         }
         assert!(cache.len() <= 5, "{}", cache.len());
+    }
+
+    #[test]
+    fn a_mint_started_before_a_matching_invalidation_is_not_stored() {
+        let cache = TokenCache::new(10);
+        let life = Duration::from_secs(60);
+        let since = cache.mark();
+        cache.invalidate(&Filter::of(Some("c"), Some("f"), None));
+        assert!(!cache.insert_unless_invalidated([1; 32], entry("c", "f", Some("u"), life), since));
+        assert!(cache.get(&[1; 32], Instant::now()).is_none());
+        // Unrelated invalidations do not count; a mark taken after one does not see it.
+        assert!(cache.insert_unless_invalidated([2; 32], entry("c", "g", Some("u"), life), since));
+        let later = cache.mark();
+        assert!(cache.insert_unless_invalidated([3; 32], entry("c", "f", Some("u"), life), later));
+    }
+
+    #[test]
+    fn a_user_of_a_flow_is_dropped_across_callers_and_nothing_else() {
+        let cache = TokenCache::new(10);
+        let life = Duration::from_secs(60);
+        cache.insert([1; 32], entry("a", "f", Some("u"), life));
+        cache.insert([2; 32], entry("b", "f", Some("u"), life));
+        cache.insert([3; 32], entry("a", "g", Some("u"), life));
+        cache.insert([4; 32], entry("a", "f", Some("v"), life));
+        assert_eq!(cache.invalidate(&Filter::of(None, Some("f"), Some("u"))), 2);
+        for (key, kept) in [(1, false), (2, false), (3, true), (4, true)] {
+            assert_eq!(
+                cache.get(&[key; 32], Instant::now()).is_some(),
+                kept,
+                "{key}"
+            );
+        }
+    }
+
+    #[test]
+    fn evicted_entries_leave_the_index() {
+        let cache = TokenCache::new(5);
+        for i in 0..50u8 {
+            cache.insert([i; 32], entry("c", "f", Some("u"), Duration::from_secs(60)));
+            cache.len();
+        }
+        cache.len();
+        let index = lock(&cache.shared.index);
+        let by_caller = index.by_caller.values().map(HashMap::len).sum::<usize>();
+        let by_user = index.by_user.values().map(HashMap::len).sum::<usize>();
+        assert!(by_caller <= 5 && by_user <= 5, "{by_caller} {by_user}");
     }
 }

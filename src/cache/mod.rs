@@ -1,13 +1,18 @@
 //! The token cache, in two tiers: this process's own ([`local`]), and optionally one in Redis
-//! shared by every replica ([`shared`], `[cache.shared]`).
+//! shared by every replica ([`shared`], `[cache.shared]`). What a cached token is ([`entry`]), and
+//! what an invalidation drops and how it wins over mints in flight ([`invalidation`]).
 //!
 //! The cache knows tokens by an opaque [`CacheKey`]; which requests share a key is the issuance
 //! core's decision (`crate::issuance::key`), so the cache never sees a request.
 
+pub mod entry;
+pub mod invalidation;
 pub mod local;
 pub mod shared;
 
-pub use local::{identity_prefix, Entry, Owner, TokenCache};
+pub use entry::{identity_prefix, Entry, Owner};
+pub use invalidation::{Filter, Mark};
+pub use local::TokenCache;
 
 /// A cache key: the SHA-256 the issuance core makes of a caller and its canonical request. Never
 /// user data itself.

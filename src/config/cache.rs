@@ -25,6 +25,11 @@ pub struct CacheConfig {
     /// `GET /truora/identity/v1/processes/*/result` is kept, per caller and path. `0s`: off.
     #[serde(default, with = "humantime_serde")]
     pub result_ttl: Duration,
+    /// Most `DELETE /v1/tokens` a second per caller (bursts of up to one second's worth); beyond
+    /// it, 429. Invalidation is cheap but not free: a caller deleting in a loop must not crowd
+    /// out the others.
+    #[serde(default = "default_invalidate_rate")]
+    pub invalidate_rate: u32,
     /// Most bytes of results the result cache holds (bodies and keys counted); the least
     /// recently read make room beyond it.
     #[serde(default = "default_result_max_bytes")]
@@ -110,6 +115,9 @@ fn default_shared_breaker_cooldown() -> Duration {
     Duration::from_secs(5)
 }
 
+fn default_invalidate_rate() -> u32 {
+    10
+}
 fn default_result_max_bytes() -> u64 {
     16 * 1024 * 1024
 }
@@ -127,6 +135,7 @@ impl Default for CacheConfig {
             min_remaining: default_min_remaining(),
             result_ttl: Duration::ZERO,
             result_max_bytes: default_result_max_bytes(),
+            invalidate_rate: default_invalidate_rate(),
             shared: None,
         }
     }
@@ -141,6 +150,12 @@ impl CacheConfig {
         }
         if c.result_ttl > Duration::from_secs(3600) {
             return Err(invalid("cache.result_ttl", "must be at most 1h"));
+        }
+        if !(1..=10_000).contains(&c.invalidate_rate) {
+            return Err(invalid(
+                "cache.invalidate_rate",
+                "must be between 1 and 10000",
+            ));
         }
         if !(64 * 1024..=1024 * 1024 * 1024).contains(&c.result_max_bytes) {
             return Err(invalid(

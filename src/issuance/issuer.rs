@@ -27,10 +27,11 @@ use zeroize::Zeroizing;
 use super::answer::Issued;
 use super::key::key;
 use super::request::TokenRequest;
-use crate::cache::shared::{LockOutcome, SharedTier, SharedToken};
-use crate::cache::{identity_prefix, CacheKey, Entry, Owner, TokenCache};
+use crate::cache::shared::{SharedTier, SharedToken};
+use crate::cache::{identity_prefix, CacheKey, Entry, Filter, Owner, TokenCache};
 use crate::error::{BrokerError, Refusal, UpstreamError};
 use crate::metrics::{CacheOutcome, Metrics};
+use crate::rate::KeyedBuckets;
 use crate::truora::{token_lifetime, ArrayEncoding, DEFAULT_TOKEN_LIFETIME};
 use crate::upstream::{Guard, Mint};
 /// A token whose claims give a longer life than this is not believed.
@@ -47,34 +48,43 @@ pub struct IssuerSettings {
     pub web_url: String,
     /// `upstream.array_encoding`.
     pub array_encoding: ArrayEncoding,
+    /// `cache.invalidate_rate`: `DELETE /v1/tokens` a second per caller.
+    pub invalidate_rate: u32,
 }
 
 type FlightResult = Option<Result<(Arc<Entry>, CacheOutcome), BrokerError>>;
 
+/// What a flight brings back: the entry, where it came from, and whether it may be kept (not
+/// when the shared tier saw an invalidation that drops it while it was minted).
+pub(super) struct Flown {
+    pub(super) entry: Arc<Entry>,
+    pub(super) cache: CacheOutcome,
+    pub(super) keep: bool,
+}
+
 /// The core: cache, single flight and minting.
 pub struct Issuer {
-    cache: TokenCache,
+    pub(super) cache: TokenCache,
     inflight: Mutex<HashMap<CacheKey, watch::Receiver<FlightResult>>>,
-    /// Bumped by every invalidation: a flight that started before one does not fill the cache,
-    /// so a token dropped while its mint was in flight does not come back.
-    invalidations: std::sync::atomic::AtomicU64,
+    /// `DELETE /v1/tokens` per caller: `cache.invalidate_rate` a second.
+    invalidations: KeyedBuckets,
     mint: Arc<dyn Mint>,
     guard: Guard,
     metrics: Arc<Metrics>,
-    settings: IssuerSettings,
+    pub(super) settings: IssuerSettings,
     /// [`identity_prefix`] of `settings.web_url`, shared by every entry.
     identity_prefix: Arc<str>,
     /// `[cache.shared]`: consulted only on a local miss and on invalidation.
-    shared: Option<SharedTier>,
+    pub(super) shared: Option<SharedTier>,
 }
 
 /// What a flight needs to build its entry, owned so the flight outlives the request.
-struct Subject {
-    caller: Arc<str>,
-    flow_id: Box<str>,
-    account_id: Option<Box<str>>,
-    user: String,
-    form: String,
+pub(super) struct Subject {
+    pub(super) caller: Arc<str>,
+    pub(super) flow_id: Box<str>,
+    pub(super) account_id: Option<Box<str>>,
+    pub(super) user: String,
+    pub(super) form: String,
 }
 
 impl Issuer {
@@ -107,7 +117,7 @@ impl Issuer {
         Arc::new(Self {
             cache,
             inflight: Mutex::new(HashMap::new()),
-            invalidations: std::sync::atomic::AtomicU64::new(0),
+            invalidations: KeyedBuckets::new(settings.invalidate_rate),
             mint,
             guard,
             metrics,
@@ -203,12 +213,11 @@ impl Issuer {
         Issued { entry, cache }
     }
 
-    /// Drops this caller's cached tokens for the flow and/or account; returns how many.
-    pub fn invalidate(&self, caller: &str, flow_id: Option<&str>, account_id: Option<&str>) -> u64 {
-        self.invalidations
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let n = self.cache.invalidate(caller, flow_id, account_id);
-        let user = account_id.map(|a| {
+    /// Drops the tokens `filter` matches from this replica's cache; returns how many. Mints in
+    /// flight that it matches will not store their tokens.
+    pub fn invalidate(&self, filter: &Filter) -> u64 {
+        let n = self.cache.invalidate(filter);
+        let user = filter.account_id.as_deref().map(|a| {
             TokenRequest {
                 account_id: Some(a.into()),
                 ..Default::default()
@@ -217,13 +226,28 @@ impl Issuer {
         });
         tracing::info!(
             target: "audit",
-            caller,
-            flow_id,
+            caller = filter.caller.as_deref().unwrap_or("*"),
+            flow_id = filter.flow_id.as_deref(),
             user = user.as_deref().unwrap_or("-"),
             invalidated = n,
             "tokens invalidated"
         );
         n
+    }
+
+    /// `DELETE /v1/tokens` of `caller`: at most `cache.invalidate_rate` a second per caller,
+    /// then [`Issuer::invalidate_everywhere`] of its own tokens for the flow and/or account.
+    pub async fn invalidate_for_caller(
+        &self,
+        caller: &str,
+        flow_id: Option<&str>,
+        account_id: Option<&str>,
+    ) -> Result<u64, BrokerError> {
+        self.invalidations
+            .take(caller)
+            .map_err(|retry_after| Refusal::InvalidationRateExceeded { retry_after })?;
+        self.invalidate_everywhere(&Filter::of(Some(caller), flow_id, account_id))
+            .await
     }
 
     /// One upstream call for `key`, shared by every waiter. Runs in its own task.
@@ -243,21 +267,23 @@ impl Issuer {
         }
         // Leaves the table even if minting panics; waiters then see the channel close.
         let leave = Leave(&self, key);
-        let generation = self.invalidations.load(std::sync::atomic::Ordering::SeqCst);
-        let result = match &self.shared {
-            None => self
-                .mint_entry(subject)
-                .await
-                .map(|e| (e, CacheOutcome::Miss)),
+        // An invalidation from here on that matches this token keeps it out of the cache.
+        let since = self.cache.mark();
+        let flown = match &self.shared {
+            None => self.mint_entry(subject).await.map(|entry| Flown {
+                entry,
+                cache: CacheOutcome::Miss,
+                keep: true,
+            }),
             Some(shared) => self.fly_fleet(shared, &key, subject).await,
         };
-        if let Ok((entry, _)) = &result {
-            let invalidated =
-                self.invalidations.load(std::sync::atomic::Ordering::SeqCst) != generation;
-            if entry.serve_until > Instant::now() && !invalidated {
-                self.cache.insert(key, Arc::clone(entry));
+        if let Ok(flown) = &flown {
+            if flown.keep && flown.entry.serve_until > Instant::now() {
+                self.cache
+                    .insert_unless_invalidated(key, Arc::clone(&flown.entry), since);
             }
         }
+        let result = flown.map(|f| (f.entry, f.cache));
         drop(leave);
         // Every request still waiting holds a receiver; the table's went with `leave`.
         self.metrics
@@ -276,13 +302,16 @@ impl Issuer {
         }
     }
 
-    /// Mints a token upstream (through the resilience policy) and builds its entry.
-    async fn mint_entry(&self, subject: Subject) -> Result<Arc<Entry>, BrokerError> {
+    /// Mints a token upstream (through the guard) and builds its entry.
+    pub(super) async fn mint_entry(&self, subject: Subject) -> Result<Arc<Entry>, BrokerError> {
         self.mint_token(subject).await.map(|(entry, _)| entry)
     }
 
     /// [`Issuer::mint_entry`], also giving what the shared tier stores.
-    async fn mint_token(&self, subject: Subject) -> Result<(Arc<Entry>, SharedToken), BrokerError> {
+    pub(super) async fn mint_token(
+        &self,
+        subject: Subject,
+    ) -> Result<(Arc<Entry>, SharedToken), BrokerError> {
         let token = Zeroizing::new(
             self.guard
                 .call(&subject.caller, &*self.mint, &subject.form)
@@ -335,12 +364,14 @@ impl Issuer {
             caller: subject.caller.as_ref().into(),
             flow_id: subject.flow_id.as_ref().into(),
             account_id: subject.account_id.as_deref().map(Into::into),
+            // Set by the flight that stores it (the shared tier's mark at its start).
+            since: 0,
         };
         let entry = self.entry(&token, received, expires, expires_at, subject);
         Ok((entry, shared))
     }
 
-    fn entry(
+    pub(super) fn entry(
         &self,
         token: &str,
         now: Instant,
@@ -364,125 +395,6 @@ impl Issuer {
             expires,
             serve_until,
             expires_at,
-        ))
-    }
-}
-
-/// The shared tier (`[cache.shared]`): read-through, the fleet-wide lock, invalidation.
-impl Issuer {
-    /// The Redis tier, when configured.
-    pub fn shared(&self) -> Option<&SharedTier> {
-        self.shared.as_ref()
-    }
-
-    /// Drops the caller's matching tokens here, and, with a shared tier, in Redis and on every
-    /// other replica. When Redis cannot be reached the local tokens are dropped and the call
-    /// fails, so the caller knows to retry: other replicas may still hold the token.
-    pub async fn invalidate_everywhere(
-        &self,
-        caller: &str,
-        flow_id: Option<&str>,
-        account_id: Option<&str>,
-    ) -> Result<u64, BrokerError> {
-        let local = self.invalidate(caller, flow_id, account_id);
-        let Some(shared) = &self.shared else {
-            return Ok(local);
-        };
-        match shared.invalidate(caller, flow_id, account_id).await {
-            Ok(n) => Ok(local.max(n)),
-            Err(_) => Err(Refusal::SharedCacheUnavailable.into()),
-        }
-    }
-
-    /// A local miss with a shared tier: Redis first; else one replica of the fleet takes the
-    /// lock and mints while the others poll for its value; Redis failing or the wait outlasting
-    /// the lock's life means minting here without it.
-    async fn fly_fleet(
-        &self,
-        shared: &SharedTier,
-        key: &CacheKey,
-        subject: Subject,
-    ) -> Result<(Arc<Entry>, CacheOutcome), BrokerError> {
-        let give_up = Instant::now() + shared.wait_bound();
-        let mut pause = Duration::from_millis(5);
-        let mut waited = false;
-        let outcome = loop {
-            match shared.get(key).await {
-                Ok(Some(found)) => {
-                    if let Some(entry) = self.shared_entry(shared, found, &subject) {
-                        if waited {
-                            shared.count_lock(LockOutcome::Waited);
-                        }
-                        return Ok((entry, CacheOutcome::Hit));
-                    }
-                }
-                Ok(None) => {}
-                Err(_) => break LockOutcome::Fallback,
-            }
-            match shared.lock(key).await {
-                Ok(Some(lock)) => {
-                    // Another replica may have stored its token and let go between the read
-                    // and the lock: read once more before minting.
-                    if let Ok(Some(found)) = shared.get(key).await {
-                        if let Some(entry) = self.shared_entry(shared, found, &subject) {
-                            shared.unlock(key, lock).await;
-                            return Ok((entry, CacheOutcome::Hit));
-                        }
-                    }
-                    shared.count_lock(LockOutcome::Acquired);
-                    let result = self.mint_token(subject).await;
-                    if let Ok((entry, token)) = &result {
-                        if entry.serve_until > Instant::now() {
-                            let _ = shared.put(key, token).await;
-                        }
-                    }
-                    shared.unlock(key, lock).await;
-                    return result.map(|(entry, _)| (entry, CacheOutcome::Miss));
-                }
-                Ok(None) if Instant::now() < give_up => {
-                    waited = true;
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_millis(50));
-                }
-                _ => break LockOutcome::Fallback,
-            }
-        };
-        shared.count_lock(outcome);
-        self.mint_entry(subject)
-            .await
-            .map(|entry| (entry, CacheOutcome::Miss))
-    }
-
-    /// The entry for a token read from Redis, with the life it has left by the wall clock;
-    /// `None` when it may no longer be handed out (inside `min_remaining`) or is not this
-    /// request's.
-    fn shared_entry(
-        &self,
-        shared: &SharedTier,
-        found: SharedToken,
-        subject: &Subject,
-    ) -> Option<Arc<Entry>> {
-        let remaining = found.expires_at.duration_since(SystemTime::now()).ok();
-        let usable = remaining.filter(|r| *r > self.settings.min_remaining);
-        let ours = found.caller == *subject.caller && found.flow_id == *subject.flow_id;
-        let (Some(remaining), true) = (usable, ours) else {
-            shared.count_stale();
-            return None;
-        };
-        let now = Instant::now();
-        let subject = Subject {
-            caller: Arc::clone(&subject.caller),
-            flow_id: subject.flow_id.clone(),
-            account_id: subject.account_id.clone(),
-            user: String::new(),
-            form: String::new(),
-        };
-        Some(self.entry(
-            &found.token,
-            now,
-            now + remaining,
-            found.expires_at,
-            subject,
         ))
     }
 }
@@ -536,6 +448,7 @@ mod tests {
             max_entries: 1000,
             web_url: "https://identity.truora.com".into(),
             array_encoding: ArrayEncoding::Repeat,
+            invalidate_rate: 10,
         };
         struct Shared(Arc<Fake>);
         impl Mint for Shared {
@@ -577,6 +490,22 @@ mod tests {
     const USER_REQ: &str = "country=CO&flow_id=IPF1&redirect_url=https://a.example&account_id=u1";
 
     use crate::issuance::request::owned_form as req;
+
+    /// `USER_REQ` for `caller`, now.
+    async fn issue(issuer: &Arc<Issuer>, caller: &Arc<str>) -> Result<Issued, BrokerError> {
+        issuer
+            .issue(caller, &req(USER_REQ), &mut CacheOutcome::None)
+            .await
+    }
+
+    /// `USER_REQ` for `caller`, in a task of its own.
+    fn spawn_issue(
+        issuer: &Arc<Issuer>,
+        caller: &Arc<str>,
+    ) -> tokio::task::JoinHandle<Result<Issued, BrokerError>> {
+        let (issuer, caller) = (Arc::clone(issuer), Arc::clone(caller));
+        tokio::spawn(async move { issue(&issuer, &caller).await })
+    }
 
     fn body_json(issued: &Issued) -> serde_json::Value {
         serde_json::from_slice(&issued.tokens_body(Instant::now())).unwrap()
@@ -788,6 +717,7 @@ mod tests {
                 max_entries: 10,
                 web_url: "https://id.example".into(),
                 array_encoding: ArrayEncoding::Repeat,
+                invalidate_rate: 10,
             },
             Arc::new(Opaque),
             test_guard(&metrics),
@@ -808,8 +738,14 @@ mod tests {
             .issue(&caller, &req(USER_REQ), &mut CacheOutcome::None)
             .await
             .unwrap();
-        assert_eq!(issuer.invalidate("other", Some("IPF1"), None), 0);
-        assert_eq!(issuer.invalidate("c", None, Some("u1")), 1);
+        assert_eq!(
+            issuer.invalidate(&Filter::of(Some("other"), Some("IPF1"), None)),
+            0
+        );
+        assert_eq!(
+            issuer.invalidate(&Filter::of(Some("c"), None, Some("u1"))),
+            1
+        );
         let again = issuer
             .issue(&caller, &req(USER_REQ), &mut CacheOutcome::None)
             .await
@@ -824,26 +760,53 @@ mod tests {
         f.delay = Duration::from_millis(200);
         let (issuer, fake) = issuer(f, Duration::from_secs(900));
         let caller: Arc<str> = "c".into();
-        let in_flight = {
-            let issuer = Arc::clone(&issuer);
-            let caller = Arc::clone(&caller);
-            tokio::spawn(async move {
-                issuer
-                    .issue(&caller, &req(USER_REQ), &mut CacheOutcome::None)
-                    .await
-            })
-        };
+        let in_flight = spawn_issue(&issuer, &caller);
         tokio::time::sleep(Duration::from_millis(50)).await;
-        issuer.invalidate("c", None, Some("u1"));
+        issuer.invalidate(&Filter::of(Some("c"), None, Some("u1")));
         // The waiter still gets its token...
         assert_eq!(in_flight.await.unwrap().unwrap().cache, CacheOutcome::Miss);
         // ...but it was not kept: the next request mints again.
-        let next = issuer
-            .issue(&caller, &req(USER_REQ), &mut CacheOutcome::None)
-            .await
-            .unwrap();
+        let next = issue(&issuer, &caller).await.unwrap();
         assert_eq!(next.cache, CacheOutcome::Miss);
         assert_eq!(fake.calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn another_callers_or_users_invalidation_does_not_keep_a_mint_out_of_the_cache() {
+        let mut f = fake(7200);
+        f.delay = Duration::from_millis(200);
+        let (issuer, fake) = issuer(f, Duration::from_secs(900));
+        let caller: Arc<str> = "c".into();
+        let in_flight = spawn_issue(&issuer, &caller);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        issuer.invalidate(&Filter::caller("other"));
+        issuer.invalidate(&Filter::of(Some("c"), None, Some("someone-else")));
+        issuer.invalidate(&Filter::of(None, Some("IPF2"), Some("u1")));
+        in_flight.await.unwrap().unwrap();
+        let next = issue(&issuer, &caller).await.unwrap();
+        assert_eq!(next.cache, CacheOutcome::Hit);
+        assert_eq!(fake.calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn deletes_beyond_the_callers_rate_are_refused_and_others_are_not() {
+        let (issuer, _) = issuer(fake(7200), Duration::from_secs(900));
+        for _ in 0..10 {
+            issuer
+                .invalidate_for_caller("c", Some("IPF1"), None)
+                .await
+                .unwrap();
+        }
+        let err = issuer
+            .invalidate_for_caller("c", Some("IPF1"), None)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), "invalidation_rate_exceeded");
+        assert!(err.retry_after().is_some());
+        issuer
+            .invalidate_for_caller("d", Some("IPF1"), None)
+            .await
+            .unwrap();
     }
 
     #[tokio::test]

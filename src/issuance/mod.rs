@@ -7,10 +7,12 @@
 //!   [`TokenRequest`]; the `DELETE /v1/tokens` query into an [`InvalidationFilter`].
 //! - [`policy`]: what each caller may ask for.
 //! - [`key`]: which requests share a token.
-//! - [`issuer`]: lookup, single flight, minting through the upstream guard, the shared tier.
+//! - [`issuer`]: lookup, single flight, minting through the upstream guard; [`fleet`]: the same
+//!   with the shared tier, and invalidation everywhere.
 //! - [`answer`]: the answer's bytes.
 
 pub mod answer;
+pub mod fleet;
 pub mod issuer;
 pub mod key;
 pub mod parse;

@@ -177,7 +177,7 @@ async fn invalidate(
     let filter = invalidation_filter(query)?;
     let n = state
         .issuer
-        .invalidate_everywhere(
+        .invalidate_for_caller(
             caller,
             filter.flow_id.as_deref(),
             filter.account_id.as_deref(),

@@ -427,6 +427,7 @@ mod tests {
                 max_entries: 100,
                 web_url: "https://identity.truora.com".into(),
                 array_encoding: ArrayEncoding::Repeat,
+                invalidate_rate: 10,
             },
             mint,
             Guard::new(

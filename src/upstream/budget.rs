@@ -1,6 +1,5 @@
-//! Mint budgets: token buckets of `mint_rate` mints a second (bursts of up to one second's worth),
-//! one global (`upstream.mint_rate`) and one per caller that has its own (`[[clients]]
-//! mint_rate`). Time is tokio's, so tests run on a paused clock.
+//! Mint budgets: token buckets ([`crate::rate`]) of `mint_rate` mints a second, one global
+//! (`upstream.mint_rate`) and one per caller that has its own (`[[clients]] mint_rate`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -9,38 +8,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::error::BudgetScope;
-
-struct Bucket {
-    rate: f64,
-    burst: f64,
-    tokens: f64,
-    last: Instant,
-}
-
-impl Bucket {
-    fn new(rate: u32, now: Instant) -> Self {
-        let rate = f64::from(rate.max(1));
-        Self {
-            rate,
-            burst: rate.max(1.0),
-            tokens: rate.max(1.0),
-            last: now,
-        }
-    }
-
-    /// Takes one token, or says how long until one is there.
-    fn take(&mut self, now: Instant) -> Result<(), Duration> {
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
-        self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            Ok(())
-        } else {
-            Err(Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
-        }
-    }
-}
+use crate::rate::Bucket;
 
 /// The global budget and the callers' own.
 pub struct Budgets {
@@ -91,7 +59,7 @@ impl Budgets {
         let mut fresh = buckets(rates, Instant::now());
         for (id, bucket) in fresh.iter_mut() {
             if let Some(old) = callers.remove(id) {
-                if old.rate == bucket.rate {
+                if old.rate() == bucket.rate() {
                     *bucket = old;
                 }
             }

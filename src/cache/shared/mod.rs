@@ -11,8 +11,10 @@
 //! - **Sealed values** ([`seal`]): each value is AES-256-GCM under the configured key with the
 //!   cache key as associated data. Redis keys are the cache key's SHA-256 hex under
 //!   `key_prefix`, never user data.
-//! - **Invalidation everywhere** ([`store`]): `DELETE /v1/tokens` deletes the caller's matching
-//!   values and publishes a sealed message; every replica drops its matching local entries.
+//! - **Invalidation everywhere** ([`invalidate`]): an invalidation is recorded so that it wins
+//!   over every mint in flight on every replica, deletes the matching values (found through
+//!   indexes, not a scan) and publishes a sealed message; every replica drops its matching local
+//!   entries.
 //! - **Redis is never required** (here): every call is bounded by `timeout` and guarded by a
 //!   [`Breaker`]; when Redis fails the broker serves from its local tier and Truora as without
 //!   this tier, and the connection manager reconnects by itself.
@@ -25,22 +27,21 @@ use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Regist
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::IntoConnectionInfo;
 
-use sha2::{Digest, Sha256};
-
 use super::{CacheKey, TokenCache};
 use crate::breaker::{Breaker, Change, Health};
 use crate::config::{redacted_url, SharedCacheConfig};
 use crate::secret::hex;
 
+pub mod invalidate;
 pub mod lock;
 pub mod seal;
 pub mod store;
 
 pub use lock::{LockOutcome, LockToken};
 pub use seal::{SharedSecrets, ENCRYPTION_KEY_ENV};
-pub use store::SharedToken;
+pub use store::{PutOutcome, SharedToken};
 
-use seal::Sealer;
+use seal::{Sealer, Tagger};
 
 /// Why the tier could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +58,9 @@ pub enum TierError {
     /// The OS random source failed.
     #[error("cache.shared: the OS random source failed")]
     Random,
+    /// The key of the tags could not be derived from the encryption key.
+    #[error("cache.shared: the tag key could not be derived")]
+    TagKey,
 }
 
 /// Why a Redis call did not help.
@@ -142,11 +146,20 @@ impl SharedMetrics {
         registry.register(Box::new(m.locks.clone()))?;
         registry.register(Box::new(m.invalidations.clone()))?;
         registry.register(Box::new(m.subscribed.clone()))?;
-        for result in ["hit", "miss", "stale", "undecryptable", "error"] {
+        for result in [
+            "hit",
+            "miss",
+            "stale",
+            "undecryptable",
+            "invalidated",
+            "error",
+        ] {
             m.lookups.with_label_values(&[result]);
         }
         for op in [
             "get",
+            "mark",
+            "check",
             "put",
             "lock",
             "unlock",
@@ -173,6 +186,8 @@ struct Inner {
     client: redis::Client,
     conn: ConnectionManager,
     sealer: Sealer,
+    /// Tags of callers, flows and users for index names and invalidation records.
+    tagger: Tagger,
     prefix: String,
     channel: String,
     timeout: Duration,
@@ -264,6 +279,7 @@ impl SharedTier {
                 client,
                 conn,
                 sealer: Sealer::new(&secrets.key),
+                tagger: Tagger::new(&secrets.key).ok_or(TierError::TagKey)?,
                 prefix: cfg.key_prefix.clone(),
                 channel: format!("{}invalidate", cfg.key_prefix),
                 timeout: cfg.timeout,
@@ -297,12 +313,29 @@ impl SharedTier {
         format!("{}lock:{}", self.inner.prefix, hex(key))
     }
 
-    fn index_key(&self, caller: &str) -> String {
-        let digest = Sha256::new()
-            .chain_update(b"token-broker/shared-cache/caller/v1\0")
-            .chain_update(caller.as_bytes())
-            .finalize();
-        format!("{}caller:{}", self.inner.prefix, hex(&digest))
+    /// The index of a caller's values: `<prefix>caller:<tag of the caller>`.
+    fn caller_index(&self, caller: &str) -> String {
+        let tag = self.inner.tagger.tag(&[b"caller", caller.as_bytes()]);
+        format!("{}caller:{tag}", self.inner.prefix)
+    }
+
+    /// The index of a user's values in a flow, across callers: `<prefix>user:<tag>`.
+    fn user_index(&self, flow_id: &str, account_id: &str) -> String {
+        let tag = self
+            .inner
+            .tagger
+            .tag(&[b"user", flow_id.as_bytes(), account_id.as_bytes()]);
+        format!("{}user:{tag}", self.inner.prefix)
+    }
+
+    /// The invalidation sequence, log and floor (see [`invalidate`]).
+    fn log_keys(&self) -> (String, String, String) {
+        let p = &self.inner.prefix;
+        (
+            format!("{p}inv:seq"),
+            format!("{p}inv:log"),
+            format!("{p}inv:floor"),
+        )
     }
 
     /// How long a miss may wait on another replica's lock before minting without it: the lock's

@@ -4,6 +4,8 @@
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
 use zeroize::Zeroizing;
 
 use crate::config::{ConfigError, SharedCacheConfig};
@@ -135,6 +137,34 @@ impl Sealer {
     }
 }
 
+/// Keyed one-way tags of what must be findable in Redis without being readable there: a
+/// caller's id, a flow, a user (index names, invalidation records). HMAC-SHA256 under a key
+/// derived from the encryption key, cut to 64 bits: equal inputs give equal tags on every
+/// replica, and the tags alone tell nothing, not even to someone trying every phone number.
+pub(super) struct Tagger(Hmac<Sha256>);
+
+impl Tagger {
+    pub(super) fn new(key: &[u8; 32]) -> Option<Self> {
+        let mut derive = <Hmac<Sha256> as Mac>::new_from_slice(key).ok()?;
+        derive.update(b"token-broker/shared-cache/tag/v1");
+        let subkey: Zeroizing<[u8; 32]> = Zeroizing::new(derive.finalize().into_bytes().into());
+        <Hmac<Sha256> as Mac>::new_from_slice(&*subkey)
+            .ok()
+            .map(Self)
+    }
+
+    /// The tag of `parts` (length-prefixed, so parts cannot be shifted into each other), as 16
+    /// hex digits.
+    pub(super) fn tag(&self, parts: &[&[u8]]) -> String {
+        let mut mac = self.0.clone();
+        for part in parts {
+            mac.update(&(part.len() as u32).to_be_bytes());
+            mac.update(part);
+        }
+        crate::secret::hex(&mac.finalize().into_bytes()[..8])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -166,6 +196,18 @@ mod tests {
         assert_ne!(
             sealed,
             sealer.seal(&[b"value", &a], b"secret-token").unwrap()
+        );
+    }
+
+    #[test]
+    fn tags_are_stable_per_key_and_tell_parts_apart() {
+        let t = Tagger::new(&[7; 32]).unwrap();
+        assert_eq!(t.tag(&[b"caller", b"c"]), t.tag(&[b"caller", b"c"]));
+        assert_eq!(t.tag(&[b"caller", b"c"]).len(), 16);
+        assert_ne!(t.tag(&[b"ab", b"c"]), t.tag(&[b"a", b"bc"]));
+        assert_ne!(
+            t.tag(&[b"caller", b"c"]),
+            Tagger::new(&[8; 32]).unwrap().tag(&[b"caller", b"c"])
         );
     }
 

@@ -1,0 +1,158 @@
+//! What an invalidation drops ([`Filter`]), and the record that lets one win over every mint
+//! that started before it ([`Log`]).
+//!
+//! A mint takes a [`Mark`] when its flight starts. Before its token is stored, the log is asked
+//! whether an invalidation matching the token's owner came since that mark: if one did, the token
+//! is handed to the requests that waited for it but never stored, so a `DELETE` (or a webhook, or
+//! a revocation) that ran while the mint was in flight sticks. Only invalidations matching the
+//! owner count: another caller's `DELETE`, or one for another user, changes nothing.
+//!
+//! The log keeps the latest [`LOG_CAPACITY`] invalidations. A mark older than everything it
+//! still holds cannot be answered for, and is treated as invalidated (the token is not stored;
+//! the next request mints again): the safe side.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use super::Owner;
+
+/// Invalidations remembered for in-flight mints: far more than can happen during one mint's
+/// deadline at any sane rate (`DELETE` is rate limited per caller).
+pub const LOG_CAPACITY: usize = 4096;
+
+/// What an invalidation drops: the entries whose owner has every field given. The empty filter
+/// matches everything (a tier that may have missed invalidations forgets it all).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Filter {
+    /// Only this caller's tokens; `None`: every caller's (a process that ended drops its tokens
+    /// whoever asked for them).
+    pub caller: Option<Arc<str>>,
+    /// Only tokens of this flow.
+    pub flow_id: Option<Box<str>>,
+    /// Only tokens of this user (`account_id`).
+    pub account_id: Option<Box<str>>,
+}
+
+impl Filter {
+    /// Everything of one caller (a revoked caller).
+    pub fn caller(caller: &str) -> Self {
+        Self {
+            caller: Some(caller.into()),
+            ..Self::default()
+        }
+    }
+
+    /// A caller's tokens for a flow and/or an account (`DELETE /v1/tokens`).
+    pub fn of(caller: Option<&str>, flow_id: Option<&str>, account_id: Option<&str>) -> Self {
+        Self {
+            caller: caller.map(Into::into),
+            flow_id: flow_id.map(Into::into),
+            account_id: account_id.map(Into::into),
+        }
+    }
+
+    /// True when `owner`'s token is one this filter drops.
+    pub fn matches(&self, owner: &Owner) -> bool {
+        self.caller.as_deref().is_none_or(|c| *owner.caller == *c)
+            && self.flow_id.as_deref().is_none_or(|f| *owner.flow_id == *f)
+            && self
+                .account_id
+                .as_deref()
+                .is_none_or(|a| owner.account_id.as_deref() == Some(a))
+    }
+}
+
+/// A point in the log: what a flight remembers from its start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Mark(u64);
+
+/// The latest invalidations, in order.
+#[derive(Debug, Default)]
+pub struct Log {
+    /// The sequence number the next invalidation gets.
+    next: u64,
+    /// The latest invalidations and their sequence numbers, oldest first.
+    recent: VecDeque<(u64, Filter)>,
+}
+
+impl Log {
+    /// Where the log stands now.
+    pub fn mark(&self) -> Mark {
+        Mark(self.next)
+    }
+
+    /// Records an invalidation.
+    pub fn record(&mut self, filter: Filter) {
+        if self.recent.len() == LOG_CAPACITY {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((self.next, filter));
+        self.next += 1;
+    }
+
+    /// True when an invalidation since `mark` drops `owner`'s token, or when the log no longer
+    /// reaches back to `mark`.
+    pub fn invalidated_since(&self, mark: Mark, owner: &Owner) -> bool {
+        let oldest = self.recent.front().map_or(self.next, |(seq, _)| *seq);
+        if mark.0 < oldest && self.next > mark.0 {
+            return true;
+        }
+        self.recent
+            .iter()
+            .rev()
+            .take_while(|(seq, _)| *seq >= mark.0)
+            .any(|(_, filter)| filter.matches(owner))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn owner(caller: &str, flow: &str, account: Option<&str>) -> Owner {
+        Owner {
+            caller: caller.into(),
+            flow_id: flow.into(),
+            account_id: account.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn a_filter_matches_every_field_it_names_and_nothing_else() {
+        let o = owner("c", "f", Some("u"));
+        assert!(Filter::caller("c").matches(&o));
+        assert!(!Filter::caller("d").matches(&o));
+        assert!(Filter::of(Some("c"), Some("f"), None).matches(&o));
+        assert!(!Filter::of(Some("c"), Some("g"), None).matches(&o));
+        assert!(Filter::of(None, Some("f"), Some("u")).matches(&o));
+        assert!(!Filter::of(None, Some("f"), Some("v")).matches(&o));
+        assert!(!Filter::of(Some("c"), None, Some("u")).matches(&owner("c", "f", None)));
+        assert!(Filter::default().matches(&o));
+    }
+
+    #[test]
+    fn only_a_matching_invalidation_since_the_mark_counts() {
+        let mut log = Log::default();
+        log.record(Filter::caller("c"));
+        let mark = log.mark();
+        let o = owner("c", "f", Some("u"));
+        assert!(!log.invalidated_since(mark, &o), "the one before the mark");
+        log.record(Filter::caller("other"));
+        log.record(Filter::of(Some("c"), None, Some("someone-else")));
+        assert!(!log.invalidated_since(mark, &o));
+        log.record(Filter::of(Some("c"), Some("f"), None));
+        assert!(log.invalidated_since(mark, &o));
+    }
+
+    #[test]
+    fn a_mark_older_than_the_log_counts_as_invalidated() {
+        let mut log = Log::default();
+        let mark = log.mark();
+        assert!(!log.invalidated_since(mark, &owner("c", "f", None)));
+        for _ in 0..=LOG_CAPACITY {
+            log.record(Filter::caller("other"));
+        }
+        assert!(log.invalidated_since(mark, &owner("c", "f", None)));
+        assert!(!log.invalidated_since(log.mark(), &owner("c", "f", None)));
+    }
+}

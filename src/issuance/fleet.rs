@@ -1,0 +1,153 @@
+//! The issuer with a shared tier (`[cache.shared]`): a local miss reads Redis first; one replica
+//! of the fleet mints under a lock while the others wait for its value; invalidation reaches
+//! Redis and every replica. Redis failing, or a wait outlasting the lock's life, means minting
+//! here without it: Redis is never required.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use super::issuer::{Flown, Issuer, Subject};
+use crate::cache::shared::{LockOutcome, PutOutcome, SharedTier, SharedToken};
+use crate::cache::{CacheKey, Entry, Filter};
+use crate::error::{BrokerError, Refusal};
+use crate::metrics::CacheOutcome;
+
+impl Issuer {
+    /// The Redis tier, when configured.
+    pub fn shared(&self) -> Option<&SharedTier> {
+        self.shared.as_ref()
+    }
+
+    /// Drops the tokens `filter` matches here, and, with a shared tier, in Redis and on every
+    /// other replica; mints in flight that it matches, anywhere, do not keep their tokens. When
+    /// Redis cannot be reached the local tokens are dropped and the call fails, so the caller
+    /// knows to retry: other replicas may still hold the token.
+    pub async fn invalidate_everywhere(&self, filter: &Filter) -> Result<u64, BrokerError> {
+        let local = self.invalidate(filter);
+        let Some(shared) = &self.shared else {
+            return Ok(local);
+        };
+        match shared.invalidate(filter).await {
+            Ok(n) => Ok(local.max(n)),
+            Err(_) => Err(Refusal::SharedCacheUnavailable.into()),
+        }
+    }
+
+    /// A local miss with a shared tier: Redis first; else one replica of the fleet takes the
+    /// lock and mints while the others poll for its value; Redis failing or the wait outlasting
+    /// the lock's life means minting here without it.
+    pub(super) async fn fly_fleet(
+        &self,
+        shared: &SharedTier,
+        key: &CacheKey,
+        subject: Subject,
+    ) -> Result<Flown, BrokerError> {
+        let give_up = Instant::now() + shared.wait_bound();
+        let mut pause = Duration::from_millis(5);
+        let mut waited = false;
+        let hit = |entry| Flown {
+            entry,
+            cache: CacheOutcome::Hit,
+            keep: true,
+        };
+        let outcome = loop {
+            match shared.get(key).await {
+                Ok(Some(found)) => {
+                    if let Some(entry) = self.shared_entry(shared, found, &subject) {
+                        if waited {
+                            shared.count_lock(LockOutcome::Waited);
+                        }
+                        return Ok(hit(entry));
+                    }
+                }
+                Ok(None) => {}
+                Err(_) => break LockOutcome::Fallback,
+            }
+            match shared.lock(key).await {
+                Ok(Some(lock)) => {
+                    // Another replica may have stored its token and let go between the read
+                    // and the lock: read once more before minting.
+                    if let Ok(Some(found)) = shared.get(key).await {
+                        if let Some(entry) = self.shared_entry(shared, found, &subject) {
+                            shared.unlock(key, lock).await;
+                            return Ok(hit(entry));
+                        }
+                    }
+                    shared.count_lock(LockOutcome::Acquired);
+                    let flown = self.mint_and_share(shared, key, subject).await;
+                    shared.unlock(key, lock).await;
+                    return flown;
+                }
+                Ok(None) if Instant::now() < give_up => {
+                    waited = true;
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(50));
+                }
+                _ => break LockOutcome::Fallback,
+            }
+        };
+        shared.count_lock(outcome);
+        self.mint_entry(subject).await.map(|entry| Flown {
+            entry,
+            cache: CacheOutcome::Miss,
+            keep: true,
+        })
+    }
+
+    /// Mints under the fleet's lock and stores the token in Redis, marked with the
+    /// invalidation number of the mint's start: an invalidation that drops it meanwhile
+    /// deletes it again, and then it is not kept here either.
+    async fn mint_and_share(
+        &self,
+        shared: &SharedTier,
+        key: &CacheKey,
+        subject: Subject,
+    ) -> Result<Flown, BrokerError> {
+        // Without a mark (Redis failing), the token is handed over and kept here, not in Redis.
+        let since = shared.mark().await;
+        let (entry, mut token) = self.mint_token(subject).await?;
+        let mut keep = true;
+        if let (Ok(since), true) = (since, entry.serve_until > Instant::now()) {
+            token.since = since;
+            keep = shared.put(key, &token).await != Ok(PutOutcome::Invalidated);
+        }
+        Ok(Flown {
+            entry,
+            cache: CacheOutcome::Miss,
+            keep,
+        })
+    }
+
+    /// The entry for a token read from Redis, with the life it has left by the wall clock;
+    /// `None` when it may no longer be handed out (inside `min_remaining`) or is not this
+    /// request's.
+    fn shared_entry(
+        &self,
+        shared: &SharedTier,
+        found: SharedToken,
+        subject: &Subject,
+    ) -> Option<Arc<Entry>> {
+        let remaining = found.expires_at.duration_since(SystemTime::now()).ok();
+        let usable = remaining.filter(|r| *r > self.settings.min_remaining);
+        let ours = found.caller == *subject.caller && found.flow_id == *subject.flow_id;
+        let (Some(remaining), true) = (usable, ours) else {
+            shared.count_stale();
+            return None;
+        };
+        let now = Instant::now();
+        let subject = Subject {
+            caller: Arc::clone(&subject.caller),
+            flow_id: subject.flow_id.clone(),
+            account_id: subject.account_id.clone(),
+            user: String::new(),
+            form: String::new(),
+        };
+        Some(self.entry(
+            &found.token,
+            now,
+            now + remaining,
+            found.expires_at,
+            subject,
+        ))
+    }
+}
