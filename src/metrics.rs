@@ -235,6 +235,13 @@ pub struct Metrics {
     pub connections_rejected: IntCounter,
     /// `token_broker_server_tls_handshake_failures_total`
     pub tls_handshake_failures: IntCounter,
+    /// `token_broker_server_connections_closed_total{listener,reason}`, for `reason` idle or
+    /// age: connections the broker closed itself.
+    pub connections_closed: IntCounterVec,
+    /// `token_broker_server_accept_errors_total{listener}`
+    pub accept_errors: IntCounterVec,
+    /// `token_broker_server_admin_connections_rejected_total`
+    pub admin_connections_rejected: IntCounter,
     /// `token_broker_config_reloads_total{result}`
     pub config_reloads: IntCounterVec,
     /// `token_broker_config_last_reload_success_timestamp_seconds`
@@ -357,8 +364,31 @@ impl Metrics {
         )?;
         let connections_rejected = IntCounter::new(
             "token_broker_server_connections_rejected_total",
-            "Caller connections closed at once because server.max_connections were open.",
+            "Caller connections closed at once because server.max_connections were open, or server.max_connections_per_peer from the same address.",
         )?;
+        let connections_closed = counter(
+            "token_broker_server_connections_closed_total",
+            "Connections the broker closed itself, by listener (caller, admin) and reason: idle (no request in progress for server.header_read_timeout), age (older than server.max_connection_age).",
+            &["listener", "reason"],
+        )?;
+        let accept_errors = counter(
+            "token_broker_server_accept_errors_total",
+            "Connections that could not be accepted, by listener (out of file descriptors, say); accepting backs off meanwhile.",
+            &["listener"],
+        )?;
+        let admin_connections_rejected = IntCounter::new(
+            "token_broker_server_admin_connections_rejected_total",
+            "Admin connections closed at once because server.admin_max_connections were open.",
+        )?;
+        for listener in ["caller", "admin"] {
+            accept_errors.with_label_values(&[listener]);
+            for reason in ["idle", "age"] {
+                connections_closed.with_label_values(&[listener, reason]);
+            }
+        }
+        registry.register(Box::new(connections_closed.clone()))?;
+        registry.register(Box::new(accept_errors.clone()))?;
+        registry.register(Box::new(admin_connections_rejected.clone()))?;
         let tls_handshake_failures = IntCounter::new(
             "token_broker_server_tls_handshake_failures_total",
             "Caller connections whose TLS handshake failed or timed out.",
@@ -516,6 +546,9 @@ impl Metrics {
             connections_open,
             connections_rejected,
             tls_handshake_failures,
+            connections_closed,
+            accept_errors,
+            admin_connections_rejected,
             config_reloads,
             config_last_reload_success,
             routes,

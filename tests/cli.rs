@@ -115,7 +115,21 @@ struct Running {
 
 impl Running {
     fn spawn(args: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut cmd = Command::new(BIN);
+        Self::spawn_command(Command::new(BIN), args, env)
+    }
+
+    /// The broker with at most `files` open file descriptors (`ulimit -n`).
+    fn spawn_limited(files: u32, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut cmd = Command::new("sh");
+        cmd.args([
+            "-c",
+            &format!("ulimit -n {files} && exec \"$0\" \"$@\""),
+            BIN,
+        ]);
+        Self::spawn_command(cmd, args, env)
+    }
+
+    fn spawn_command(mut cmd: Command, args: &[&str], env: &[(&str, &str)]) -> Self {
         cmd.args(args)
             .env_remove("TRUORA_API_KEY")
             .stdin(Stdio::null())
@@ -409,6 +423,75 @@ fn serve_refuses_a_bad_config_before_binding_any_socket() {
     assert_eq!(code, 64, "{err}");
     assert!(err.contains("clients[0].token_sha256"), "{err}");
     assert!(!err.contains("cannot listen"), "{err}");
+}
+
+/// Out of file descriptors, accepting fails: the broker backs off instead of spinning, says so
+/// at most every 10 s, warned at start that its limit was too low for its caps, and answers
+/// again as soon as descriptors are free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_descriptors_the_broker_backs_off_with_a_bounded_log_and_recovers() {
+    let sandbox = Sandbox::start(SandboxOptions::new(MASTER_KEY))
+        .await
+        .unwrap();
+    let (listen, admin) = (free_port(), free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), &config_text(listen, admin, &sandbox.url()));
+    let broker = Running::spawn_limited(
+        64,
+        &["serve", "--config", path.to_str().unwrap()],
+        &[("TRUORA_API_KEY", MASTER_KEY)],
+    );
+    let admin_addr = SocketAddr::from(([127, 0, 0, 1], admin));
+    broker.wait_ready(admin_addr).await;
+    assert!(
+        broker.output().contains("the open-file limit is 64"),
+        "no warning about the limit: {}",
+        broker.output()
+    );
+    // Hold more connections than the process has descriptors left.
+    let mut held = Vec::new();
+    for _ in 0..100 {
+        if let Ok(s) = tokio::net::TcpStream::connect(("127.0.0.1", listen)).await {
+            held.push(s);
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let failures = broker.output().matches("accept failed").count();
+    assert!(
+        (1..=2).contains(&failures),
+        "{failures} accept-failure lines in 3 s:\n{}",
+        broker.output()
+    );
+    drop(held);
+    wait_for(
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || async move {
+            tokio::net::TcpStream::connect(admin_addr).await.is_ok()
+                && send(
+                    Method::GET,
+                    &format!("http://{admin_addr}/healthz"),
+                    &[],
+                    "",
+                )
+                .await
+                .status
+                    == StatusCode::OK
+        },
+        || "the admin listener did not answer again".to_owned(),
+    )
+    .await;
+    let r = send(
+        Method::POST,
+        &format!("http://127.0.0.1:{listen}/v1/tokens"),
+        &[
+            ("authorization", &format!("Bearer {CHECKOUT_SECRET}")),
+            ("content-type", "application/x-www-form-urlencoded"),
+        ],
+        FORM,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

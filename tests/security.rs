@@ -85,6 +85,17 @@ fn https_client(
     hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
     Full<Bytes>,
 > {
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls_client_config(ca, identity))
+        .https_only()
+        .enable_http1()
+        .enable_http2()
+        .build();
+    Client::builder(TokioExecutor::new()).build(https)
+}
+
+/// A rustls client trusting `ca`, presenting `identity` when given.
+fn tls_client_config(ca: &str, identity: Option<&Issued>) -> rustls::ClientConfig {
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(ca.as_bytes()) {
         roots.add(cert.unwrap()).unwrap();
@@ -105,13 +116,7 @@ fn https_client(
         }
         None => builder.with_no_client_auth(),
     };
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(config)
-        .https_only()
-        .enable_http1()
-        .enable_http2()
-        .build();
-    Client::builder(TokioExecutor::new()).build(https)
+    config
 }
 
 async fn https_post(
@@ -578,6 +583,187 @@ async fn connections_beyond_the_cap_are_closed_and_counted() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(b.tokens(CHECKOUT_SECRET, FORM).await.status, StatusCode::OK);
     b.stop().await;
+}
+
+/// Tries a token request on a new connection until one is served, for at most `limit`: how long
+/// a valid caller is kept out.
+async fn served_within(addr: &str, limit: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        let request = head(
+            &format!("Connection: close\r\nContent-Length: {}\r\n", FORM.len()),
+            FORM,
+        );
+        let (answer, _) = raw(addr, &request, Duration::from_secs(2)).await;
+        if answer.starts_with("HTTP/1.1 200") {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < limit,
+            "a valid caller was kept out for {:?}: {answer:?}",
+            started.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Sockets that hold a place without a request in progress are closed after
+/// `server.header_read_timeout`: one that says nothing, one that sent half an HTTP/2 preface,
+/// an HTTP/2 session that answers pings but asks nothing, and a kept-alive HTTP/1.1 connection
+/// after its request. So they cannot keep a valid caller out for longer than that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_half_preface_and_idle_sessions_cannot_keep_a_caller_out() {
+    let idle = Duration::from_millis(800);
+    let b = Broker::start(|c, _| {
+        c.server.max_connections = 4;
+        c.server.header_read_timeout = idle;
+    })
+    .await;
+    let addr = addr_of(&b.url);
+    let silent = TcpStream::connect(&addr).await.unwrap();
+    let mut half = TcpStream::connect(&addr).await.unwrap();
+    half.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    let (mut h2_client, h2_connection) =
+        h2::client::handshake(TcpStream::connect(&addr).await.unwrap())
+            .await
+            .unwrap();
+    let h2_session = tokio::spawn(h2_connection);
+    // The session is up: its SETTINGS were exchanged.
+    h2_client = h2_client.ready().await.unwrap();
+    let mut kept = TcpStream::connect(&addr).await.unwrap();
+    kept.write_all(&head(&format!("Content-Length: {}\r\n", FORM.len()), FORM))
+        .await
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    let n = kept.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Every place is taken now; within the idle limit and a little, a caller is served.
+    let waited = served_within(&addr, idle + Duration::from_secs(3)).await;
+    assert!(
+        waited >= Duration::from_millis(300),
+        "no place was held: {waited:?}"
+    );
+    // The HTTP/2 session was ended by the broker.
+    tokio::time::timeout(Duration::from_secs(3), h2_session)
+        .await
+        .expect("the idle HTTP/2 session is still open")
+        .unwrap()
+        .ok();
+    drop((silent, half, h2_client, kept));
+    let m = b.metrics().await;
+    let idle_closed = m
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(
+                r#"token_broker_server_connections_closed_total{listener="caller",reason="idle"} "#,
+            )
+        })
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap();
+    assert!(idle_closed >= 4.0, "{m}");
+    b.stop().await;
+}
+
+/// A connection still in use is closed when it is older than `server.max_connection_age`, after
+/// its request in progress is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_older_than_its_max_age_is_closed_gracefully() {
+    let b = Broker::start(|c, _| c.server.max_connection_age = Duration::from_secs(1)).await;
+    let (mut client, connection) =
+        h2::client::handshake(TcpStream::connect(addr_of(&b.url)).await.unwrap())
+            .await
+            .unwrap();
+    let session = tokio::spawn(connection);
+    let started = Instant::now();
+    let mut served = 0;
+    while !session.is_finished() && started.elapsed() < Duration::from_secs(5) {
+        let Ok(ready) = client.clone().ready().await else {
+            break;
+        };
+        client = ready;
+        let req = Request::post("/v1/tokens")
+            .header("authorization", format!("Bearer {CHECKOUT_SECRET}"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("content-length", FORM.len().to_string())
+            .body(())
+            .unwrap();
+        let Ok((response, mut body)) = client.send_request(req, false) else {
+            break;
+        };
+        let _ = body.send_data(Bytes::from(FORM), true);
+        match response.await {
+            Ok(r) => {
+                assert_eq!(r.status(), StatusCode::OK);
+                served += 1;
+            }
+            Err(_) => break,
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let lived = started.elapsed();
+    assert!(served >= 3, "{served} requests served");
+    assert!(
+        lived >= Duration::from_millis(900) && lived < Duration::from_secs(4),
+        "the connection lived {lived:?}"
+    );
+    let m = b.metrics().await;
+    assert!(
+        m.contains(
+            r#"token_broker_server_connections_closed_total{listener="caller",reason="age"} 1"#
+        ),
+        "{m}"
+    );
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_holds_at_most_its_share_of_connections() {
+    let b = Broker::start(|c, _| c.server.max_connections_per_peer = Some(2)).await;
+    let addr = addr_of(&b.url);
+    let one = TcpStream::connect(&addr).await.unwrap();
+    let _two = TcpStream::connect(&addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (answer, closed) = raw(
+        &addr,
+        &head(&format!("Content-Length: {}\r\n", FORM.len()), FORM),
+        Duration::from_secs(2),
+    )
+    .await;
+    assert!(closed && answer.is_empty(), "{answer}");
+    drop(one);
+    served_within(&addr, Duration::from_secs(3)).await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_connection_after_its_tls_handshake_is_closed_too() {
+    let b = tls_broker(|c| {
+        c.server.max_connections = 1;
+        c.server.header_read_timeout = Duration::from_millis(800);
+    })
+    .await;
+    let port = b.url.split(':').nth(2).unwrap().split('/').next().unwrap();
+    let connector =
+        tokio_rustls::TlsConnector::from(Arc::new(tls_client_config(&b.pki.ca_pem(), None)));
+    let tcp = TcpStream::connect(format!("127.0.0.1:{port}"))
+        .await
+        .unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let mut silent = connector.connect(name, tcp).await.unwrap();
+    let started = Instant::now();
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut byte)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "still open: {read:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(3));
+    let client = https_client(&b.pki.ca_pem(), None);
+    let r = https_post(&client, &b.url, Some(BILLING_SECRET), FORM)
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::OK);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

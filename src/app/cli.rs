@@ -10,11 +10,14 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use super::process::{harden_process, log_ready, reload_on_sighup, shutdown_signal};
+use super::process::{
+    descriptor_limit_warning, harden_process, log_ready, reload_on_sighup, shutdown_signal,
+};
 use super::{demo, load, Broker, Loaded, StartError};
 use crate::config::ConfigError;
 use crate::logging::{self, LogFormat};
 use crate::secret::SecretDigest;
+use crate::server::Listeners;
 
 /// Exit status for an unusable configuration (sysexits' EX_USAGE).
 pub const EXIT_CONFIG: u8 = 64;
@@ -231,6 +234,9 @@ async fn serve(path: PathBuf, loaded: Loaded) -> Result<(), StartError> {
     }
     let fingerprint = key.fingerprint();
     let broker = Broker::from_config(&config, key).await?;
+    if let Some(warning) = descriptor_limit_warning(Listeners::descriptors_needed(&config.server)) {
+        tracing::warn!("{warning}");
+    }
     if let Some(reloader) = broker.reload_from(path, config.clone()) {
         reload_on_sighup(reloader);
     }

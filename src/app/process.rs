@@ -40,6 +40,26 @@ pub fn reload_on_sighup(reloader: std::sync::Arc<Reloader>) {
     let _ = reloader;
 }
 
+/// A warning when the process may open fewer files than `needed` (its soft `RLIMIT_NOFILE`):
+/// past it, accepting fails while the connection caps still allow more.
+pub fn descriptor_limit_warning(needed: u64) -> Option<String> {
+    #[cfg(target_os = "linux")]
+    {
+        let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+        let soft = limit.current?;
+        (soft < needed).then(|| {
+            format!(
+                "the open-file limit is {soft}, below the {needed} that server.max_connections, server.admin_max_connections and 256 more need: raise it (ulimit -n, LimitNOFILE=) or lower the caps"
+            )
+        })
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = needed;
+        None
+    }
+}
+
 /// Keeps secrets out of core dumps and other processes' reach: no core files
 /// (RLIMIT_CORE = 0), not dumpable or ptrace-attachable by other users (PR_SET_DUMPABLE = 0).
 /// Panics are logged with their location only, never their message, which could hold data.

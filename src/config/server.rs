@@ -25,8 +25,9 @@ pub struct ServerConfig {
     /// How long in-flight requests may run after SIGTERM or Ctrl-C before the broker exits anyway.
     #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
     pub shutdown_timeout: Duration,
-    /// How long a client may take to send a request's head (also the idle limit between
-    /// requests on a kept-alive connection); past it the connection is closed.
+    /// How long a client may take to send a request's head, and the longest a connection may
+    /// go with no request in progress (from its first byte on, between requests, HTTP/1 and
+    /// HTTP/2 alike); past it the connection is closed.
     #[serde(default = "default_header_read_timeout", with = "humantime_serde")]
     pub header_read_timeout: Duration,
     /// How long a client may take to send a request's body once its head is in; past it, 408.
@@ -42,6 +43,18 @@ pub struct ServerConfig {
     /// once (counted in `token_broker_server_connections_rejected_total`).
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Most open caller connections from one IP address; beyond it that address's new
+    /// connections are closed at once. Absent: no cap per address (the right choice behind a
+    /// load balancer or a mesh sidecar, where every caller comes from a few addresses).
+    #[serde(default)]
+    pub max_connections_per_peer: Option<usize>,
+    /// The longest a connection may live; then it is closed gracefully (what is in progress
+    /// finishes; HTTP/2 says GOAWAY), so that clients reconnect and spread over replicas.
+    #[serde(default = "default_max_connection_age", with = "humantime_serde")]
+    pub max_connection_age: Duration,
+    /// Most open connections on the admin listener; beyond it new ones are closed at once.
+    #[serde(default = "default_admin_max_connections")]
+    pub admin_max_connections: usize,
     /// Most concurrent HTTP/2 streams per connection.
     #[serde(default = "default_http2_max_streams")]
     pub http2_max_streams: u32,
@@ -91,6 +104,12 @@ fn default_max_header_bytes() -> usize {
 fn default_max_connections() -> usize {
     10_000
 }
+fn default_max_connection_age() -> Duration {
+    Duration::from_secs(60 * 60)
+}
+fn default_admin_max_connections() -> usize {
+    64
+}
 fn default_http2_max_streams() -> u32 {
     128
 }
@@ -107,6 +126,9 @@ impl Default for ServerConfig {
             max_headers: default_max_headers(),
             max_header_bytes: default_max_header_bytes(),
             max_connections: default_max_connections(),
+            max_connections_per_peer: None,
+            max_connection_age: default_max_connection_age(),
+            admin_max_connections: default_admin_max_connections(),
             http2_max_streams: default_http2_max_streams(),
             tls: None,
         }
@@ -151,6 +173,26 @@ impl ServerConfig {
         }
         if s.max_connections == 0 {
             return Err(invalid("server.max_connections", "must be at least 1"));
+        }
+        if s.max_connections_per_peer == Some(0) {
+            return Err(invalid(
+                "server.max_connections_per_peer",
+                "must be at least 1 (leave it out for no cap per address)",
+            ));
+        }
+        if s.max_connection_age < Duration::from_secs(1)
+            || s.max_connection_age > Duration::from_secs(7 * 24 * 3600)
+        {
+            return Err(invalid(
+                "server.max_connection_age",
+                "must be at least 1s and at most 7 days",
+            ));
+        }
+        if !(1..=10_000).contains(&s.admin_max_connections) {
+            return Err(invalid(
+                "server.admin_max_connections",
+                "must be between 1 and 10000",
+            ));
         }
         if !(1..=10_000).contains(&s.http2_max_streams) {
             return Err(invalid(

@@ -1,4 +1,5 @@
-//! The HTTP side: the listeners and TLS ([`listener`], [`tls`]), the tower stack every caller
+//! The HTTP side: the listeners, their connections and TLS ([`listener`], [`connection`],
+//! [`tls`]), the tower stack every caller
 //! request goes through ([`stack`]), the caller API's handlers ([`api`]), and the admin
 //! listener's router and status page ([`admin`], [`status`]). This room turns HTTP into calls on
 //! the issuance core and back; the core itself never sees hyper.
@@ -11,6 +12,7 @@
 pub mod access;
 pub mod admin;
 pub mod api;
+pub mod connection;
 pub mod listener;
 pub mod stack;
 pub mod status;
