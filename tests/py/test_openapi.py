@@ -323,6 +323,15 @@ def saturate(brokers):
     return r
 
 
+def flood_deletes(brokers):
+    """More DELETEs than cache.invalidate_rate (10 a second) allows: the first refused is kept."""
+    for _ in range(40):
+        r = request("DELETE", brokers.hang.url + "/v1/tokens?account_id=flood-user", AUTH, "")
+        if r.status != 200:
+            return r
+    return r
+
+
 def cases():
     big = FORM + "&start_variables.metadata.x=" + "a" * 20000
     sandbox = lambda status: FORM.replace("IPF0123456789abcdef", f"IPFsandbox{status}")  # noqa: E731
@@ -436,6 +445,9 @@ def cases():
              raw=raw_head("POST", "/v1/tokens", {**AUTH, **FORM_CT}, "Transfer-Encoding: chunked\r\n", chunked)),
         Case("drop-in chunked", "strict", "POST", "/v1/api-keys", 411, doc=api_keys,
              raw=raw_head("POST", "/v1/api-keys", {**AUTH, **FORM_CT}, "Transfer-Encoding: chunked\r\n", chunked)),
+        Case("delete rate exceeded", "hang", "DELETE", "/v1/tokens", 429, doc=delete, send=flood_deletes,
+             check=both(error_is("invalidation_rate_exceeded"),
+                        expecting("Retry-After", lambda r: int(r.headers["retry-after"]) >= 1))),
         Case("delete chunked", "strict", "DELETE", "/v1/tokens", 411, doc=delete,
              raw=raw_head("DELETE", "/v1/tokens?account_id=x", AUTH, "Transfer-Encoding: chunked\r\n", "0\r\n\r\n")),
         Case("tokens head too large", "strict", "POST", "/v1/tokens", 431, doc=tokens,
