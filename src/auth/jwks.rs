@@ -319,7 +319,9 @@ impl Refresher {
                 }
                 tokio::time::sleep_until(last + min_gap).await;
                 last = tokio::time::Instant::now();
-                match source.fetch().await {
+                let fetched = source.fetch().await;
+                verifier.fetched();
+                match fetched {
                     Ok(keys) => {
                         metrics.jwks_refreshes.with_label_values(&["ok"]).inc();
                         let before = verifier.keys();

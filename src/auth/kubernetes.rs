@@ -15,7 +15,7 @@
 //! the memory is cleared by every reload, so a revoked caller or a withdrawn key is forgotten
 //! at once. Tokens never leave this module: not in errors, logs or metrics.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -177,6 +177,8 @@ pub struct ServiceAccounts {
     keys: ArcSwap<KeySet>,
     memo: moka::sync::Cache<SecretDigest, Memo>,
     unknown_key: Arc<Notify>,
+    /// A token named an unknown key since the last fetch: one wake-up is enough for any number.
+    refresh_wanted: AtomicBool,
     signature_checks: AtomicU64,
 }
 
@@ -194,6 +196,7 @@ impl ServiceAccounts {
                 .expire_after(UntilExp)
                 .build(),
             unknown_key: Arc::new(Notify::new()),
+            refresh_wanted: AtomicBool::new(false),
             signature_checks: AtomicU64::new(0),
         })
     }
@@ -244,6 +247,11 @@ impl ServiceAccounts {
         Arc::clone(&self.unknown_key)
     }
 
+    /// Called by the refresher after each fetch: the next unknown key asks for another.
+    pub fn fetched(&self) {
+        self.refresh_wanted.store(false, Ordering::Release);
+    }
+
     /// How many signatures were checked so far (remembered tokens are not checked again).
     pub fn signature_checks(&self) -> u64 {
         self.signature_checks.load(Ordering::Relaxed)
@@ -269,7 +277,9 @@ impl ServiceAccounts {
         let header = read_header(token)?;
         let keys = self.keys.load();
         let Some(key) = keys.get(&header.kid) else {
-            self.unknown_key.notify_one();
+            if !self.refresh_wanted.swap(true, Ordering::AcqRel) {
+                self.unknown_key.notify_one();
+            }
             return Err(AuthError::UnknownKey);
         };
         if key.alg != header.alg {
