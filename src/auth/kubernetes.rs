@@ -186,11 +186,16 @@ impl ServiceAccounts {
     /// The verifier of a validated `[auth.kubernetes]`, its `jwks_file` read now. With
     /// `jwks_url` it has no key until [`ServiceAccounts::set_keys`].
     pub fn from_config(k: &KubernetesConfig) -> Result<Self, ConfigError> {
+        let Prepared { keys, .. } = Self::prepare(k)?;
+        Ok(Self::new(k, keys.unwrap_or_default()))
+    }
+
+    /// The verifier of `k`'s issuer and audiences with these keys (its key source unused).
+    pub fn new(k: &KubernetesConfig, keys: KeySet) -> Self {
         install_provider();
-        let Prepared { rules, keys } = Self::prepare(k)?;
-        Ok(Self {
-            rules: ArcSwap::from_pointee(rules),
-            keys: ArcSwap::from_pointee(keys.unwrap_or_default()),
+        Self {
+            rules: ArcSwap::from_pointee(Rules::of(k)),
+            keys: ArcSwap::from_pointee(keys),
             memo: moka::sync::Cache::builder()
                 .max_capacity(MEMO_CAPACITY)
                 .expire_after(UntilExp)
@@ -198,7 +203,7 @@ impl ServiceAccounts {
             unknown_key: Arc::new(Notify::new()),
             refresh_wanted: AtomicBool::new(false),
             signature_checks: AtomicU64::new(0),
-        })
+        }
     }
 
     /// Reads and checks what a reload of `k` would apply, changing nothing yet.
