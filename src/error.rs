@@ -113,6 +113,28 @@ pub enum AuthError {
     /// The secret belongs to a caller that must also present its client certificate.
     #[error("this caller must also present its client certificate")]
     CertificateRequired,
+    /// A service-account token whose signature does not verify, or signed with an algorithm
+    /// other than RS256 or ES256 (`none` and HMAC included).
+    #[error("the service-account token's signature does not verify (RS256 or ES256 only)")]
+    BadSignature,
+    /// A service-account token past its `exp`, or before its `nbf` (60 s leeway either way).
+    #[error("the service-account token is expired or not yet valid")]
+    Expired,
+    /// A service-account token made for another audience.
+    #[error("the service-account token was not made for this broker's audience")]
+    WrongAudience,
+    /// A service-account token from another issuer (another cluster).
+    #[error("the service-account token was not issued by the configured cluster")]
+    WrongIssuer,
+    /// A valid service-account token for an account no caller is configured with.
+    #[error("no caller is configured for this service account")]
+    UnknownServiceAccount,
+    /// A service-account token signed with a key the broker does not know (yet): its `kid` is
+    /// not in the JWKS, which is then fetched again.
+    #[error(
+        "the service-account token names a signing key the broker does not know; retry shortly"
+    )]
+    UnknownKey,
 }
 
 impl AuthError {
@@ -123,8 +145,28 @@ impl AuthError {
             AuthError::Malformed => "malformed",
             AuthError::Unknown => "unknown",
             AuthError::CertificateRequired => "certificate_required",
+            AuthError::BadSignature => "bad_signature",
+            AuthError::Expired => "expired",
+            AuthError::WrongAudience => "wrong_audience",
+            AuthError::WrongIssuer => "wrong_issuer",
+            AuthError::UnknownServiceAccount => "unknown_service_account",
+            AuthError::UnknownKey => "unknown_key",
         }
     }
+
+    /// Every reason (`token_broker_auth_failures_total` has a series at zero for each).
+    pub const REASONS: [&'static str; 10] = [
+        "missing",
+        "malformed",
+        "unknown",
+        "certificate_required",
+        "bad_signature",
+        "expired",
+        "wrong_audience",
+        "wrong_issuer",
+        "unknown_service_account",
+        "unknown_key",
+    ];
 }
 
 /// Truora failed, refused or answered something unusable. Cloned to every coalesced waiter.
@@ -548,7 +590,14 @@ mod tests {
             AuthError::Malformed,
             AuthError::Unknown,
             AuthError::CertificateRequired,
+            AuthError::BadSignature,
+            AuthError::Expired,
+            AuthError::WrongAudience,
+            AuthError::WrongIssuer,
+            AuthError::UnknownServiceAccount,
+            AuthError::UnknownKey,
         ] {
+            assert!(AuthError::REASONS.contains(&e.reason()), "{e:?}");
             check(e, 401, "unauthorized");
         }
     }

@@ -4,8 +4,16 @@
 //!
 //! - the form and JSON parsers never panic, and whatever they accept is a valid request that
 //!   survives the trip to Truora's form and back unchanged, with the same cache key;
-//! - reading Truora's answer never panics, and a token it accepts is safe to embed unescaped.
+//! - reading Truora's answer never panics, and a token it accepts is safe to embed unescaped;
+//! - reading a bearer value as a Kubernetes service-account token (its header, then the whole
+//!   verification) or as a JWKS never panics, and nothing is accepted without a signature of a
+//!   key whose private half nobody has.
 
+use std::sync::OnceLock;
+
+use crate::auth::kubernetes::{read_header, ServiceAccounts, MAX_TOKEN_BYTES};
+use crate::auth::KeySet;
+use crate::config::KubernetesConfig;
 use crate::issuance::key::key;
 use crate::issuance::TokenRequest;
 use crate::truora::{self, ArrayEncoding};
@@ -106,6 +114,50 @@ pub fn upstream_answer(data: &[u8]) {
     }
 }
 
+/// A P-256 public key whose private half was thrown away when it was made.
+const ORPHAN_JWKS: &str = r#"{"keys":[{"kty":"EC","crv":"P-256","use":"sig","alg":"ES256","kid":"orphan","x":"EDEIa1MgEezgz85eQdmiMGthbMuQooky6l7U1qw4Hg4","y":"tTA4zC447_zylmtsHtM2EuYj1g2gGoGqr2j6ChbVcN8"}]}"#;
+
+/// Reads `data` as a bearer value (a service-account token) and as a JWKS document: neither
+/// panics, a header read is one the broker may act on, and no token verifies against a key
+/// nobody can sign with.
+pub fn service_account_token(data: &[u8]) {
+    static VERIFIER: OnceLock<ServiceAccounts> = OnceLock::new();
+    let verifier = VERIFIER.get_or_init(|| {
+        let Ok(keys) = KeySet::parse(ORPHAN_JWKS.as_bytes()) else {
+            panic!("the embedded JWKS does not parse");
+        };
+        let k = KubernetesConfig {
+            issuer: "https://kubernetes.default.svc.cluster.local".into(),
+            audiences: vec!["token-broker".into()],
+            jwks_file: None,
+            jwks_url: None,
+            ca_file: None,
+            jwks_token_file: None,
+            jwks_refresh: std::time::Duration::from_secs(300),
+        };
+        ServiceAccounts::new(&k, keys)
+    });
+    if let Ok(header) = read_header(data) {
+        assert!(data.len() <= MAX_TOKEN_BYTES, "an oversized token was read");
+        assert!(!header.kid.is_empty(), "a header without kid was read");
+        assert!(
+            matches!(
+                header.alg,
+                jsonwebtoken::Algorithm::RS256 | jsonwebtoken::Algorithm::ES256
+            ),
+            "an algorithm other than RS256 or ES256 was read"
+        );
+    }
+    let digest = crate::secret::SecretDigest::of(data);
+    assert!(
+        verifier.verify(data, &digest).is_err(),
+        "a token verified without its key's private half"
+    );
+    if let Ok(keys) = KeySet::parse(data) {
+        assert!(!keys.is_empty(), "a JWKS without a usable key was accepted");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -116,6 +168,8 @@ mod tests {
         json_body(br#"{"country":"CO","flow_id":"IPF1","redirect_url":"https://a.example","phones":["+573100000000"]}"#);
         upstream_answer(b"\x00{\"api_key\":\"a.b.c\"}");
         cache_key(b"CO\nIPF1\nshop\nu1\nab\ncd");
+        service_account_token(ORPHAN_JWKS.as_bytes());
+        service_account_token(b"eyJhbGciOiJFUzI1NiIsImtpZCI6Im9ycGhhbiJ9.e30.AAAA");
     }
 
     #[test]
@@ -133,6 +187,7 @@ mod tests {
             json_body(data);
             upstream_answer(data);
             cache_key(data);
+            service_account_token(data);
         }
     }
 }

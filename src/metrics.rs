@@ -246,6 +246,10 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     /// `token_broker_config_last_reload_success_timestamp_seconds`
     pub config_last_reload_success: Gauge,
+    /// `token_broker_jwks_keys{source}`: created only with `[auth.kubernetes]`.
+    pub jwks_keys: IntGaugeVec,
+    /// `token_broker_jwks_refreshes_total{result}`: created only with `auth.kubernetes.jwks_url`.
+    pub jwks_refreshes: IntCounterVec,
     /// Pre-resolved `cache_lookups` children: hit, miss, coalesced, uncacheable.
     lookups: [IntCounter; 4],
     routes: [RouteSeries; 5],
@@ -329,7 +333,7 @@ impl Metrics {
         )?;
         let auth_failures = counter(
             "token_broker_auth_failures_total",
-            "Caller requests refused for authentication, by reason: missing, malformed, unknown, certificate_required.",
+            "Caller requests refused for authentication, by reason: missing, malformed, unknown, certificate_required; for service-account tokens bad_signature, expired, wrong_audience, wrong_issuer, unknown_service_account, unknown_key.",
             &["reason"],
         )?;
         let upstream_retries = counter(
@@ -410,6 +414,20 @@ impl Metrics {
         registry.register(Box::new(tls_handshake_failures.clone()))?;
         registry.register(Box::new(config_reloads.clone()))?;
         registry.register(Box::new(config_last_reload_success.clone()))?;
+        let jwks_keys = IntGaugeVec::new(
+            Opts::new(
+                "token_broker_jwks_keys",
+                "Signing keys of [auth.kubernetes] in use (RS256 and ES256 keys with a kid), by source: file (jwks_file) or url (jwks_url).",
+            ),
+            &["source"],
+        )?;
+        let jwks_refreshes = counter(
+            "token_broker_jwks_refreshes_total",
+            "Fetches of auth.kubernetes.jwks_url (at start, every jwks_refresh, and for a token naming an unknown key) by result: ok, or error (the last good keys are kept).",
+            &["result"],
+        )?;
+        registry.register(Box::new(jwks_keys.clone()))?;
+        registry.register(Box::new(jwks_refreshes.clone()))?;
         let caller_requests = counter(
             "token_broker_caller_requests_total",
             "Caller API requests answered per configured caller, by what the cache did: hit, miss (minted, or waited on an identical mint), uncacheable (names no user), none (no cache lookup made).",
@@ -503,7 +521,18 @@ impl Metrics {
         ] {
             upstream_refused.with_label_values(&[reason]);
         }
-        for reason in ["missing", "malformed", "unknown", "certificate_required"] {
+        for reason in [
+            "missing",
+            "malformed",
+            "unknown",
+            "certificate_required",
+            "bad_signature",
+            "expired",
+            "wrong_audience",
+            "wrong_issuer",
+            "unknown_service_account",
+            "unknown_key",
+        ] {
             auth_failures.with_label_values(&[reason]);
         }
         let routes = RouteLabel::ALL.map(|route| RouteSeries {
@@ -551,6 +580,8 @@ impl Metrics {
             admin_connections_rejected,
             config_reloads,
             config_last_reload_success,
+            jwks_keys,
+            jwks_refreshes,
             routes,
             caller_requests,
             caller_mints,

@@ -50,7 +50,7 @@ impl fmt::Debug for MasterKey {
 /// The SHA-256 digest of a caller secret, as written in `[[clients]] token_sha256`.
 ///
 /// Digests are fixed-length, so comparing them in constant time leaks nothing about the secret.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct SecretDigest([u8; 32]);
 
 impl SecretDigest {

@@ -13,7 +13,8 @@
 //!                    ├─ cache       local tier, Redis tier
 //!                    └─ upstream    Truora's client and the guard around it
 //!   sandbox                     the fake Truora: only the composition root (and tests) use it
-//!   invariants                  the fuzz targets' checks: the core and the upstream reader
+//!   invariants                  the fuzz targets' checks: the core, the upstream reader, the
+//!                               service-account token reader
 //!   leaves: wire, logging, config, then error, metrics, breaker, rate, truora, secret
 //! ```
 //!
@@ -67,7 +68,11 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("cache", &["LEAVES"]),
     ("upstream", &["LEAVES"]),
     ("sandbox", &["secret", "truora"]),
-    ("invariants", &["issuance", "upstream", "truora"]),
+    // The fuzz targets' checks call the readers of untrusted input where they live.
+    (
+        "invariants",
+        &["auth", "issuance", "upstream", "config", "secret", "truora"],
+    ),
     // Leaves, from the top of the bottom floor down.
     ("wire", &["error", "metrics"]),
     ("logging", &["metrics"]),

@@ -41,3 +41,11 @@ fn upstream_answer_inputs_hold_the_invariants() {
 fn cache_key_inputs_hold_the_invariants() {
     run_all("cache_key", token_broker::invariants::cache_key);
 }
+
+#[test]
+fn service_account_token_inputs_hold_the_invariants() {
+    run_all(
+        "service_account_token",
+        token_broker::invariants::service_account_token,
+    );
+}

@@ -10,6 +10,7 @@ apt_slim=()   # installed without: a desktop's worth of recommends otherwise
 command -v kill >/dev/null || apt+=(procps)                 # the CLI tests send signals with kill(1)
 command -v cc >/dev/null || apt+=(gcc)                      # ring builds a little C
 command -v curl >/dev/null || apt+=(curl)                   # the README's snippets run against the demo
+command -v openssl >/dev/null || apt+=(openssl)             # tests/workload_identity.rs: RSA keys
 command -v systemd-analyze >/dev/null || apt+=(systemd)     # verifies deploy/systemd
 command -v node >/dev/null || apt+=(nodejs)                 # runs docs/examples/token-client.mjs
 command -v redis-server >/dev/null || apt+=(redis-server)   # tests/shared_cache.rs starts its own

@@ -15,9 +15,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::auth::Callers;
+use crate::auth::{Callers, JwksError, JwksSource, Refresher, ServiceAccounts};
 use crate::cache::shared::{SharedSecrets, SharedTier, TierError};
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, JWKS_MIN_INTERVAL};
 use crate::issuance::{Issuer, IssuerSettings};
 use crate::metrics::Metrics;
 use crate::passthrough::{Forwarder, Passthrough, ResultCache};
@@ -44,6 +44,9 @@ pub enum StartError {
     /// The Redis tier could not be set up.
     #[error(transparent)]
     SharedCache(#[from] TierError),
+    /// `auth.kubernetes.jwks_url` gave no usable key set at start.
+    #[error("auth.kubernetes.jwks_url: {0}")]
+    Jwks(#[from] JwksError),
     /// The series could not be registered.
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
@@ -77,8 +80,9 @@ pub struct Loaded {
 }
 
 /// Reads and checks `path` whole, as `serve` does before binding anything: the file, every
-/// rule, the master key, the callers (pass-through patterns included) and, with `[cache.shared]`,
-/// its secrets.
+/// rule, the master key, the callers (pass-through patterns included), with `[cache.shared]`
+/// its secrets, and with `[auth.kubernetes]` its `jwks_file` or its `ca_file` (`jwks_url` is
+/// fetched by `serve` only).
 pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
     let config = Config::load(path)?;
     let key = config.master_key()?;
@@ -148,7 +152,48 @@ fn check(config: &Config) -> Result<(), ConfigError> {
     if let Some(shared) = &config.cache.shared {
         SharedSecrets::load(shared)?;
     }
+    if let Some(k) = &config.auth.kubernetes {
+        ServiceAccounts::from_config(k)?;
+        JwksSource::from_config(k)?;
+    }
     Ok(())
+}
+
+/// The verifier of `[auth.kubernetes]`, its keys read (`jwks_file`) or fetched (`jwks_url`:
+/// no key set, no start), and for `jwks_url` the task that keeps them fresh.
+async fn service_accounts(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+) -> Result<(Option<Arc<ServiceAccounts>>, Option<Refresher>), StartError> {
+    let Some(k) = &config.auth.kubernetes else {
+        return Ok((None, None));
+    };
+    let verifier = Arc::new(ServiceAccounts::from_config(k)?);
+    let refresher = match JwksSource::from_config(k)? {
+        Some(source) => {
+            let fetched = source.fetch().await;
+            let outcome = if fetched.is_ok() { "ok" } else { "error" };
+            metrics.jwks_refreshes.with_label_values(&[outcome]).inc();
+            let keys = fetched?;
+            tracing::info!(kids = ?keys.kids(), "service-account signing keys fetched");
+            verifier.set_keys(keys, metrics, "url");
+            Some(Refresher::spawn(
+                source,
+                Arc::clone(&verifier),
+                k.jwks_refresh,
+                JWKS_MIN_INTERVAL,
+                Arc::clone(metrics),
+            ))
+        }
+        None => {
+            metrics
+                .jwks_keys
+                .with_label_values(&["file"])
+                .set(i64::try_from(verifier.keys().len()).unwrap_or(i64::MAX));
+            None
+        }
+    };
+    Ok((Some(verifier), refresher))
 }
 
 /// A broker with both listeners bound, ready to run.
@@ -158,6 +203,8 @@ pub struct Broker {
     listeners: Listeners,
     client: Arc<TruoraClient>,
     tls: Option<SharedTls>,
+    /// Keeps `jwks_url`'s keys fresh while the broker runs; stops with it.
+    refresher: Option<Refresher>,
 }
 
 impl Broker {
@@ -198,7 +245,8 @@ impl Broker {
             Arc::clone(&metrics),
             shared,
         );
-        let callers = Callers::from_config(&config.clients)?;
+        let (verifier, refresher) = service_accounts(config, &metrics).await?;
+        let callers = Callers::from_config(&config.clients)?.with_service_accounts(verifier);
         metrics.register_callers(callers.iter().map(|c| &c.id));
         // Every pass-through pattern's series exist from the start, at zero.
         for pattern in callers.iter().flat_map(|c| c.passthrough.iter()) {
@@ -229,6 +277,7 @@ impl Broker {
             listeners,
             client,
             tls,
+            refresher,
         })
     }
 
@@ -269,6 +318,7 @@ impl Broker {
 
     /// Serves until `shutdown` completes, then drains (see [`Listeners::run`]).
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let _refresher = self.refresher;
         self.listeners.run(self.state, self.admin, shutdown).await;
     }
 }

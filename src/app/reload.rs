@@ -1,11 +1,15 @@
 //! Rotation without restart: SIGHUP and `POST /admin/reload` re-read the config file and the
 //! master key file, validate them whole, and swap in what can change while running.
 //!
-//! What a reload applies: the `[[clients]]` (new callers, changed secrets, certificates, policies
-//! and budgets; a removed caller is refused from the next request on and its cached tokens are
-//! dropped at once), the master key (from `upstream.api_key_file`, or `TRUORA_API_KEY`), and the
-//! TLS certificate, key and client CA files. Any other change (addresses, timeouts, cache sizes)
-//! needs a restart: the reload says which keys, and keeps running with the old values.
+//! What a reload applies: the `[[clients]]` (new callers, changed secrets, certificates, service
+//! accounts, SPIFFE IDs, policies and budgets; a removed caller is refused from the next request
+//! on and its cached tokens are dropped at once), the master key (from `upstream.api_key_file`,
+//! or `TRUORA_API_KEY`), the TLS certificate, key and client CA files, and `[auth.kubernetes]`'s
+//! `issuer`, `audiences` and `jwks_file` (re-read). Every remembered service-account token is
+//! forgotten, so the next request of each caller is checked afresh. Any other change (addresses,
+//! timeouts, cache sizes, turning `[auth.kubernetes]` on or off, its `jwks_url` and what goes
+//! with it) needs a restart: the reload says which sections, and keeps running with the old
+//! values.
 //!
 //! A bad new config is refused as a whole: the old one stays in force, the failure is logged and
 //! counted, and the caller of `/admin/reload` gets the reason. Requests in flight finish with
@@ -27,9 +31,9 @@ use http::StatusCode;
 use tokio::sync::Mutex;
 
 use super::{load, Loaded};
-use crate::auth::Callers;
+use crate::auth::{Callers, ServiceAccounts};
 use crate::cache::Filter;
-use crate::config::{Config, ConfigError};
+use crate::config::{AuthConfig, Config, ConfigError};
 use crate::server::{tls, ApiState, Reload, SharedTls};
 use crate::upstream::guard::caller_rates;
 use crate::upstream::TruoraClient;
@@ -131,6 +135,9 @@ impl Reloader {
         // Everything is read and checked before anything is applied, off the runtime's workers.
         let path = self.path.clone();
         let with_tls = self.tls.is_some();
+        let verifier = self.state.callers.load().service_accounts().cloned();
+        let with_verifier = verifier.is_some();
+        let running_auth = running.auth.clone();
         let read = tokio::task::spawn_blocking(move || {
             let Loaded {
                 config,
@@ -140,17 +147,23 @@ impl Reloader {
             for warning in warnings {
                 tracing::warn!("{warning}");
             }
-            let callers = Callers::from_config(&config.clients)?;
             let tls = match (&config.server.tls, with_tls) {
                 (Some(t), true) => Some(tls::server_config(t)?),
                 _ => None,
             };
-            Ok::<_, ConfigError>((config, key, callers, tls))
+            let auth = match (&config.auth.kubernetes, with_verifier) {
+                (Some(k), true) if !auth_needs_restart(&running_auth, &config.auth) => {
+                    Some(ServiceAccounts::prepare(k)?)
+                }
+                _ => None,
+            };
+            Ok::<_, ConfigError>((config, key, tls, auth))
         });
-        let (new, key, callers, tls) = read.await.map_err(|_| ConfigError::Read {
+        let (new, key, tls, auth) = read.await.map_err(|_| ConfigError::Read {
             path: self.path.clone(),
             reason: "the reading task stopped".into(),
         })??;
+        let callers = Callers::from_config(&new.clients)?.with_service_accounts(verifier.clone());
         let restart_required = restart_required(&running, &new);
 
         let key_fingerprint = key.fingerprint();
@@ -169,6 +182,12 @@ impl Reloader {
             .metrics
             .register_callers(callers.iter().map(|c| &c.id));
         self.state.callers.store(Arc::new(callers));
+        if let Some(verifier) = &verifier {
+            match auth {
+                Some(prepared) => verifier.apply(prepared, &self.state.metrics),
+                None => verifier.forget_all(),
+            }
+        }
         self.state
             .issuer
             .guard()
@@ -240,7 +259,31 @@ fn restart_required(old: &Config, new: &Config) -> Vec<&'static str> {
     if !same(&old.cache, &new.cache) {
         changed.push("cache");
     }
+    if auth_needs_restart(&old.auth, &new.auth) {
+        changed.push("auth");
+    }
     changed
+}
+
+/// Whether `[auth]` changed beyond what a reload applies (`issuer`, `audiences`, `jwks_file`).
+fn auth_needs_restart(old: &AuthConfig, new: &AuthConfig) -> bool {
+    match (&old.kubernetes, &new.kubernetes) {
+        (None, None) => false,
+        (Some(old), Some(new)) => {
+            let by_url = |k: &crate::config::KubernetesConfig| {
+                k.jwks_url.as_ref().map(|url| {
+                    (
+                        url.clone(),
+                        k.ca_file.clone(),
+                        k.jwks_token_file.clone(),
+                        k.jwks_refresh,
+                    )
+                })
+            };
+            by_url(old) != by_url(new)
+        }
+        _ => true,
+    }
 }
 
 fn unix_now() -> f64 {

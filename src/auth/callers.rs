@@ -1,19 +1,26 @@
 //! The configured callers as the broker uses them, built once from `[[clients]]`, and how a
 //! request's credentials name one of them.
 //!
-//! Per caller: a `token_sha256` alone means the bearer secret suffices; a `tls_san` alone means
-//! a client certificate valid for that DNS name suffices (checked with webpki's name matching,
-//! the chain having been verified against `server.tls.client_ca_file` during the handshake);
-//! both mean both are required.
+//! Per caller, up to four credentials: a bearer secret (`token_sha256`), a client certificate
+//! valid for a DNS name (`tls_san`, checked with webpki's name matching, the chain having been
+//! verified against `server.tls.client_ca_file` during the handshake), a Kubernetes
+//! service-account token (`service_account`, see [`super::kubernetes`]) and a client
+//! certificate whose one URI SAN is a SPIFFE ID (`spiffe_id`). Any one configured identifies
+//! the caller, unless it requires all (`require_all`; the default for secret + `tls_san`).
 //!
-//! Secrets are digested with SHA-256 and compared, in constant time, against every configured
-//! digest (no early exit), so neither the secret nor which caller matched leaks through timing.
+//! The bearer value decides first: secrets are digested with SHA-256 and compared, in constant
+//! time, against every configured digest (no early exit), so neither the secret nor which
+//! caller matched leaks through timing. A value that matches no secret and is shaped as a JWT
+//! is verified as a service-account token when `[auth.kubernetes]` is set; any other is
+//! `unknown`, as ever. Without a bearer value, the certificate names the one caller it
+//! identifies alone, or none.
 
 use std::sync::Arc;
 
 use http::header::AUTHORIZATION;
 use http::HeaderMap;
 
+use super::kubernetes::{looks_like_jwt, ServiceAccounts};
 use crate::config::{ClientConfig, ConfigError};
 use crate::error::AuthError;
 use crate::issuance::CallerPolicy;
@@ -29,6 +36,13 @@ pub struct Caller {
     pub digest: Option<SecretDigest>,
     /// From `[[clients]] tls_san`, lower-cased.
     pub tls_san: Option<Arc<str>>,
+    /// From `[[clients]] service_account`: `namespace:name`.
+    pub service_account: Option<Arc<str>>,
+    /// From `[[clients]] spiffe_id`.
+    pub spiffe_id: Option<Arc<str>>,
+    /// Whether every configured credential must be presented (`[[clients]] require_all`, or
+    /// its default).
+    pub require_all: bool,
     /// From `[[clients]] mint_rate`.
     pub mint_rate: Option<u32>,
     /// From the `allowed_*` lists and `drop_in`.
@@ -67,6 +81,9 @@ impl Caller {
             id: c.id.as_str().into(),
             digest,
             tls_san: c.tls_san.as_deref().map(|s| s.to_ascii_lowercase().into()),
+            service_account: c.service_account.as_deref().map(Into::into),
+            spiffe_id: c.spiffe_id.as_deref().map(Into::into),
+            require_all: c.requires_all(),
             mint_rate: c.mint_rate,
             policy: Arc::new(CallerPolicy::from_config(c)),
             passthrough: passthrough.into(),
@@ -79,17 +96,62 @@ impl Caller {
             id: id.into(),
             digest: Some(SecretDigest::of(secret)),
             tls_san: None,
+            service_account: None,
+            spiffe_id: None,
+            require_all: false,
             mint_rate: None,
             policy: Arc::new(CallerPolicy::default()),
             passthrough: Arc::new([]),
         }
     }
+
+    /// True when the peer's certificate matches every certificate credential configured (none
+    /// configured: true). What a caller requiring all must show besides its bearer value.
+    fn certificate_matches_all(&self, peer: &Peer) -> bool {
+        self.tls_san
+            .as_deref()
+            .is_none_or(|san| peer.certificate_valid_for(san))
+            && self
+                .spiffe_id
+                .as_deref()
+                .is_none_or(|id| peer.spiffe_id().as_deref() == Some(id))
+    }
+
+    /// True when the peer's certificate alone identifies this caller: one of its certificate
+    /// credentials matches, or, requiring all, it has no bearer credential and all match.
+    fn identified_by_certificate(&self, peer: &Peer, spiffe_id: Option<&str>) -> bool {
+        let san = self
+            .tls_san
+            .as_deref()
+            .map(|san| peer.certificate_valid_for(san));
+        let spiffe = self.spiffe_id.as_deref().map(|id| spiffe_id == Some(id));
+        if self.require_all {
+            self.digest.is_none()
+                && self.service_account.is_none()
+                && (san.is_some() || spiffe.is_some())
+                && san != Some(false)
+                && spiffe != Some(false)
+        } else {
+            san == Some(true) || spiffe == Some(true)
+        }
+    }
 }
 
-/// The configured callers.
-#[derive(Debug, Clone)]
+/// The configured callers, and the verifier of service-account tokens when `[auth.kubernetes]`
+/// is set.
+#[derive(Clone)]
 pub struct Callers {
     list: Arc<[Caller]>,
+    service_accounts: Option<Arc<ServiceAccounts>>,
+}
+
+impl std::fmt::Debug for Callers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Callers")
+            .field("list", &self.list)
+            .field("service_accounts", &self.service_accounts.is_some())
+            .finish()
+    }
 }
 
 impl Callers {
@@ -105,7 +167,21 @@ impl Callers {
 
     /// These callers.
     pub fn new(list: Vec<Caller>) -> Self {
-        Self { list: list.into() }
+        Self {
+            list: list.into(),
+            service_accounts: None,
+        }
+    }
+
+    /// These callers, with service-account tokens verified by `verifier`.
+    pub fn with_service_accounts(mut self, verifier: Option<Arc<ServiceAccounts>>) -> Self {
+        self.service_accounts = verifier;
+        self
+    }
+
+    /// The verifier of service-account tokens, when `[auth.kubernetes]` is set.
+    pub fn service_accounts(&self) -> Option<&Arc<ServiceAccounts>> {
+        self.service_accounts.as_ref()
     }
 
     /// How many callers are configured.
@@ -123,7 +199,7 @@ impl Callers {
         self.list.iter()
     }
 
-    /// The caller presenting the secret in `headers` and/or the certificate of `peer`.
+    /// The caller presenting the secret or token in `headers` and/or the certificate of `peer`.
     pub fn authenticate(&self, headers: &HeaderMap, peer: &Peer) -> Result<&Caller, AuthError> {
         let Some(value) = headers.get(AUTHORIZATION) else {
             return self.by_certificate(peer);
@@ -143,24 +219,33 @@ impl Callers {
                 found = Some(client);
             }
         }
-        let client = found.ok_or(AuthError::Unknown)?;
-        match &client.tls_san {
-            Some(san) if !peer.certificate_valid_for(san) => Err(AuthError::CertificateRequired),
-            _ => Ok(client),
+        let client = match (found, &self.service_accounts) {
+            (Some(client), _) => client,
+            (None, Some(verifier)) if looks_like_jwt(secret) => {
+                let account = verifier.verify(secret, &presented)?;
+                self.list
+                    .iter()
+                    .find(|c| c.service_account.as_deref() == Some(&*account))
+                    .ok_or(AuthError::UnknownServiceAccount)?
+            }
+            (None, _) => return Err(AuthError::Unknown),
+        };
+        if client.require_all && !client.certificate_matches_all(peer) {
+            return Err(AuthError::CertificateRequired);
         }
+        Ok(client)
     }
 
-    /// Without a bearer secret: the one certificate-only caller the peer's certificate is for.
+    /// Without a bearer value: the one caller the peer's certificate identifies alone.
     fn by_certificate(&self, peer: &Peer) -> Result<&Caller, AuthError> {
         if peer.certificate.is_none() {
             return Err(AuthError::Missing);
         }
-        let mut matching = self.list.iter().filter(|c| {
-            c.digest.is_none()
-                && c.tls_san
-                    .as_deref()
-                    .is_some_and(|san| peer.certificate_valid_for(san))
-        });
+        let spiffe_id = peer.spiffe_id();
+        let mut matching = self
+            .list
+            .iter()
+            .filter(|c| c.identified_by_certificate(peer, spiffe_id.as_deref()));
         match (matching.next(), matching.next()) {
             (Some(client), None) => Ok(client),
             (None, _) => Err(AuthError::Unknown),
@@ -193,6 +278,19 @@ impl Peer {
             return false;
         };
         cert.verify_is_valid_for_subject_name(&name).is_ok()
+    }
+
+    /// The SPIFFE ID of the peer's certificate: its URI SAN when it has exactly one and that
+    /// one is a `spiffe://` URI. An X.509-SVID carries exactly one; a certificate with several
+    /// names no SPIFFE ID at all.
+    pub fn spiffe_id(&self) -> Option<String> {
+        let der = self.certificate.as_ref()?;
+        let cert = webpki::EndEntityCert::try_from(der.as_ref()).ok()?;
+        let mut uris = cert.valid_uri_names();
+        match (uris.next(), uris.next()) {
+            (Some(uri), None) if uri.starts_with("spiffe://") => Some(uri.to_owned()),
+            _ => None,
+        }
     }
 }
 
@@ -254,5 +352,78 @@ mod tests {
                 .unwrap_err(),
             AuthError::Unknown
         );
+    }
+
+    fn client(id: &str, f: impl FnOnce(&mut ClientConfig)) -> Caller {
+        let mut c = ClientConfig {
+            id: id.into(),
+            ..Default::default()
+        };
+        f(&mut c);
+        Caller::from_config(0, &c).unwrap()
+    }
+
+    #[test]
+    fn a_secret_and_a_certificate_name_still_need_both_unless_told_otherwise() {
+        let digest = SecretDigest::of(b"secret-a").to_hex();
+        let both = client("a", |c| {
+            c.token_sha256 = Some(digest.clone());
+            c.tls_san = Some("a.internal".into());
+        });
+        assert!(both.require_all);
+        let callers = Callers::new(vec![both]);
+        assert_eq!(
+            callers
+                .authenticate(&headers("Bearer secret-a"), &no_cert())
+                .unwrap_err(),
+            AuthError::CertificateRequired
+        );
+        let either = client("a", |c| {
+            c.token_sha256 = Some(digest.clone());
+            c.tls_san = Some("a.internal".into());
+            c.require_all = Some(false);
+        });
+        let callers = Callers::new(vec![either]);
+        assert_eq!(
+            &*callers
+                .authenticate(&headers("Bearer secret-a"), &no_cert())
+                .unwrap()
+                .id,
+            "a"
+        );
+    }
+
+    #[test]
+    fn a_jwt_shaped_value_is_a_secret_like_any_other_without_kubernetes() {
+        let jwt = "eyJhbGciOiJFUzI1NiJ9.e30.c2ln";
+        let callers = Callers::new(vec![Caller::with_secret("a", jwt.as_bytes())]);
+        assert_eq!(
+            &*callers
+                .authenticate(&headers(&format!("Bearer {jwt}")), &no_cert())
+                .unwrap()
+                .id,
+            "a"
+        );
+        assert_eq!(
+            callers
+                .authenticate(&headers("Bearer eyJhbGciOiJub25lIn0.e30."), &no_cert())
+                .unwrap_err(),
+            AuthError::Unknown
+        );
+    }
+
+    #[test]
+    fn a_certificate_identifies_alone_only_callers_that_need_nothing_else() {
+        let svid_only = client("svid", |c| c.spiffe_id = Some("spiffe://td/a".into()));
+        assert!(!svid_only.require_all);
+        let needs_token_too = client("both", |c| {
+            c.spiffe_id = Some("spiffe://td/b".into());
+            c.service_account = Some("shop:b".into());
+            c.require_all = Some(true);
+        });
+        let peer = no_cert();
+        assert!(!svid_only.identified_by_certificate(&peer, Some("spiffe://td/b")));
+        assert!(svid_only.identified_by_certificate(&peer, Some("spiffe://td/a")));
+        assert!(!needs_token_too.identified_by_certificate(&peer, Some("spiffe://td/b")));
     }
 }

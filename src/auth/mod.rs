@@ -1,6 +1,8 @@
-//! Who is calling: the tower layer that turns `Authorization: Bearer <secret>` and/or the
-//! connection's client certificate into a configured [`Caller`] ([`callers`]), or fails with a
-//! typed [`AuthError`](crate::error::AuthError) before the body is read or anything is minted.
+//! Who is calling: the tower layer that turns `Authorization: Bearer <secret or token>` and/or
+//! the connection's client certificate into a configured [`Caller`] ([`callers`]), or fails
+//! with a typed [`AuthError`](crate::error::AuthError) before the body is read or anything is
+//! minted. Kubernetes service-account tokens are verified by [`kubernetes`] against the keys
+//! [`jwks`] reads or fetches; SPIFFE IDs are read from the certificate by [`Peer`].
 //!
 //! A request carrying Truora's own `Truora-API-Key` header is refused outright: callers never
 //! hold the master key, and a drop-in client that still sends it has not been migrated.
@@ -25,8 +27,12 @@ use crate::truora::API_KEY_HEADER;
 use crate::wire::{Answer, Failure, Route, Routed};
 
 pub mod callers;
+pub mod jwks;
+pub mod kubernetes;
 
 pub use callers::{Caller, Callers, Peer};
+pub use jwks::{JwksError, JwksSource, KeySet, Refresher};
+pub use kubernetes::ServiceAccounts;
 
 /// A request whose caller is known.
 pub struct Authed<B> {

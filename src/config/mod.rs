@@ -14,14 +14,16 @@ use std::path::{Path, PathBuf};
 
 use crate::secret::MasterKey;
 
+mod auth;
 mod cache;
 mod clients;
 mod parse_error;
 mod server;
 mod upstream;
 
+pub use auth::{AuthConfig, KubernetesConfig, JWKS_MIN_INTERVAL};
 pub use cache::{redacted_url, CacheConfig, SharedCacheConfig};
-pub use clients::ClientConfig;
+pub use clients::{is_service_account, is_spiffe_id, ClientConfig, Offered};
 pub use parse_error::ParseError;
 pub use server::{ServerConfig, TlsConfig};
 pub use upstream::UpstreamConfig;
@@ -42,6 +44,10 @@ pub struct Config {
     /// The token cache.
     #[serde(default)]
     pub cache: CacheConfig,
+    /// Ways for callers to authenticate beyond secrets and certificate names: Kubernetes
+    /// service-account tokens.
+    #[serde(default)]
+    pub auth: AuthConfig,
     /// The internal callers allowed to ask for tokens.
     #[serde(default)]
     pub clients: Vec<ClientConfig>,
@@ -101,7 +107,14 @@ impl Config {
         self.server.validate()?;
         self.upstream.validate()?;
         self.cache.validate(self.upstream.deadline)?;
-        clients::validate(&self.clients, self.server.checks_client_certificates())
+        self.auth.validate()?;
+        clients::validate(
+            &self.clients,
+            Offered {
+                client_certificates: self.server.checks_client_certificates(),
+                service_accounts: self.auth.kubernetes.is_some(),
+            },
+        )
     }
 
     /// Loads the master key: from `upstream.api_key_file` when set, else from `TRUORA_API_KEY`.

@@ -130,6 +130,10 @@ class WhatTheIssueAsks:
     and on the rendered overlay (the two classes below)."""
 
     directory = None
+    # What a rendering holds beyond the base's resources, and where it may go beyond DNS and
+    # Truora (the overlay reads the cluster's signing keys from the API server).
+    extra_kinds = []
+    extra_egress = set()
 
     @classmethod
     def setUpClass(cls):
@@ -141,6 +145,7 @@ class WhatTheIssueAsks:
         self.assertEqual(kinds, sorted([
             "ConfigMap", "Deployment", "HorizontalPodAutoscaler", "NetworkPolicy",
             "PodDisruptionBudget", "Service", "Service", "ServiceAccount", "ServiceMonitor",
+            *self.extra_kinds,
         ]))
 
     def test_replicas_and_autoscaling(self):
@@ -221,7 +226,7 @@ class WhatTheIssueAsks:
         for rule in np["spec"]["ingress"]:
             self.assertTrue(rule.get("from"), "an ingress rule without `from` admits everyone")
         egress = {(p["port"], p["protocol"]) for rule in np["spec"]["egress"] for p in rule["ports"]}
-        self.assertEqual(egress, {(53, "UDP"), (53, "TCP"), (443, "TCP")})
+        self.assertEqual(egress, {(53, "UDP"), (53, "TCP"), (443, "TCP")} | self.extra_egress)
 
     def test_the_master_key_is_the_mounted_secret_file(self):
         r = self.r
@@ -267,11 +272,57 @@ class TheBase(WhatTheIssueAsks, unittest.TestCase):
 
 class TheOverlay(WhatTheIssueAsks, unittest.TestCase):
     directory = OVERLAY
+    extra_kinds = ["ClusterRoleBinding"]
+    extra_egress = {(6443, "TCP")}
+
+    def test_callers_authenticate_with_projected_service_account_tokens(self):
+        import tomllib
+
+        r = self.r
+        config = tomllib.loads(r.config)
+        clients = config["clients"]
+        self.assertTrue(clients)
+        for client in clients:
+            self.assertIn("service_account", client, client["id"])
+            self.assertNotIn("token_sha256", client, f"{client['id']}: a static secret")
+        k8s = config["auth"]["kubernetes"]
+        self.assertTrue(k8s["audiences"])
+        self.assertTrue(k8s["jwks_url"].startswith("https://kubernetes.default.svc"))
+        # The broker's own token and the cluster CA come from one projected volume, mounted where
+        # the config reads them; the pod's automatic token stays off (test_hardening).
+        volume = named(r.pod["volumes"], "kube-api")
+        mount = named(r.container["volumeMounts"], "kube-api")
+        self.assertTrue(mount["readOnly"])
+        sources = volume["projected"]["sources"]
+        token = next(s["serviceAccountToken"] for s in sources if "serviceAccountToken" in s)
+        ca = next(s["configMap"] for s in sources if "configMap" in s)
+        self.assertEqual(k8s["jwks_token_file"], f"{mount['mountPath']}/{token['path']}")
+        self.assertLessEqual(token["expirationSeconds"], 3600)
+        self.assertEqual(ca["name"], "kube-root-ca.crt")
+        self.assertEqual(k8s["ca_file"], f"{mount['mountPath']}/{ca['items'][0]['path']}")
+        # RBAC for the JWKS endpoint: the discovery role, to the broker's account only.
+        binding = one(r.resources, "ClusterRoleBinding")
+        self.assertEqual(binding["roleRef"]["name"], "system:service-account-issuer-discovery")
+        account = one(r.resources, "ServiceAccount")
+        self.assertEqual(binding["subjects"], [{
+            "kind": "ServiceAccount", "name": r.pod["serviceAccountName"],
+            "namespace": account["metadata"]["namespace"],
+        }])
+        # The API server is reachable, and only on its ports.
+        np = one(r.resources, "NetworkPolicy")
+        api = [rule for rule in np["spec"]["egress"]
+               if {p["port"] for p in rule["ports"]} == {443, 6443}]
+        self.assertEqual(len(api), 1)
+        for peer in api[0]["to"]:
+            self.assertEqual(set(peer), {"ipBlock"})
+            self.assertNotIn("except", peer["ipBlock"])
+            self.assertTrue(peer["ipBlock"]["cidr"].endswith("/32"), "the API server's addresses only")
 
     def test_the_overlay_pins_its_image_and_namespace(self):
         r = self.r
         self.assertRegex(r.container["image"], r"^[a-z0-9.-]+/.+(:[0-9]+\.[0-9]+\.[0-9]+|@sha256:[0-9a-f]{64})$")
-        self.assertEqual({x["metadata"].get("namespace") for x in r.resources}, {"identity"})
+        namespaced = [x for x in r.resources if x["kind"] not in kustomize.CLUSTER_SCOPED]
+        self.assertEqual({x["metadata"].get("namespace") for x in namespaced}, {"identity"})
         self.assertEqual(r.deployment["spec"]["replicas"], 3)
 
 
@@ -282,13 +333,24 @@ class ShippedConfigs(unittest.TestCase):
             key = os.path.join(tmp, "api-key")
             with open(key, "w") as f:
                 f.write("check-config-test-key\n")
+            # What the overlay's pod has mounted at /var/run/secrets/kube-api: a token and the
+            # cluster CA (a certificate made here; check-config reads it but fetches nothing).
+            kube_api = os.path.join(tmp, "kube-api")
+            os.mkdir(kube_api)
+            with open(os.path.join(kube_api, "token"), "w") as f:
+                f.write("not-a-real-token\n")
+            made = run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                        "-nodes", "-subj", "/CN=cluster-ca", "-days", "1",
+                        "-keyout", os.path.join(kube_api, "ca.key"), "-out", os.path.join(kube_api, "ca.crt")])
+            self.assertEqual(made.returncode, 0, made.stderr)
             for path in configs:
                 with self.subTest(str(path.relative_to(DEPLOY))):
                     text = path.read_text(encoding="utf-8")
                     self.assertIn('api_key_file = "/var/run/secrets/truora/api-key"', text)
                     local = os.path.join(tmp, "config.toml")
                     with open(local, "w") as f:
-                        f.write(text.replace("/var/run/secrets/truora/api-key", key))
+                        f.write(text.replace("/var/run/secrets/truora/api-key", key)
+                                .replace("/var/run/secrets/kube-api", kube_api))
                     result = run([binary(), "check-config", "--config", local], env=clean_env())
                     self.assertEqual(result.returncode, 0, result.stderr)
                     self.assertIn(": ok (", result.stdout)
