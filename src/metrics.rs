@@ -250,6 +250,10 @@ pub struct Metrics {
     pub jwks_keys: IntGaugeVec,
     /// `token_broker_jwks_refreshes_total{result}`: created only with `auth.kubernetes.jwks_url`.
     pub jwks_refreshes: IntCounterVec,
+    /// `token_broker_cache_invalidations_total{reason}`
+    pub cache_invalidations: IntCounterVec,
+    /// `token_broker_webhook_deliveries_total{event,outcome}`
+    pub webhook_deliveries: IntCounterVec,
     /// Pre-resolved `cache_lookups` children: hit, miss, coalesced, uncacheable.
     lookups: [IntCounter; 4],
     routes: [RouteSeries; 5],
@@ -428,6 +432,22 @@ impl Metrics {
         )?;
         registry.register(Box::new(jwks_keys.clone()))?;
         registry.register(Box::new(jwks_refreshes.clone()))?;
+        // The reasons are the issuance core's (webhook, result, caller, no_cache): it creates
+        // their series at start.
+        let cache_invalidations = counter(
+            "token_broker_cache_invalidations_total",
+            "Invalidations of cached tokens by reason: webhook (Truora said the process ended), result (a result read through the pass-through said so), caller (DELETE /v1/tokens), no_cache (a caller asked for a new process).",
+            &["reason"],
+        )?;
+        // Both labels are bounded by the webhook receiver: canonical event names (or other,
+        // unknown) and its fixed outcomes.
+        let webhook_deliveries = counter(
+            "token_broker_webhook_deliveries_total",
+            "Deliveries to the webhook listener by event and outcome: taken (tokens dropped), ignored (event that ends nothing), unauthorized, bad_signature, stale (iat outside webhooks.max_age), malformed, too_large.",
+            &["event", "outcome"],
+        )?;
+        registry.register(Box::new(cache_invalidations.clone()))?;
+        registry.register(Box::new(webhook_deliveries.clone()))?;
         let caller_requests = counter(
             "token_broker_caller_requests_total",
             "Caller API requests answered per configured caller, by what the cache did: hit, miss (minted, or waited on an identical mint), uncacheable (names no user), none (no cache lookup made).",
@@ -582,6 +602,8 @@ impl Metrics {
             config_last_reload_success,
             jwks_keys,
             jwks_refreshes,
+            cache_invalidations,
+            webhook_deliveries,
             routes,
             caller_requests,
             caller_mints,

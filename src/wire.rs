@@ -41,6 +41,18 @@ pub fn x_cache(outcome: CacheOutcome) -> (HeaderName, HeaderValue) {
     (X_CACHE.clone(), HeaderValue::from_static(value))
 }
 
+/// True when the request's `Cache-Control` has the `no-cache` directive (names are
+/// case-insensitive; several headers and comma-separated lists count): the caller asks for a
+/// new process rather than the cached token.
+pub fn asks_no_cache(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(http::header::CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|directive| directive.trim().eq_ignore_ascii_case("no-cache"))
+}
+
 /// A JSON answer of the broker's own (200, `Cache-Control: no-store`).
 pub fn json_response(body: impl Into<Bytes>) -> HttpResponse {
     let mut response = Response::new(full(body));
@@ -289,5 +301,25 @@ mod tests {
         assert_eq!(BodyFormat::of(&h), Ok(BodyFormat::Json));
         h.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
         assert_eq!(BodyFormat::of(&h), Err(RequestError::UnsupportedMediaType));
+    }
+
+    #[test]
+    fn no_cache_is_found_in_any_cache_control_directive_and_nothing_else_counts() {
+        let with = |values: &[&str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(
+                    http::header::CACHE_CONTROL,
+                    HeaderValue::from_str(v).unwrap(),
+                );
+            }
+            asks_no_cache(&h)
+        };
+        assert!(with(&["no-cache"]));
+        assert!(with(&["max-age=0, No-Cache"]));
+        assert!(with(&["max-age=0", "no-cache"]));
+        assert!(!with(&[]));
+        assert!(!with(&["no-store"]));
+        assert!(!with(&["max-age=0, no-cache-please"]));
     }
 }

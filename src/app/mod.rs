@@ -268,7 +268,12 @@ impl Broker {
         let mut state = ApiState::new(issuer, callers, Arc::clone(&metrics));
         state.max_body_bytes = config.server.max_body_bytes;
         state.body_read_timeout = config.server.body_read_timeout;
-        state.passthrough = Some(Passthrough::new(forwarder, results, metrics));
+        state.passthrough = Some(Passthrough::new(
+            forwarder,
+            results,
+            Arc::clone(&state.issuer),
+            metrics,
+        ));
         let state = Arc::new(state);
         let listeners = Listeners::bind(&config.server, tls.clone()).await?;
         Ok(Self {

@@ -32,7 +32,7 @@ use tokio::sync::Mutex;
 
 use super::{load, Loaded};
 use crate::auth::{Callers, ServiceAccounts};
-use crate::cache::Filter;
+use crate::cache::{Filter, Reason};
 use crate::config::{AuthConfig, Config, ConfigError};
 use crate::server::{tls, ApiState, Reload, SharedTls};
 use crate::upstream::guard::caller_rates;
@@ -216,10 +216,12 @@ impl Reloader {
         match self
             .state
             .issuer
-            .invalidate_everywhere(&Filter::caller(id))
+            .invalidate_everywhere(&Filter::caller(id), Reason::Revoked)
             .await
         {
-            Ok(dropped) => tracing::info!(target: "audit", caller = %id, dropped, "caller revoked"),
+            Ok(dropped) => {
+                tracing::info!(target: "audit", caller = %id, dropped = dropped.tokens, "caller revoked")
+            }
             Err(_) => tracing::warn!(
                 target: "audit",
                 caller = %id,

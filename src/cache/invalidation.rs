@@ -14,16 +14,71 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use super::Owner;
+use super::{CacheKey, Owner};
 
 /// Invalidations remembered for in-flight mints: far more than can happen during one mint's
 /// deadline at any sane rate (`DELETE` is rate limited per caller).
 pub const LOG_CAPACITY: usize = 4096;
 
-/// What an invalidation drops: the entries whose owner has every field given. The empty filter
-/// matches everything (a tier that may have missed invalidations forgets it all).
+/// Why tokens are dropped: the `reason` of `token_broker_cache_invalidations_total` and of the
+/// audit line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// Truora's webhook said the user's process in a flow ended.
+    Webhook,
+    /// A process result read through the pass-through said it ended.
+    Result,
+    /// The caller's own `DELETE /v1/tokens`.
+    Caller,
+    /// The caller asked for a new process (`Cache-Control: no-cache`).
+    NoCache,
+    /// A reload removed the caller or changed its credential (audited, not counted).
+    Revoked,
+}
+
+impl Reason {
+    /// Every reason counted in `token_broker_cache_invalidations_total`.
+    pub const COUNTED: [Reason; 4] = [Self::Webhook, Self::Result, Self::Caller, Self::NoCache];
+
+    /// The label and audit value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Webhook => "webhook",
+            Self::Result => "result",
+            Self::Caller => "caller",
+            Self::NoCache => "no_cache",
+            Self::Revoked => "revoked",
+        }
+    }
+}
+
+/// What an invalidation dropped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Dropped {
+    /// Tokens.
+    pub tokens: u64,
+    /// Distinct callers they were minted for.
+    pub callers: usize,
+}
+
+impl Dropped {
+    /// What two tiers holding copies of the same tokens dropped: the larger of each count.
+    pub fn either(self, other: Self) -> Self {
+        Self {
+            tokens: self.tokens.max(other.tokens),
+            callers: self.callers.max(other.callers),
+        }
+    }
+}
+
+/// What an invalidation drops: the entries whose owner has every field given (and whose key is
+/// `key`, when given). The empty filter matches everything (a tier that may have missed
+/// invalidations forgets it all).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Filter {
+    /// Only the token of this cache key (a caller asking for a new process with
+    /// `Cache-Control: no-cache`).
+    pub key: Option<CacheKey>,
     /// Only this caller's tokens; `None`: every caller's (a process that ended drops its tokens
     /// whoever asked for them).
     pub caller: Option<Arc<str>>,
@@ -42,18 +97,29 @@ impl Filter {
         }
     }
 
-    /// A caller's tokens for a flow and/or an account (`DELETE /v1/tokens`).
+    /// A caller's tokens for a flow and/or an account (`DELETE /v1/tokens`), or a user's in a
+    /// flow whoever the caller (a process that ended).
     pub fn of(caller: Option<&str>, flow_id: Option<&str>, account_id: Option<&str>) -> Self {
         Self {
+            key: None,
             caller: caller.map(Into::into),
             flow_id: flow_id.map(Into::into),
             account_id: account_id.map(Into::into),
         }
     }
 
-    /// True when `owner`'s token is one this filter drops.
-    pub fn matches(&self, owner: &Owner) -> bool {
-        self.caller.as_deref().is_none_or(|c| *owner.caller == *c)
+    /// The one token of `key`, minted for `caller`.
+    pub fn key(caller: &str, key: CacheKey) -> Self {
+        Self {
+            key: Some(key),
+            ..Self::caller(caller)
+        }
+    }
+
+    /// True when the token of `key`, minted for `owner`, is one this filter drops.
+    pub fn matches(&self, key: &CacheKey, owner: &Owner) -> bool {
+        self.key.is_none_or(|k| k == *key)
+            && self.caller.as_deref().is_none_or(|c| *owner.caller == *c)
             && self.flow_id.as_deref().is_none_or(|f| *owner.flow_id == *f)
             && self
                 .account_id
@@ -90,9 +156,9 @@ impl Log {
         self.next += 1;
     }
 
-    /// True when an invalidation since `mark` drops `owner`'s token, or when the log no longer
-    /// reaches back to `mark`.
-    pub fn invalidated_since(&self, mark: Mark, owner: &Owner) -> bool {
+    /// True when an invalidation since `mark` drops the token of `key` minted for `owner`, or
+    /// when the log no longer reaches back to `mark`.
+    pub fn invalidated_since(&self, mark: Mark, key: &CacheKey, owner: &Owner) -> bool {
         let oldest = self.recent.front().map_or(self.next, |(seq, _)| *seq);
         if mark.0 < oldest && self.next > mark.0 {
             return true;
@@ -101,7 +167,7 @@ impl Log {
             .iter()
             .rev()
             .take_while(|(seq, _)| *seq >= mark.0)
-            .any(|(_, filter)| filter.matches(owner))
+            .any(|(_, filter)| filter.matches(key, owner))
     }
 }
 
@@ -117,17 +183,21 @@ mod tests {
         }
     }
 
+    const K: CacheKey = [1; 32];
+
     #[test]
     fn a_filter_matches_every_field_it_names_and_nothing_else() {
         let o = owner("c", "f", Some("u"));
-        assert!(Filter::caller("c").matches(&o));
-        assert!(!Filter::caller("d").matches(&o));
-        assert!(Filter::of(Some("c"), Some("f"), None).matches(&o));
-        assert!(!Filter::of(Some("c"), Some("g"), None).matches(&o));
-        assert!(Filter::of(None, Some("f"), Some("u")).matches(&o));
-        assert!(!Filter::of(None, Some("f"), Some("v")).matches(&o));
-        assert!(!Filter::of(Some("c"), None, Some("u")).matches(&owner("c", "f", None)));
-        assert!(Filter::default().matches(&o));
+        assert!(Filter::caller("c").matches(&K, &o));
+        assert!(!Filter::caller("d").matches(&K, &o));
+        assert!(Filter::of(Some("c"), Some("f"), None).matches(&K, &o));
+        assert!(!Filter::of(Some("c"), Some("g"), None).matches(&K, &o));
+        assert!(Filter::of(None, Some("f"), Some("u")).matches(&K, &o));
+        assert!(!Filter::of(None, Some("f"), Some("v")).matches(&K, &o));
+        assert!(!Filter::of(Some("c"), None, Some("u")).matches(&K, &owner("c", "f", None)));
+        assert!(Filter::default().matches(&K, &o));
+        assert!(Filter::key("c", K).matches(&K, &o));
+        assert!(!Filter::key("c", [2; 32]).matches(&K, &o));
     }
 
     #[test]
@@ -136,23 +206,26 @@ mod tests {
         log.record(Filter::caller("c"));
         let mark = log.mark();
         let o = owner("c", "f", Some("u"));
-        assert!(!log.invalidated_since(mark, &o), "the one before the mark");
+        assert!(
+            !log.invalidated_since(mark, &K, &o),
+            "the one before the mark"
+        );
         log.record(Filter::caller("other"));
         log.record(Filter::of(Some("c"), None, Some("someone-else")));
-        assert!(!log.invalidated_since(mark, &o));
+        assert!(!log.invalidated_since(mark, &K, &o));
         log.record(Filter::of(Some("c"), Some("f"), None));
-        assert!(log.invalidated_since(mark, &o));
+        assert!(log.invalidated_since(mark, &K, &o));
     }
 
     #[test]
     fn a_mark_older_than_the_log_counts_as_invalidated() {
         let mut log = Log::default();
         let mark = log.mark();
-        assert!(!log.invalidated_since(mark, &owner("c", "f", None)));
+        assert!(!log.invalidated_since(mark, &K, &owner("c", "f", None)));
         for _ in 0..=LOG_CAPACITY {
             log.record(Filter::caller("other"));
         }
-        assert!(log.invalidated_since(mark, &owner("c", "f", None)));
-        assert!(!log.invalidated_since(log.mark(), &owner("c", "f", None)));
+        assert!(log.invalidated_since(mark, &K, &owner("c", "f", None)));
+        assert!(!log.invalidated_since(log.mark(), &K, &owner("c", "f", None)));
     }
 }

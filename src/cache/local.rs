@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use moka::notification::RemovalCause;
 
-use super::invalidation::{Filter, Log, Mark};
+use super::invalidation::{Dropped, Filter, Log, Mark};
 use super::{bounded, CacheKey, Entry, Owner};
 use crate::metrics::Metrics;
 
@@ -94,6 +94,14 @@ impl Index {
         let pairs = |keys: &Keys| -> Vec<(CacheKey, Weak<Entry>)> {
             keys.iter().map(|(k, w)| (*k, w.clone())).collect()
         };
+        if let (Some(key), Some(caller)) = (&filter.key, &filter.caller) {
+            return self
+                .by_caller
+                .get(caller)
+                .and_then(|keys| keys.get(key))
+                .map(|w| vec![(*key, w.clone())])
+                .unwrap_or_default();
+        }
         match (&filter.caller, &filter.flow_id, &filter.account_id) {
             (_, Some(flow), Some(account)) => self
                 .by_user
@@ -173,9 +181,10 @@ impl TokenCache {
         lock(&self.shared.log).mark()
     }
 
-    /// True when an invalidation since `mark` drops `owner`'s token (see [`Log`]).
-    pub fn invalidated_since(&self, mark: Mark, owner: &Owner) -> bool {
-        lock(&self.shared.log).invalidated_since(mark, owner)
+    /// True when an invalidation since `mark` drops the token of `key` minted for `owner` (see
+    /// [`Log`]).
+    pub fn invalidated_since(&self, mark: Mark, key: &CacheKey, owner: &Owner) -> bool {
+        lock(&self.shared.log).invalidated_since(mark, key, owner)
     }
 
     /// Stores an entry (replacing any older one for the key), whatever came before.
@@ -188,7 +197,7 @@ impl TokenCache {
     /// came meanwhile; says whether it was stored.
     pub fn insert_unless_invalidated(&self, key: CacheKey, entry: Arc<Entry>, since: Mark) -> bool {
         let log = lock(&self.shared.log);
-        if log.invalidated_since(since, &entry.owner) {
+        if log.invalidated_since(since, &key, &entry.owner) {
             return false;
         }
         self.store(key, entry);
@@ -201,24 +210,29 @@ impl TokenCache {
         self.inner.insert(key, entry);
     }
 
-    /// Records the invalidation and drops the entries it matches; returns how many. Looks only
-    /// at the caller's entries, or the user's in a flow, through the index.
-    pub fn invalidate(&self, filter: &Filter) -> u64 {
+    /// Records the invalidation and drops the entries it matches. Looks only at one key, the
+    /// caller's entries, or the user's in a flow, through the index.
+    pub fn invalidate(&self, filter: &Filter) -> Dropped {
         let mut log = lock(&self.shared.log);
         log.record(filter.clone());
         let candidates = lock(&self.shared.index).candidates(filter);
-        let mut dropped = 0;
+        let mut dropped = Dropped::default();
+        let mut callers: Vec<Arc<str>> = Vec::new();
         for (key, weak) in candidates {
             let Some(entry) = weak.upgrade() else {
                 continue;
             };
             // Whatever entry holds the key now has the same owner (the key is made from it),
             // and was indexed before this invalidation took the log.
-            if filter.matches(&entry.owner) && self.inner.remove(&key).is_some() {
-                dropped += 1;
+            if filter.matches(&key, &entry.owner) && self.inner.remove(&key).is_some() {
+                dropped.tokens += 1;
+                if !callers.contains(&entry.owner.caller) {
+                    callers.push(Arc::clone(&entry.owner.caller));
+                }
             }
         }
         drop(log);
+        dropped.callers = callers.len();
         dropped
     }
 
@@ -287,15 +301,21 @@ mod tests {
         cache.insert([3; 32], entry("c", "f1", Some("u2"), life));
         cache.insert([4; 32], entry("other", "f1", Some("u1"), life));
         assert_eq!(
-            cache.invalidate(&Filter::of(Some("c"), Some("f1"), Some("u1"))),
+            cache
+                .invalidate(&Filter::of(Some("c"), Some("f1"), Some("u1")))
+                .tokens,
             1
         );
         assert_eq!(
-            cache.invalidate(&Filter::of(Some("c"), None, Some("u1"))),
+            cache
+                .invalidate(&Filter::of(Some("c"), None, Some("u1")))
+                .tokens,
             1
         );
         assert_eq!(
-            cache.invalidate(&Filter::of(Some("c"), Some("f1"), None)),
+            cache
+                .invalidate(&Filter::of(Some("c"), Some("f1"), None))
+                .tokens,
             1
         );
         assert_eq!(cache.len(), 1);
@@ -316,7 +336,9 @@ mod tests {
         cache.len();
         assert_eq!(count("replaced"), 1);
         assert_eq!(
-            cache.invalidate(&Filter::of(Some("c"), None, Some("u1"))),
+            cache
+                .invalidate(&Filter::of(Some("c"), None, Some("u1")))
+                .tokens,
             1
         );
         cache.len();
@@ -394,7 +416,12 @@ mod tests {
         cache.insert([2; 32], entry("b", "f", Some("u"), life));
         cache.insert([3; 32], entry("a", "g", Some("u"), life));
         cache.insert([4; 32], entry("a", "f", Some("v"), life));
-        assert_eq!(cache.invalidate(&Filter::of(None, Some("f"), Some("u"))), 2);
+        assert_eq!(
+            cache
+                .invalidate(&Filter::of(None, Some("f"), Some("u")))
+                .tokens,
+            2
+        );
         for (key, kept) in [(1, false), (2, false), (3, true), (4, true)] {
             assert_eq!(
                 cache.get(&[key; 32], Instant::now()).is_some(),

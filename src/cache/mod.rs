@@ -11,7 +11,7 @@ pub mod local;
 pub mod shared;
 
 pub use entry::{identity_prefix, Entry, Owner};
-pub use invalidation::{Filter, Mark};
+pub use invalidation::{Dropped, Filter, Mark, Reason};
 pub use local::TokenCache;
 
 /// A cache key: the SHA-256 the issuance core makes of a caller and its canonical request. Never

@@ -8,29 +8,14 @@ use std::time::{Duration, Instant, SystemTime};
 
 use super::issuer::{Flown, Issuer, Subject};
 use crate::cache::shared::{LockOutcome, PutOutcome, SharedTier, SharedToken};
-use crate::cache::{CacheKey, Entry, Filter};
-use crate::error::{BrokerError, Refusal};
+use crate::cache::{CacheKey, Entry};
+use crate::error::BrokerError;
 use crate::metrics::CacheOutcome;
 
 impl Issuer {
     /// The Redis tier, when configured.
     pub fn shared(&self) -> Option<&SharedTier> {
         self.shared.as_ref()
-    }
-
-    /// Drops the tokens `filter` matches here, and, with a shared tier, in Redis and on every
-    /// other replica; mints in flight that it matches, anywhere, do not keep their tokens. When
-    /// Redis cannot be reached the local tokens are dropped and the call fails, so the caller
-    /// knows to retry: other replicas may still hold the token.
-    pub async fn invalidate_everywhere(&self, filter: &Filter) -> Result<u64, BrokerError> {
-        let local = self.invalidate(filter);
-        let Some(shared) = &self.shared else {
-            return Ok(local);
-        };
-        match shared.invalidate(filter).await {
-            Ok(n) => Ok(local.max(n)),
-            Err(_) => Err(Refusal::SharedCacheUnavailable.into()),
-        }
     }
 
     /// A local miss with a shared tier: Redis first; else one replica of the fleet takes the

@@ -28,8 +28,8 @@ use super::answer::Issued;
 use super::key::key;
 use super::request::TokenRequest;
 use crate::cache::shared::{SharedTier, SharedToken};
-use crate::cache::{identity_prefix, CacheKey, Entry, Filter, Owner, TokenCache};
-use crate::error::{BrokerError, Refusal, UpstreamError};
+use crate::cache::{identity_prefix, CacheKey, Entry, Filter, Owner, Reason, TokenCache};
+use crate::error::{BrokerError, UpstreamError};
 use crate::metrics::{CacheOutcome, Metrics};
 use crate::rate::KeyedBuckets;
 use crate::truora::{token_lifetime, ArrayEncoding, DEFAULT_TOKEN_LIFETIME};
@@ -54,6 +54,15 @@ pub struct IssuerSettings {
 
 type FlightResult = Option<Result<(Arc<Entry>, CacheOutcome), BrokerError>>;
 
+/// Whether a request may be answered from the cache or an earlier flight.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Lookup {
+    /// Yes: the usual request.
+    Cache,
+    /// No: the caller asked for a new process.
+    Fresh,
+}
+
 /// What a flight brings back: the entry, where it came from, and whether it may be kept (not
 /// when the shared tier saw an invalidation that drops it while it was minted).
 pub(super) struct Flown {
@@ -67,10 +76,10 @@ pub struct Issuer {
     pub(super) cache: TokenCache,
     inflight: Mutex<HashMap<CacheKey, watch::Receiver<FlightResult>>>,
     /// `DELETE /v1/tokens` per caller: `cache.invalidate_rate` a second.
-    invalidations: KeyedBuckets,
+    pub(super) invalidations: KeyedBuckets,
     mint: Arc<dyn Mint>,
     guard: Guard,
-    metrics: Arc<Metrics>,
+    pub(super) metrics: Arc<Metrics>,
     pub(super) settings: IssuerSettings,
     /// [`identity_prefix`] of `settings.web_url`, shared by every entry.
     identity_prefix: Arc<str>,
@@ -114,6 +123,11 @@ impl Issuer {
         metrics
             .cache_max_entries
             .set(i64::try_from(settings.max_entries).unwrap_or(i64::MAX));
+        for reason in Reason::COUNTED {
+            metrics
+                .cache_invalidations
+                .with_label_values(&[reason.label()]);
+        }
         Arc::new(Self {
             cache,
             inflight: Mutex::new(HashMap::new()),
@@ -146,6 +160,39 @@ impl Issuer {
         req: &TokenRequest<'_>,
         outcome: &mut CacheOutcome,
     ) -> Result<Issued, BrokerError> {
+        self.issue_from(caller, req, outcome, Lookup::Cache).await
+    }
+
+    /// A new process for a caller that asked for one (`Cache-Control: no-cache`): its cached
+    /// token for this request is dropped everywhere (reason `no_cache`), and a token minted now,
+    /// never one of a mint that started before, is answered (`cache: "miss"`) and replaces it
+    /// for later requests. Mint budgets apply as to any mint. With the shared tier unreachable
+    /// the token is still minted, and other replicas may go on serving the old one until Redis
+    /// is back (logged).
+    pub async fn renew(
+        self: &Arc<Self>,
+        caller: &Arc<str>,
+        req: &TokenRequest<'_>,
+        outcome: &mut CacheOutcome,
+    ) -> Result<Issued, BrokerError> {
+        if req.names_user() {
+            let filter = Filter::key(caller, key(caller, req));
+            if let Err(e) = self.invalidate_everywhere(&filter, Reason::NoCache).await {
+                tracing::warn!(caller = &**caller, error = %e, "a new process was asked for while the shared cache is unreachable: other replicas may serve the old token until it is back");
+            }
+        }
+        let mut issued = self.issue_from(caller, req, outcome, Lookup::Fresh).await?;
+        issued.cache = CacheOutcome::Miss;
+        Ok(issued)
+    }
+
+    async fn issue_from(
+        self: &Arc<Self>,
+        caller: &Arc<str>,
+        req: &TokenRequest<'_>,
+        outcome: &mut CacheOutcome,
+        lookup: Lookup,
+    ) -> Result<Issued, BrokerError> {
         if !req.names_user() {
             self.noted(outcome, CacheOutcome::Uncacheable);
             // In its own task like a shared flight, so that a caller going away mid-call
@@ -159,10 +206,13 @@ impl Issuer {
         }
 
         let key = key(caller, req);
-        let now = Instant::now();
-        if let Some(entry) = self.cache.get(&key, now) {
+        let cached = |issuer: &Self| match lookup {
+            Lookup::Cache => issuer.cache.get(&key, Instant::now()),
+            Lookup::Fresh => None,
+        };
+        if let Some(entry) = cached(self) {
             self.noted(outcome, CacheOutcome::Hit);
-            return Ok(self.answer(entry, CacheOutcome::Hit, now));
+            return Ok(self.answer(entry, CacheOutcome::Hit, Instant::now()));
         }
 
         let mut rx = {
@@ -170,19 +220,25 @@ impl Issuer {
                 .inflight
                 .lock()
                 .map_err(|_| BrokerError::Internal("in-flight table poisoned"))?;
-            if let Some(rx) = inflight.get(&key) {
-                self.noted(outcome, CacheOutcome::Coalesced);
-                rx.clone()
-            } else if let Some(entry) = self.cache.get(&key, Instant::now()) {
-                // A flight finished between our lookup and taking the lock.
-                self.noted(outcome, CacheOutcome::Hit);
-                return Ok(self.answer(entry, CacheOutcome::Hit, Instant::now()));
-            } else {
-                self.noted(outcome, CacheOutcome::Miss);
-                let (tx, rx) = watch::channel(None);
-                inflight.insert(key, rx.clone());
-                tokio::spawn(Arc::clone(self).fly(key, self.subject(caller, req), tx));
-                rx
+            match inflight.get(&key) {
+                Some(rx) if lookup == Lookup::Cache => {
+                    self.noted(outcome, CacheOutcome::Coalesced);
+                    rx.clone()
+                }
+                _ => {
+                    if let Some(entry) = cached(self) {
+                        // A flight finished between our lookup and taking the lock.
+                        self.noted(outcome, CacheOutcome::Hit);
+                        return Ok(self.answer(entry, CacheOutcome::Hit, Instant::now()));
+                    }
+                    self.noted(outcome, CacheOutcome::Miss);
+                    let (tx, rx) = watch::channel(None);
+                    // A fresh flight takes the place of one already in the air: later
+                    // requests wait on the new process's token.
+                    inflight.insert(key, rx.clone());
+                    tokio::spawn(Arc::clone(self).fly(key, self.subject(caller, req), tx));
+                    rx
+                }
             }
         };
 
@@ -213,43 +269,6 @@ impl Issuer {
         Issued { entry, cache }
     }
 
-    /// Drops the tokens `filter` matches from this replica's cache; returns how many. Mints in
-    /// flight that it matches will not store their tokens.
-    pub fn invalidate(&self, filter: &Filter) -> u64 {
-        let n = self.cache.invalidate(filter);
-        let user = filter.account_id.as_deref().map(|a| {
-            TokenRequest {
-                account_id: Some(a.into()),
-                ..Default::default()
-            }
-            .user_tag()
-        });
-        tracing::info!(
-            target: "audit",
-            caller = filter.caller.as_deref().unwrap_or("*"),
-            flow_id = filter.flow_id.as_deref(),
-            user = user.as_deref().unwrap_or("-"),
-            invalidated = n,
-            "tokens invalidated"
-        );
-        n
-    }
-
-    /// `DELETE /v1/tokens` of `caller`: at most `cache.invalidate_rate` a second per caller,
-    /// then [`Issuer::invalidate_everywhere`] of its own tokens for the flow and/or account.
-    pub async fn invalidate_for_caller(
-        &self,
-        caller: &str,
-        flow_id: Option<&str>,
-        account_id: Option<&str>,
-    ) -> Result<u64, BrokerError> {
-        self.invalidations
-            .take(caller)
-            .map_err(|retry_after| Refusal::InvalidationRateExceeded { retry_after })?;
-        self.invalidate_everywhere(&Filter::of(Some(caller), flow_id, account_id))
-            .await
-    }
-
     /// One upstream call for `key`, shared by every waiter. Runs in its own task.
     async fn fly(
         self: Arc<Self>,
@@ -257,16 +276,22 @@ impl Issuer {
         subject: Subject,
         tx: watch::Sender<FlightResult>,
     ) {
-        struct Leave<'a>(&'a Issuer, CacheKey);
+        struct Leave<'a>(&'a Issuer, CacheKey, watch::Receiver<FlightResult>);
         impl Drop for Leave<'_> {
             fn drop(&mut self) {
                 if let Ok(mut inflight) = self.0.inflight.lock() {
-                    inflight.remove(&self.1);
+                    // Unless a fresh flight has taken this one's place.
+                    if inflight
+                        .get(&self.1)
+                        .is_some_and(|rx| rx.same_channel(&self.2))
+                    {
+                        inflight.remove(&self.1);
+                    }
                 }
             }
         }
         // Leaves the table even if minting panics; waiters then see the channel close.
-        let leave = Leave(&self, key);
+        let leave = Leave(&self, key, tx.subscribe());
         // An invalidation from here on that matches this token keeps it out of the cache.
         let since = self.cache.mark();
         let flown = match &self.shared {
@@ -402,6 +427,7 @@ impl Issuer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cache::Dropped;
     use crate::upstream::MintFuture;
     use base64::Engine;
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -738,14 +764,15 @@ mod tests {
             .issue(&caller, &req(USER_REQ), &mut CacheOutcome::None)
             .await
             .unwrap();
-        assert_eq!(
-            issuer.invalidate(&Filter::of(Some("other"), Some("IPF1"), None)),
-            0
-        );
-        assert_eq!(
-            issuer.invalidate(&Filter::of(Some("c"), None, Some("u1"))),
-            1
-        );
+        let other = Filter::of(Some("other"), Some("IPF1"), None);
+        let own = Filter::of(Some("c"), None, Some("u1"));
+        let drop = |f| issuer.invalidate_everywhere(f, Reason::Caller);
+        assert_eq!(drop(&other).await.unwrap().tokens, 0);
+        let one = Dropped {
+            tokens: 1,
+            callers: 1,
+        };
+        assert_eq!(drop(&own).await.unwrap(), one);
         let again = issuer
             .issue(&caller, &req(USER_REQ), &mut CacheOutcome::None)
             .await
@@ -762,7 +789,10 @@ mod tests {
         let caller: Arc<str> = "c".into();
         let in_flight = spawn_issue(&issuer, &caller);
         tokio::time::sleep(Duration::from_millis(50)).await;
-        issuer.invalidate(&Filter::of(Some("c"), None, Some("u1")));
+        issuer
+            .invalidate_everywhere(&Filter::of(Some("c"), None, Some("u1")), Reason::Caller)
+            .await
+            .unwrap();
         // The waiter still gets its token...
         assert_eq!(in_flight.await.unwrap().unwrap().cache, CacheOutcome::Miss);
         // ...but it was not kept: the next request mints again.
@@ -779,9 +809,16 @@ mod tests {
         let caller: Arc<str> = "c".into();
         let in_flight = spawn_issue(&issuer, &caller);
         tokio::time::sleep(Duration::from_millis(50)).await;
-        issuer.invalidate(&Filter::caller("other"));
-        issuer.invalidate(&Filter::of(Some("c"), None, Some("someone-else")));
-        issuer.invalidate(&Filter::of(None, Some("IPF2"), Some("u1")));
+        for filter in [
+            Filter::caller("other"),
+            Filter::of(Some("c"), None, Some("someone-else")),
+            Filter::of(None, Some("IPF2"), Some("u1")),
+        ] {
+            issuer
+                .invalidate_everywhere(&filter, Reason::Caller)
+                .await
+                .unwrap();
+        }
         in_flight.await.unwrap().unwrap();
         let next = issue(&issuer, &caller).await.unwrap();
         assert_eq!(next.cache, CacheOutcome::Hit);
@@ -832,5 +869,118 @@ mod tests {
             .unwrap();
         assert_eq!(later.cache, CacheOutcome::Miss);
         assert_eq!(fake.calls.load(Ordering::SeqCst), 1);
+    }
+
+    fn api_key(issued: &Issued) -> String {
+        body_json(issued)["api_key"].as_str().unwrap().to_owned()
+    }
+
+    #[tokio::test]
+    async fn no_cache_mints_a_new_token_that_replaces_the_cached_one() {
+        let (issuer, fake) = issuer(fake(7200), Duration::from_secs(900));
+        let caller: Arc<str> = "c".into();
+        let old = api_key(&issue(&issuer, &caller).await.unwrap());
+        let renewed = issuer
+            .renew(&caller, &req(USER_REQ), &mut CacheOutcome::None)
+            .await
+            .unwrap();
+        assert_eq!(renewed.cache, CacheOutcome::Miss);
+        assert_eq!(body_json(&renewed)["cache"], "miss");
+        assert_ne!(api_key(&renewed), old);
+        let next = issue(&issuer, &caller).await.unwrap();
+        assert_eq!(next.cache, CacheOutcome::Hit);
+        assert_eq!(api_key(&next), api_key(&renewed));
+        assert_eq!(fake.calls.load(Ordering::SeqCst), 2);
+        let counted = issuer
+            .metrics
+            .cache_invalidations
+            .with_label_values(&["no_cache"])
+            .get();
+        assert_eq!(counted, 1);
+    }
+
+    #[tokio::test]
+    async fn no_cache_does_not_join_a_mint_already_in_the_air_and_later_requests_wait_on_it() {
+        let mut f = fake(7200);
+        f.delay = Duration::from_millis(200);
+        let (issuer, fake) = issuer(f, Duration::from_secs(900));
+        let caller: Arc<str> = "c".into();
+        let earlier = spawn_issue(&issuer, &caller);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let renewing = {
+            let (issuer, caller) = (Arc::clone(&issuer), Arc::clone(&caller));
+            tokio::spawn(async move {
+                issuer
+                    .renew(&caller, &req(USER_REQ), &mut CacheOutcome::None)
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut outcome = CacheOutcome::None;
+        let later = issuer
+            .issue(&caller, &req(USER_REQ), &mut outcome)
+            .await
+            .unwrap();
+        assert_eq!(outcome, CacheOutcome::Coalesced);
+        let (earlier, renewed) = (
+            earlier.await.unwrap().unwrap(),
+            renewing.await.unwrap().unwrap(),
+        );
+        assert_ne!(api_key(&earlier), api_key(&renewed));
+        assert_eq!(api_key(&later), api_key(&renewed));
+        // The earlier mint started before the renewal: it is not the one kept.
+        assert_eq!(
+            api_key(&issue(&issuer, &caller).await.unwrap()),
+            api_key(&renewed)
+        );
+        assert_eq!(fake.calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn an_ended_process_drops_that_user_and_flow_for_every_caller_only() {
+        let (issuer, fake) = issuer(fake(7200), Duration::from_secs(900));
+        let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
+        let other_user = "country=CO&flow_id=IPF1&redirect_url=https://a.example&account_id=u2";
+        let other_flow = "country=CO&flow_id=IPF2&redirect_url=https://a.example&account_id=u1";
+        for caller in [&a, &b] {
+            for form in [USER_REQ, other_user, other_flow] {
+                issuer
+                    .issue(caller, &req(form), &mut CacheOutcome::None)
+                    .await
+                    .unwrap();
+            }
+        }
+        let dropped = issuer
+            .process_ended("IPF1", "u1", Reason::Webhook)
+            .await
+            .unwrap();
+        assert_eq!(
+            dropped,
+            Dropped {
+                tokens: 2,
+                callers: 2
+            }
+        );
+        for caller in [&a, &b] {
+            for (form, kept) in [(USER_REQ, false), (other_user, true), (other_flow, true)] {
+                let again = issuer
+                    .issue(caller, &req(form), &mut CacheOutcome::None)
+                    .await
+                    .unwrap();
+                assert_eq!(again.cache == CacheOutcome::Hit, kept, "{caller} {form}");
+            }
+        }
+        assert_eq!(fake.calls.load(Ordering::SeqCst), 8);
+        let counted = |r: &str| {
+            issuer
+                .metrics
+                .cache_invalidations
+                .with_label_values(&[r])
+                .get()
+        };
+        assert_eq!(
+            (counted("webhook"), counted("result"), counted("caller")),
+            (1, 0, 0)
+        );
     }
 }

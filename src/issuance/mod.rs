@@ -8,11 +8,13 @@
 //! - [`policy`]: what each caller may ask for.
 //! - [`key`]: which requests share a token.
 //! - [`issuer`]: lookup, single flight, minting through the upstream guard; [`fleet`]: the same
-//!   with the shared tier, and invalidation everywhere.
+//!   with the shared tier.
+//! - [`invalidate`]: dropping cached tokens everywhere, for each [`crate::cache::Reason`].
 //! - [`answer`]: the answer's bytes.
 
 pub mod answer;
 pub mod fleet;
+pub mod invalidate;
 pub mod issuer;
 pub mod key;
 pub mod parse;

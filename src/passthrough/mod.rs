@@ -3,6 +3,9 @@
 //! key. The broker authenticates the caller (the auth layer), checks method and path against
 //! that caller's allowlist ([`pattern`]), relays the request with the master key injected
 //! ([`forward`]), and may keep final process results for `cache.result_ttl` ([`results`]).
+//! A result read through it that says its process ended (success or failure, naming its flow
+//! and user) drops that user's tokens for that flow, for every caller, as Truora's webhook
+//! would.
 //! Truora's status and body come back as they are (they are the caller's own results), except
 //! that a 401/403 (the master key refused) becomes 502, as for minting.
 
@@ -15,9 +18,11 @@ use http::{Request, StatusCode};
 use http_body::Body;
 use http_body_util::Either;
 
+use crate::cache::Reason;
 use crate::error::{BrokerError, RequestError};
+use crate::issuance::Issuer;
 use crate::metrics::{CacheOutcome, Metrics};
-use crate::wire::{x_cache, HttpResponse};
+use crate::wire::{full, x_cache, HttpResponse};
 
 pub mod forward;
 pub mod pattern;
@@ -25,21 +30,30 @@ pub mod results;
 
 pub use forward::Forwarder;
 pub use pattern::{check_path, Pattern, TruoraApi};
-pub use results::ResultCache;
+pub use results::{ResultCache, Verdict};
 
 /// The pass-through as the caller API uses it.
 pub struct Passthrough {
     forwarder: Forwarder,
     results: Option<ResultCache>,
+    /// Told when a result read says its process ended.
+    issuer: Arc<Issuer>,
     metrics: Arc<Metrics>,
 }
 
 impl Passthrough {
-    /// Relays through `forwarder`, keeping final results in `results` when set.
-    pub fn new(forwarder: Forwarder, results: Option<ResultCache>, metrics: Arc<Metrics>) -> Self {
+    /// Relays through `forwarder`, keeping final results in `results` when set, and telling
+    /// `issuer` of the processes that results say ended.
+    pub fn new(
+        forwarder: Forwarder,
+        results: Option<ResultCache>,
+        issuer: Arc<Issuer>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             forwarder,
             results,
+            issuer,
             metrics,
         }
     }
@@ -130,14 +144,42 @@ impl Passthrough {
             }
         };
         count(relayed.status());
-        match (cacheable, &self.results) {
-            (true, Some(results)) => {
-                let mut response = results.fill(caller, &path, relayed).await?;
-                let (name, value) = x_cache(CacheOutcome::Miss);
-                response.headers_mut().insert(name, value);
-                Ok(response)
+        if !cacheable {
+            return Ok(relayed.map(Either::Right));
+        }
+        let mut response = match results::read_small(relayed).await? {
+            Err(untouched) => untouched.map(Either::Right),
+            Ok((parts, body)) => {
+                let verdict = results::verdict(&body);
+                if verdict.ended {
+                    if let Some(results) = &self.results {
+                        results.keep(caller, &path, &parts, body.clone());
+                    }
+                    self.end_process(&verdict).await;
+                }
+                http::Response::from_parts(parts, full(body))
             }
-            _ => Ok(relayed.map(Either::Right)),
+        };
+        if self.results.is_some() {
+            let (name, value) = x_cache(CacheOutcome::Miss);
+            response.headers_mut().insert(name, value);
+        }
+        Ok(response)
+    }
+
+    /// A result said its process ended: that user's tokens for that flow go, for every caller
+    /// and on every replica. The caller still gets its result when the shared cache cannot be
+    /// reached (logged): the webhook, or the token's expiry, ends it there.
+    async fn end_process(&self, verdict: &Verdict) {
+        let (Some(flow_id), Some(account_id)) = (&verdict.flow_id, &verdict.account_id) else {
+            return;
+        };
+        if let Err(e) = self
+            .issuer
+            .process_ended(flow_id, account_id, Reason::Result)
+            .await
+        {
+            tracing::warn!(error = %e, flow_id = %flow_id, "a result said its process ended, but the shared cache could not be reached: other replicas may serve its token until the webhook or its expiry");
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Final process results (`status` success or failure) read through
-//! `GET /truora/identity/v1/processes/<id>/result`, kept for `cache.result_ttl` per caller and
-//! path; pending ones never are.
+//! `GET /truora/identity/v1/processes/<id>/result`: what they say of their process
+//! ([`verdict`]: an ended process's tokens are dropped), and the cache that keeps them for
+//! `cache.result_ttl` per caller and path; pending ones never are.
 //!
 //! Bounded in bytes (`cache.result_max_bytes`, every body and key counted), not by count: one
 //! caller varying a path could otherwise hold thousands of large answers. The query string is
@@ -12,13 +13,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::HeaderValue;
+use http::response::Parts;
 use http::{Method, Response, StatusCode};
-use http_body_util::{BodyExt, Either};
+use http_body_util::BodyExt;
 
 use super::forward::Relayed;
 use super::pattern::TruoraApi;
 use crate::cache::bounded;
 use crate::error::{BrokerError, UpstreamError};
+use crate::truora::{is_account_id, is_flow_id};
 use crate::wire::{full, HttpResponse};
 
 /// A final result kept for `cache.result_ttl`.
@@ -96,59 +99,106 @@ impl ResultCache {
         Some(r)
     }
 
-    /// Reads a relayed answer whole (it is small) and keeps it when the result is final.
-    /// Answers that are not 200, too large, or pending pass through untouched.
-    pub async fn fill(
-        &self,
-        caller: &Arc<str>,
-        path: &str,
-        response: Relayed,
-    ) -> Result<HttpResponse, BrokerError> {
-        let small = response
-            .headers()
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<usize>().ok())
-            .is_some_and(|len| len <= MAX_CACHED_RESULT);
-        if response.status() != StatusCode::OK || !small {
-            return Ok(response.map(Either::Right));
-        }
-        let (parts, body) = response.into_parts();
-        let bytes = body
-            .collect()
-            .await
-            .map_err(|_| UpstreamError::ConnectionLost)?
-            .to_bytes();
-        if is_final(&bytes) {
-            self.inner.insert(
-                (Arc::clone(caller), path.into()),
-                CachedResult {
-                    status: parts.status,
-                    content_type: parts.headers.get(http::header::CONTENT_TYPE).cloned(),
-                    body: bytes.clone(),
-                },
-            );
-        }
-        Ok(Response::from_parts(parts, full(bytes)))
+    /// Keeps a final result read for `caller` at `path`.
+    pub fn keep(&self, caller: &Arc<str>, path: &str, parts: &Parts, body: Bytes) {
+        self.inner.insert(
+            (Arc::clone(caller), path.into()),
+            CachedResult {
+                status: parts.status,
+                content_type: parts.headers.get(http::header::CONTENT_TYPE).cloned(),
+                body,
+            },
+        );
     }
 }
 
-/// A process result is final when its status (`override_status` first) is success or failure.
-fn is_final(body: &[u8]) -> bool {
+/// Reads a relayed result whole when it is a 200 of at most [`MAX_CACHED_RESULT`] by its
+/// `Content-Length`; any other answer comes back untouched, to be streamed.
+pub async fn read_small(response: Relayed) -> Result<Result<(Parts, Bytes), Relayed>, BrokerError> {
+    let small = response
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        .is_some_and(|len| len <= MAX_CACHED_RESULT);
+    if response.status() != StatusCode::OK || !small {
+        return Ok(Err(response));
+    }
+    let (parts, body) = response.into_parts();
+    let bytes = body
+        .collect()
+        .await
+        .map_err(|_| UpstreamError::ConnectionLost)?
+        .to_bytes();
+    Ok(Ok((parts, bytes)))
+}
+
+/// What a process result says of its process.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Verdict {
+    /// The process ended: its status (`override_status` first) is success or failure.
+    pub ended: bool,
+    /// The flow it ran in, when the result names a well-formed one.
+    pub flow_id: Option<String>,
+    /// The user it was for, when the result names a well-formed one.
+    pub account_id: Option<String>,
+}
+
+/// Reads a result body (Truora's `GET /v1/processes/{id}/result`); anything unreadable is a
+/// process that has not ended.
+pub fn verdict(body: &[u8]) -> Verdict {
     #[derive(serde::Deserialize)]
     struct Result_ {
         status: Option<String>,
         override_status: Option<String>,
+        flow_id: Option<String>,
+        account_id: Option<String>,
     }
-    serde_json::from_slice::<Result_>(body)
-        .ok()
-        .and_then(|r| r.override_status.or(r.status))
-        .is_some_and(|s| s == "success" || s == "failure")
+    let Ok(r) = serde_json::from_slice::<Result_>(body) else {
+        return Verdict::default();
+    };
+    Verdict {
+        ended: r
+            .override_status
+            .or(r.status)
+            .is_some_and(|s| s == "success" || s == "failure"),
+        flow_id: r.flow_id.filter(|f| is_flow_id(f)),
+        account_id: r.account_id.filter(|a| is_account_id(a)),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn is_final(body: &[u8]) -> bool {
+        verdict(body).ended
+    }
+
+    /// What the tests used to call in one go: read, and keep when final.
+    async fn fill(cache: &ResultCache, caller: &Arc<str>, path: &str, relayed: Relayed) {
+        let (parts, body) = read_small(relayed).await.unwrap().unwrap();
+        if verdict(&body).ended {
+            cache.keep(caller, path, &parts, body);
+        }
+    }
+
+    #[test]
+    fn a_result_names_its_flow_and_user_when_they_are_well_formed() {
+        let v = verdict(
+            br#"{"status":"failure","flow_id":"IPF1","account_id":"u-1","process_id":"IDP1"}"#,
+        );
+        assert_eq!(
+            v,
+            Verdict {
+                ended: true,
+                flow_id: Some("IPF1".into()),
+                account_id: Some("u-1".into()),
+            }
+        );
+        let odd = verdict(br#"{"status":"success","flow_id":"a/b","account_id":"x y"}"#);
+        assert_eq!((odd.ended, odd.flow_id, odd.account_id), (true, None, None));
+    }
 
     #[test]
     fn only_final_results_are_final() {
@@ -192,7 +242,7 @@ mod tests {
         let path = |i: u32| format!("/v1/processes/P{i:02}/result");
         const FINAL: &str = r#"{"status":"success"}"#;
         for i in 0..20 {
-            cache.fill(&caller, &path(i), relayed(FINAL)).await.unwrap();
+            fill(&cache, &caller, &path(i), relayed(FINAL)).await;
         }
         for _ in 0..20 {
             for i in 0..20 {
@@ -201,10 +251,7 @@ mod tests {
             cache.inner.run_pending_tasks();
         }
         for new in 100..105 {
-            cache
-                .fill(&caller, &path(new), relayed(FINAL))
-                .await
-                .unwrap();
+            fill(&cache, &caller, &path(new), relayed(FINAL)).await;
             cache.inner.run_pending_tasks();
             assert!(
                 cache.get(&caller, &path(new)).is_some(),
@@ -230,7 +277,7 @@ mod tests {
             let caller: Arc<str> = caller.into();
             for i in 0..100 {
                 let path = format!("/v1/processes/P{i}/result");
-                cache.fill(&caller, &path, relayed(big)).await.unwrap();
+                fill(&cache, &caller, &path, relayed(big)).await;
             }
         }
         let held = cache.weighted_size();

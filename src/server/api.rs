@@ -2,7 +2,8 @@
 //! authenticated request into a call on the issuance core (or the pass-through) and the result
 //! back into a response. The core never sees HTTP; this is where HTTP ends.
 //!
-//! - `POST /v1/tokens`: a token in the broker's JSON shape.
+//! - `POST /v1/tokens`: a token in the broker's JSON shape; with `Cache-Control: no-cache`, a
+//!   new process's token that replaces the cached one (also on the drop-in).
 //! - `POST /v1/api-keys`: drop-in for Truora's own endpoint, Truora's shapes for answers and
 //!   errors.
 //! - `DELETE /v1/tokens?flow_id=..&account_id=..`: drops this caller's matching cached tokens.
@@ -24,8 +25,8 @@ use crate::issuance::{invalidation_filter, Issuer, TokenRequest};
 use crate::metrics::{CacheOutcome, Metrics};
 use crate::passthrough::Passthrough;
 use crate::wire::{
-    check_framing, json_response, read_body, x_cache, Answer, BodyFormat, Failure, HttpResponse,
-    Note, Route,
+    asks_no_cache, check_framing, json_response, read_body, x_cache, Answer, BodyFormat, Failure,
+    HttpResponse, Note, Route,
 };
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -150,6 +151,7 @@ where
     if route == Route::ApiKeys {
         caller.policy.check_drop_in()?;
     }
+    let new_process = asks_no_cache(req.headers());
     let format = BodyFormat::of(req.headers())?;
     let body = read_body(req, state.max_body_bytes, state.body_read_timeout).await?;
     let request = match format {
@@ -157,7 +159,11 @@ where
         BodyFormat::Json => TokenRequest::from_json(&body)?,
     };
     caller.policy.check(&request)?;
-    let issued = state.issuer.issue(&caller.id, &request, outcome).await?;
+    let issued = if new_process {
+        state.issuer.renew(&caller.id, &request, outcome).await?
+    } else {
+        state.issuer.issue(&caller.id, &request, outcome).await?
+    };
     let body = match route {
         Route::ApiKeys => issued.dropin_body(),
         _ => issued.tokens_body(Instant::now()),
@@ -182,6 +188,7 @@ async fn invalidate(
             filter.flow_id.as_deref(),
             filter.account_id.as_deref(),
         )
-        .await?;
+        .await?
+        .tokens;
     Ok(json_response(format!("{{\"invalidated\":{n}}}")))
 }

@@ -3,7 +3,8 @@
 //! entries (and listening for the others' messages).
 //!
 //! Every invalidation gets the next number of `<prefix>inv:seq` and is recorded in the sorted
-//! set `<prefix>inv:log` as tags of what it names (never the caller, flow or user themselves):
+//! set `<prefix>inv:log` as tags of what it names (never the caller, flow, user or key
+//! themselves):
 //! the latest [`LOG_CAPACITY`] are kept, and `<prefix>inv:floor` remembers the newest one let
 //! go. A mint takes the current number when it starts ([`SharedTier::mark`]); a value minted
 //! since a matching invalidation is never served, and one whose `since` the log no longer reaches
@@ -17,8 +18,8 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use super::{Inner, SharedError, SharedTier};
-use crate::cache::{Filter, Owner, TokenCache};
-use crate::secret::from_hex;
+use crate::cache::{CacheKey, Dropped, Filter, Owner, TokenCache};
+use crate::secret::{from_hex, hex};
 
 const MESSAGE_AAD: &[u8] = b"token-broker/shared-cache/invalidate/v1\0";
 /// Values fetched per MGET when invalidating.
@@ -32,10 +33,10 @@ const ANY: &str = "-";
 const NONE: &str = "none";
 
 /// Records an invalidation. KEYS: seq, log, floor; ARGV: caller tag, flow tag, account tag,
-/// capacity. Returns its number.
+/// key tag, capacity. Returns its number.
 const RECORD: &str = "local seq = redis.call('INCR', KEYS[1]) \
-redis.call('ZADD', KEYS[2], seq, seq .. '|' .. ARGV[1] .. '|' .. ARGV[2] .. '|' .. ARGV[3]) \
-local excess = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[4]) \
+redis.call('ZADD', KEYS[2], seq, seq .. '|' .. ARGV[1] .. '|' .. ARGV[2] .. '|' .. ARGV[3] .. '|' .. ARGV[4]) \
+local excess = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[5]) \
 if excess > 0 then \
   local gone = redis.call('ZRANGE', KEYS[2], 0, excess - 1, 'WITHSCORES') \
   redis.call('SET', KEYS[3], gone[#gone]) \
@@ -45,12 +46,12 @@ return seq";
 
 /// Whether an owner's value minted since ARGV[1] is dropped by a later invalidation, or the
 /// log no longer reaches back to it. KEYS: log, floor; ARGV: since, caller tag, flow tag,
-/// account tag.
+/// account tag, key tag.
 const SINCE: &str = "local since = tonumber(ARGV[1]) \
 if tonumber(redis.call('GET', KEYS[2]) or '0') > since then return 1 end \
 for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[1], '+inf')) do \
-  local c, f, a = string.match(m, '^%d+|([^|]+)|([^|]+)|([^|]+)$') \
-  if (c == '-' or c == ARGV[2]) and (f == '-' or f == ARGV[3]) and (a == '-' or a == ARGV[4]) then return 1 end \
+  local c, f, a, k = string.match(m, '^%d+|([^|]+)|([^|]+)|([^|]+)|([^|]+)$') \
+  if (c == '-' or c == ARGV[2]) and (f == '-' or f == ARGV[3]) and (a == '-' or a == ARGV[4]) and (k == '-' or k == ARGV[5]) then return 1 end \
 end \
 return 0";
 
@@ -58,6 +59,9 @@ return 0";
 #[derive(Serialize, Deserialize)]
 struct Message {
     origin: String,
+    /// The one cache key (hex), for a key's invalidation.
+    #[serde(default)]
+    key: Option<String>,
     caller: Option<String>,
     flow_id: Option<String>,
     account_id: Option<String>,
@@ -76,10 +80,12 @@ impl SharedTier {
     pub(super) async fn invalidated_since(
         &self,
         since: u64,
+        key: &CacheKey,
         owner: &Owner,
     ) -> Result<bool, SharedError> {
         let (_, log, floor) = self.log_keys();
         let (c, f, a) = self.owner_tags(owner);
+        let k = self.inner.tagger.tag(&[b"key", key]);
         let cmd = redis::cmd("EVAL")
             .arg(SINCE)
             .arg(2)
@@ -89,14 +95,15 @@ impl SharedTier {
             .arg(c)
             .arg(f)
             .arg(a)
+            .arg(k)
             .clone();
         Ok(self.inner.call::<i64>("check", cmd).await? == 1)
     }
 
     /// Records the invalidation (so that it wins over mints in flight everywhere), deletes the
     /// values it matches, and tells every replica to drop its matching local entries. Returns
-    /// how many values were deleted from Redis.
-    pub async fn invalidate(&self, filter: &Filter) -> Result<u64, SharedError> {
+    /// what was deleted from Redis.
+    pub async fn invalidate(&self, filter: &Filter) -> Result<Dropped, SharedError> {
         self.inner
             .metrics
             .invalidations
@@ -125,18 +132,32 @@ impl SharedTier {
             .arg(tag(b"caller", filter.caller.as_deref()))
             .arg(tag(b"flow", filter.flow_id.as_deref()))
             .arg(tag(b"account", filter.account_id.as_deref()))
+            .arg(
+                filter
+                    .key
+                    .map_or_else(|| ANY.to_owned(), |k| self.inner.tagger.tag(&[b"key", &k])),
+            )
             .arg(LOG_CAPACITY)
             .clone();
         self.inner.call("invalidate", cmd).await
     }
 
-    /// Deletes the values `filter` drops, found through the caller's index or the user's.
-    async fn delete_matching(&self, filter: &Filter) -> Result<u64, SharedError> {
+    /// Deletes the values `filter` drops: the one of its key, or those found through the
+    /// caller's index or the user's.
+    async fn delete_matching(&self, filter: &Filter) -> Result<Dropped, SharedError> {
+        if let Some(key) = &filter.key {
+            let del = redis::cmd("DEL").arg(self.value_key(key)).clone();
+            let tokens: u64 = self.inner.call("invalidate", del).await?;
+            return Ok(Dropped {
+                tokens,
+                callers: usize::from(tokens > 0),
+            });
+        }
         let index = match (&filter.caller, &filter.flow_id, &filter.account_id) {
             (_, Some(flow), Some(account)) => self.user_index(flow, account),
             (Some(caller), _, _) => self.caller_index(caller),
             // Nothing indexes everything: the empty filter is for the local tier alone.
-            (None, _, _) => return Ok(0),
+            (None, _, _) => return Ok(Dropped::default()),
         };
         let members: Vec<String> = self
             .inner
@@ -147,6 +168,7 @@ impl SharedTier {
             .await?;
         let mut doomed = Vec::new();
         let mut gone = Vec::new();
+        let mut callers = Vec::new();
         for batch in members.chunks(BATCH) {
             let keys: Vec<String> = batch
                 .iter()
@@ -162,18 +184,26 @@ impl SharedTier {
                     continue;
                 };
                 // A value that does not open (another key, tampered) goes too.
-                let matches = from_hex::<32>(member)
-                    .and_then(|k| self.inner.open_value(&k, &sealed))
-                    .is_none_or(|t| filter.matches(&t.owner()));
-                if matches {
-                    doomed.push(key);
-                    gone.push(member.clone());
+                let opened = from_hex::<32>(member)
+                    .and_then(|k| Some((k, self.inner.open_value(&k, &sealed)?)));
+                if let Some((k, t)) = &opened {
+                    if !filter.matches(k, &t.owner()) {
+                        continue;
+                    }
+                    if !callers.contains(&t.caller) {
+                        callers.push(t.caller.clone());
+                    }
                 }
+                doomed.push(key);
+                gone.push(member.clone());
             }
         }
-        let mut deleted = 0;
+        let mut deleted = Dropped {
+            tokens: 0,
+            callers: callers.len(),
+        };
         for batch in doomed.chunks(BATCH) {
-            deleted += self
+            deleted.tokens += self
                 .inner
                 .call::<u64>("invalidate", redis::cmd("DEL").arg(batch).clone())
                 .await?;
@@ -192,6 +222,7 @@ impl SharedTier {
     async fn publish(&self, filter: &Filter) -> Result<(), SharedError> {
         let message = Message {
             origin: self.inner.origin.clone(),
+            key: filter.key.as_ref().map(|k| hex(k)),
             caller: filter.caller.as_deref().map(Into::into),
             flow_id: filter.flow_id.as_deref().map(Into::into),
             account_id: filter.account_id.as_deref().map(Into::into),
@@ -276,11 +307,12 @@ impl Inner {
         if msg.origin == self.origin {
             return;
         }
-        let filter = Filter::of(
+        let mut filter = Filter::of(
             msg.caller.as_deref(),
             msg.flow_id.as_deref(),
             msg.account_id.as_deref(),
         );
+        filter.key = msg.key.as_deref().and_then(from_hex::<32>);
         // A message naming nothing would empty this replica's cache: no replica sends one.
         if filter == Filter::default() {
             return;

@@ -120,7 +120,10 @@ impl SharedTier {
             m.lookups.with_label_values(&["undecryptable"]).inc();
             return Ok(None);
         };
-        match self.invalidated_since(found.since, &found.owner()).await {
+        match self
+            .invalidated_since(found.since, key, &found.owner())
+            .await
+        {
             Ok(false) => {
                 m.lookups.with_label_values(&["hit"]).inc();
                 Ok(Some(found))
@@ -192,7 +195,7 @@ impl SharedTier {
             .arg(ttl_ms)
             .clone();
         self.inner.call::<()>("put", set).await?;
-        if !self.invalidated_since(token.since, &owner).await? {
+        if !self.invalidated_since(token.since, key, &owner).await? {
             return Ok(PutOutcome::Kept);
         }
         let del = redis::cmd("DEL").arg(self.value_key(key)).clone();

@@ -1,0 +1,92 @@
+//! Dropping cached tokens, for every reason there is: a caller's own `DELETE /v1/tokens`, a
+//! caller asking for a new process, Truora saying a process ended (webhook or result read), a
+//! reload revoking a caller. Each drop reaches the local cache, the shared tier and every other
+//! replica, wins over the mints in flight that it matches, is counted in
+//! `token_broker_cache_invalidations_total{reason}` and leaves one audit line (how many tokens and
+//! callers, the flow, a one-way tag of the user: never a token).
+
+use super::issuer::Issuer;
+use super::request::TokenRequest;
+use crate::cache::{Dropped, Filter, Reason};
+use crate::error::{BrokerError, Refusal};
+
+impl Issuer {
+    /// Drops the tokens `filter` matches here, and, with a shared tier, in Redis and on every
+    /// other replica; mints in flight that it matches, anywhere, do not keep their tokens. When
+    /// Redis cannot be reached the local tokens are dropped and the call fails, so the caller
+    /// knows to retry: other replicas may still hold the token.
+    pub async fn invalidate_everywhere(
+        &self,
+        filter: &Filter,
+        reason: Reason,
+    ) -> Result<Dropped, BrokerError> {
+        let local = self.cache.invalidate(filter);
+        let (dropped, reached) = match &self.shared {
+            None => (local, Ok(())),
+            Some(shared) => match shared.invalidate(filter).await {
+                Ok(there) => (local.either(there), Ok(())),
+                Err(_) => (local, Err(Refusal::SharedCacheUnavailable.into())),
+            },
+        };
+        self.audit(filter, reason, dropped);
+        reached.map(|()| dropped)
+    }
+
+    /// `DELETE /v1/tokens` of `caller`: at most `cache.invalidate_rate` a second per caller,
+    /// then [`Issuer::invalidate_everywhere`] of its own tokens for the flow and/or account.
+    pub async fn invalidate_for_caller(
+        &self,
+        caller: &str,
+        flow_id: Option<&str>,
+        account_id: Option<&str>,
+    ) -> Result<Dropped, BrokerError> {
+        self.invalidations
+            .take(caller)
+            .map_err(|retry_after| Refusal::InvalidationRateExceeded { retry_after })?;
+        self.invalidate_everywhere(
+            &Filter::of(Some(caller), flow_id, account_id),
+            Reason::Caller,
+        )
+        .await
+    }
+
+    /// Truora says the process of `account_id` in `flow_id` ended: every caller's tokens for
+    /// that user and flow go, found through the cache's (flow, account) index.
+    pub async fn process_ended(
+        &self,
+        flow_id: &str,
+        account_id: &str,
+        reason: Reason,
+    ) -> Result<Dropped, BrokerError> {
+        self.invalidate_everywhere(&Filter::of(None, Some(flow_id), Some(account_id)), reason)
+            .await
+    }
+
+    /// Counts the invalidation (revocations are not: they are reloads, counted there) and
+    /// writes its audit line.
+    fn audit(&self, filter: &Filter, reason: Reason, dropped: Dropped) {
+        if reason != Reason::Revoked {
+            self.metrics
+                .cache_invalidations
+                .with_label_values(&[reason.label()])
+                .inc();
+        }
+        let user = filter.account_id.as_deref().map(|a| {
+            TokenRequest {
+                account_id: Some(a.into()),
+                ..Default::default()
+            }
+            .user_tag()
+        });
+        tracing::info!(
+            target: "audit",
+            reason = reason.label(),
+            caller = filter.caller.as_deref().unwrap_or("*"),
+            flow_id = filter.flow_id.as_deref(),
+            user = user.as_deref().unwrap_or("-"),
+            invalidated = dropped.tokens,
+            callers = dropped.callers,
+            "tokens invalidated"
+        );
+    }
+}
