@@ -70,6 +70,14 @@ pub fn is_account_id(value: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
+/// A `billing_hub` as the broker accepts it, in requests and in `[[clients]]`: 1 to 128 of
+/// `A-Z a-z 0-9 _ . -`. Truora documents the field ("Required if the customer uses billing
+/// hubs") but not its form; identifiers of this shape pass, and nothing that could smuggle
+/// another form field.
+pub fn is_billing_hub(value: &str) -> bool {
+    is_account_id(value)
+}
+
 /// A token longer than this is not a Web Integration Token.
 pub const MAX_TOKEN_LEN: usize = 8 * 1024;
 

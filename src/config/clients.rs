@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{invalid, ConfigError};
 use crate::secret::SecretDigest;
-use crate::truora::{is_flow_id, COUNTRIES};
+use crate::truora::{is_billing_hub, is_flow_id, COUNTRIES};
 
 /// One `[[clients]]` entry: an internal caller. It authenticates with a bearer secret
 /// (`token_sha256`), a client certificate (`tls_san`), a service-account token
@@ -57,6 +57,14 @@ pub struct ClientConfig {
     /// subdomains). Absent: any.
     #[serde(default)]
     pub allowed_redirect_hosts: Option<Vec<String>>,
+    /// The billing hub every token of this caller is billed to: added to its requests that name
+    /// none; a request naming another is refused (403). Absent: the caller's own choice.
+    #[serde(default)]
+    pub billing_hub: Option<String>,
+    /// Billing hubs this caller may name (a request must then name one, or be pinned to one).
+    /// Absent: any, or none.
+    #[serde(default)]
+    pub allowed_billing_hubs: Option<Vec<String>>,
     /// Whether this caller may use the drop-in `POST /v1/api-keys`.
     #[serde(default = "default_true")]
     pub drop_in: bool,
@@ -79,6 +87,8 @@ impl Default for ClientConfig {
             allowed_flows: None,
             allowed_countries: None,
             allowed_redirect_hosts: None,
+            billing_hub: None,
+            allowed_billing_hubs: None,
             drop_in: true,
             passthrough: Vec::new(),
         }
@@ -256,6 +266,33 @@ impl ClientConfig {
             self.allowed_redirect_hosts.as_deref(),
             |h| is_dns_name(h.strip_prefix("*.").unwrap_or(h)),
         )?;
+        check_list(
+            i,
+            "allowed_billing_hubs",
+            self.allowed_billing_hubs.as_deref(),
+            is_billing_hub,
+        )?;
+        if let Some(hub) = &self.billing_hub {
+            if !is_billing_hub(hub) {
+                return Err(invalid(
+                    format!("clients[{i}].billing_hub"),
+                    format!("\"{hub}\" is not valid here: 1 to 128 characters of [a-zA-Z0-9_.-]"),
+                ));
+            }
+            if let Some(allowed) = self
+                .allowed_billing_hubs
+                .as_ref()
+                .filter(|a| !a.contains(hub))
+            {
+                return Err(invalid(
+                    format!("clients[{i}].billing_hub"),
+                    format!(
+                        "\"{hub}\" is not in allowed_billing_hubs ({})",
+                        allowed.join(", ")
+                    ),
+                ));
+            }
+        }
         if self
             .token_sha256
             .as_deref()
@@ -499,5 +536,32 @@ mod tests {
         validate(std::slice::from_ref(&c), BOTH).unwrap();
         c.require_all = Some(true);
         assert_eq!(key_of(&[c], BOTH), "clients[0].require_all");
+    }
+
+    #[test]
+    fn billing_hubs_must_be_well_formed_and_a_pin_inside_the_allowed_ones() {
+        let with = |hub: Option<&str>, allowed: Option<&[&str]>| ClientConfig {
+            id: "c".into(),
+            token_sha256: Some("ab".repeat(32)),
+            billing_hub: hub.map(Into::into),
+            allowed_billing_hubs: allowed.map(|a| a.iter().map(|h| (*h).to_owned()).collect()),
+            ..Default::default()
+        };
+        validate(&[with(Some("hub-a"), Some(&["hub-a", "hub-b"]))], BOTH).unwrap();
+        validate(&[with(Some("hub-a"), None)], BOTH).unwrap();
+        for (bad, key) in [
+            (with(Some("hub a"), None), "clients[0].billing_hub"),
+            (
+                with(Some("hub-c"), Some(&["hub-a"])),
+                "clients[0].billing_hub",
+            ),
+            (
+                with(None, Some(&["ok", "not&ok"])),
+                "clients[0].allowed_billing_hubs",
+            ),
+            (with(None, Some(&[])), "clients[0].allowed_billing_hubs"),
+        ] {
+            assert_eq!(key_of(&[bad], BOTH), key);
+        }
     }
 }

@@ -65,6 +65,9 @@ mod tests {
             base,
             key("c", &req(&format!("{BASE}&document_type=passport")))
         );
+        let hub_a = key("c", &req(&format!("{BASE}&billing_hub=hub-a")));
+        assert_ne!(base, hub_a);
+        assert_ne!(hub_a, key("c", &req(&format!("{BASE}&billing_hub=hub-b"))));
     }
 
     #[test]

@@ -16,7 +16,8 @@ use serde::Deserialize;
 use super::request::TokenRequest;
 use crate::error::RequestError;
 use crate::truora::{
-    is_account_id, is_flow_id, COUNTRIES, DOCUMENT_TYPES, GRANT, KEY_TYPE, METADATA_PREFIX,
+    is_account_id, is_billing_hub, is_flow_id, COUNTRIES, DOCUMENT_TYPES, GRANT, KEY_TYPE,
+    METADATA_PREFIX,
 };
 
 const MAX_URL_LEN: usize = 2048;
@@ -297,6 +298,16 @@ impl<'a> Fields<'a> {
                     });
                 }
                 set_option_once(&mut self.req.api_key_version, "api_key_version", value)?;
+            }
+            "billing_hub" => {
+                check_text("billing_hub", &value)?;
+                if !is_billing_hub(&value) {
+                    return Err(RequestError::InvalidField {
+                        field: "billing_hub".into(),
+                        rule: "must be 1 to 128 characters of [a-zA-Z0-9_.-]".into(),
+                    });
+                }
+                set_option_once(&mut self.req.billing_hub, "billing_hub", value)?;
             }
             _ => {
                 let Some(key) = name_str.strip_prefix(METADATA_PREFIX) else {
@@ -1091,5 +1102,28 @@ mod tests {
         assert!(invalidation_filter("account_id=a%20b").is_err());
         assert!(invalidation_filter("user=x").is_err());
         assert!(invalidation_filter("flow_id=a&flow_id=b").is_err());
+    }
+
+    #[test]
+    fn billing_hub_is_read_from_form_and_json_forwarded_and_checked() {
+        let f = form(&format!("{BASE}&billing_hub=hub-1")).unwrap();
+        let j = TokenRequest::from_json(
+            br#"{"country":"CO","flow_id":"IPF123abc","redirect_url":"https://shop.example/done","account_id":"user-1","billing_hub":"hub-1"}"#,
+        )
+        .unwrap();
+        assert_eq!(f.billing_hub.as_deref(), Some("hub-1"));
+        assert_eq!(f, j);
+        assert!(f
+            .upstream_form(ArrayEncoding::Repeat)
+            .contains("&billing_hub=hub-1"));
+        for bad in ["", "a%26key_type%3Dbackend", "hub%201"] {
+            let err = form(&format!("{BASE}&billing_hub={bad}")).unwrap_err();
+            assert_eq!(field_of(err), "billing_hub", "{bad}");
+        }
+        let err = form(&format!("{BASE}&billing_hub=a&billing_hub=b")).unwrap_err();
+        assert!(
+            matches!(err, RequestError::DuplicateField { .. }),
+            "{err:?}"
+        );
     }
 }

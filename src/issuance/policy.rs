@@ -1,5 +1,5 @@
-//! What each caller may ask for: per-caller allowlists of flows, countries and redirect hosts,
-//! and whether it may use the drop-in endpoint. Checked after validation and before the cache or
+//! What each caller may ask for: per-caller allowlists of flows, countries, redirect hosts and
+//! billing hubs, a billing hub it is pinned to, and whether it may use the drop-in endpoint. Checked after validation and before the cache or
 //! Truora is touched, so a denied request costs no upstream call. Authentication (who the caller
 //! is) is the auth layer's.
 
@@ -16,6 +16,10 @@ pub struct CallerPolicy {
     pub allowed_countries: Option<Vec<String>>,
     /// `allowed_redirect_hosts`, lower-cased; `*.example.com` allows its subdomains.
     pub allowed_redirect_hosts: Option<Vec<String>>,
+    /// `billing_hub`: the hub every token of this caller is billed to.
+    pub billing_hub: Option<String>,
+    /// `allowed_billing_hubs`.
+    pub allowed_billing_hubs: Option<Vec<String>>,
     /// `drop_in`.
     pub drop_in: bool,
 }
@@ -26,6 +30,8 @@ impl Default for CallerPolicy {
             allowed_flows: None,
             allowed_countries: None,
             allowed_redirect_hosts: None,
+            billing_hub: None,
+            allowed_billing_hubs: None,
             drop_in: true,
         }
     }
@@ -41,6 +47,8 @@ impl CallerPolicy {
                 .allowed_redirect_hosts
                 .as_ref()
                 .map(|hosts| hosts.iter().map(|h| h.to_ascii_lowercase()).collect()),
+            billing_hub: client.billing_hub.clone(),
+            allowed_billing_hubs: client.allowed_billing_hubs.clone(),
             drop_in: client.drop_in,
         }
     }
@@ -56,6 +64,25 @@ impl CallerPolicy {
                 message: "this caller may not use the drop-in /v1/api-keys (drop_in = false): use POST /v1/tokens",
             })
         }
+    }
+
+    /// Applies this caller's pins to the request (its `billing_hub` when it sent none), then
+    /// [`CallerPolicy::check`]s it.
+    pub fn admit(&self, req: &mut TokenRequest<'_>) -> Result<(), RequestError> {
+        if let Some(pinned) = &self.billing_hub {
+            match &req.billing_hub {
+                None => req.billing_hub = Some(pinned.clone().into()),
+                Some(sent) if sent == pinned => {}
+                Some(_) => {
+                    return Err(RequestError::Forbidden {
+                        rule: "billing_hub",
+                        field: Some("billing_hub"),
+                        message: "this caller's tokens are billed to another hub (its billing_hub): send that one or none",
+                    })
+                }
+            }
+        }
+        self.check(req)
     }
 
     /// May this caller ask for this token?
@@ -75,6 +102,19 @@ impl CallerPolicy {
                     rule: "allowed_countries",
                     field: Some("country"),
                     message: "country is not in this caller's allowed_countries",
+                });
+            }
+        }
+        if let Some(hubs) = &self.allowed_billing_hubs {
+            if !req
+                .billing_hub
+                .as_deref()
+                .is_some_and(|hub| hubs.iter().any(|h| h == hub))
+            {
+                return Err(RequestError::Forbidden {
+                    rule: "allowed_billing_hubs",
+                    field: Some("billing_hub"),
+                    message: "billing_hub is missing or not in this caller's allowed_billing_hubs",
                 });
             }
         }
@@ -182,5 +222,53 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(rule_of(p.check_drop_in().unwrap_err()), "drop_in");
+    }
+
+    fn hub<'r>(req: &'r TokenRequest<'_>) -> Option<&'r str> {
+        req.billing_hub.as_deref()
+    }
+
+    #[test]
+    fn a_pinned_billing_hub_is_added_when_absent_and_another_is_denied() {
+        let p = CallerPolicy {
+            billing_hub: Some("hub-a".into()),
+            ..Default::default()
+        };
+        let mut plain = req(BASE);
+        p.admit(&mut plain).unwrap();
+        assert_eq!(hub(&plain), Some("hub-a"));
+        assert!(plain
+            .upstream_form(crate::truora::ArrayEncoding::Repeat)
+            .contains("billing_hub=hub-a"));
+        let mut same = req(&format!("{BASE}&billing_hub=hub-a"));
+        p.admit(&mut same).unwrap();
+        assert_eq!(same, plain);
+        let mut other = req(&format!("{BASE}&billing_hub=hub-b"));
+        assert_eq!(rule_of(p.admit(&mut other).unwrap_err()), "billing_hub");
+        // Without a pin the caller's own hub stays as sent, or absent.
+        let mut own = req(&format!("{BASE}&billing_hub=hub-b"));
+        CallerPolicy::default().admit(&mut own).unwrap();
+        assert_eq!(hub(&own), Some("hub-b"));
+        let mut none = req(BASE);
+        CallerPolicy::default().admit(&mut none).unwrap();
+        assert_eq!(hub(&none), None);
+    }
+
+    #[test]
+    fn a_billing_hub_outside_allowed_billing_hubs_or_missing_is_denied() {
+        let p = CallerPolicy {
+            allowed_billing_hubs: Some(vec!["hub-a".into(), "hub-b".into()]),
+            ..Default::default()
+        };
+        p.admit(&mut req(&format!("{BASE}&billing_hub=hub-b")))
+            .unwrap();
+        let err = p
+            .admit(&mut req(&format!("{BASE}&billing_hub=hub-c")))
+            .unwrap_err();
+        assert_eq!(rule_of(err), "allowed_billing_hubs");
+        assert_eq!(
+            rule_of(p.admit(&mut req(BASE)).unwrap_err()),
+            "allowed_billing_hubs"
+        );
     }
 }

@@ -34,6 +34,9 @@ pub struct TokenRequest<'a> {
     pub phones: Vec<Cow<'a, str>>,
     /// Truora's `api_key_version`, digits.
     pub api_key_version: Option<Cow<'a, str>>,
+    /// Truora's `billing_hub` (separate counters and billing), as sent or as pinned by the
+    /// caller's `[[clients]] billing_hub`.
+    pub billing_hub: Option<Cow<'a, str>>,
     /// `start_variables.metadata.<name>` pairs, sorted by name.
     pub metadata: Vec<(Cow<'a, str>, Cow<'a, str>)>,
 }
@@ -65,6 +68,7 @@ impl<'a> TokenRequest<'a> {
             phone: self.phone.map(own),
             phones: self.phones.into_iter().map(own).collect(),
             api_key_version: self.api_key_version.map(own),
+            billing_hub: self.billing_hub.map(own),
             metadata: self
                 .metadata
                 .into_iter()
@@ -128,6 +132,9 @@ impl<'a> TokenRequest<'a> {
         }
         if let Some(v) = &self.api_key_version {
             f(Field::One("api_key_version", v));
+        }
+        if let Some(v) = &self.billing_hub {
+            f(Field::One("billing_hub", v));
         }
         for (k, v) in &self.metadata {
             f(Field::Metadata(k, v));

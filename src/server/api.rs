@@ -154,11 +154,11 @@ where
     let new_process = asks_no_cache(req.headers());
     let format = BodyFormat::of(req.headers())?;
     let body = read_body(req, state.max_body_bytes, state.body_read_timeout).await?;
-    let request = match format {
+    let mut request = match format {
         BodyFormat::Form => TokenRequest::from_form(&body)?,
         BodyFormat::Json => TokenRequest::from_json(&body)?,
     };
-    caller.policy.check(&request)?;
+    caller.policy.admit(&mut request)?;
     let issued = if new_process {
         state.issuer.renew(&caller.id, &request, outcome).await?
     } else {
