@@ -6,8 +6,24 @@
 //! errors in Truora's documented shapes. For the demo, a flow id `IPFsandbox<status>` (for
 //! instance `IPFsandbox429`) answers that error. For tests it counts calls, records what it was
 //! sent (never the key itself, only whether it matched) and can fail, stall or lie on demand.
-//! `GET /?token=...` serves a small page standing in for Truora's identity page.
+//!
+//! It also plays the whole life of a verification process (one token, one process), so that the
+//! demo and the tests can see the broker drop a token when Truora says its process ended:
+//!
+//! | file | what it owns |
+//! | --- | --- |
+//! | `mod.rs` | The server, its options and test hooks, `POST /v1/api-keys`, the HS256 signer. |
+//! | `identity_api.rs` | `GET /v1/processes/<id>/result` and the pass-through tests' other calls. |
+//! | `processes.rs` | The process each minted token stands for: pending, created, finished. |
+//! | `page.rs` | The identity page `GET /?token=...` and its Approve/Decline form. |
+//! | `webhook.rs` | Delivering Truora's signed webhooks to the broker. |
 
+mod identity_api;
+mod page;
+mod processes;
+mod webhook;
+
+use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -20,6 +36,8 @@ use hmac::{Hmac, Mac};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use sha2::Sha256;
@@ -27,6 +45,10 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use crate::secret::hex;
+
+pub use identity_api::Forwarded;
+pub use processes::{ProcessInfo, SandboxError};
+pub use webhook::{ClaimNames, Delivery, WebhookTarget};
 
 /// How the sandbox misbehaves, for tests.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,6 +84,8 @@ pub struct SandboxOptions {
     pub clock_skew_secs: i64,
     /// Wait this long before answering.
     pub delay: Duration,
+    /// Where process webhooks go (`None`: nowhere; the processes still move on).
+    pub webhook: Option<WebhookTarget>,
 }
 
 impl SandboxOptions {
@@ -73,6 +97,7 @@ impl SandboxOptions {
             code_field: false,
             clock_skew_secs: 0,
             delay: Duration::ZERO,
+            webhook: None,
         }
     }
 }
@@ -98,6 +123,10 @@ struct Shared {
     calls: AtomicUsize,
     received: Mutex<Vec<Received>>,
     forwarded: Mutex<Vec<Forwarded>>,
+    processes: Mutex<processes::Processes>,
+    deliveries: Mutex<VecDeque<Delivery>>,
+    /// Delivers the webhooks (plain HTTP: the receiver is on loopback).
+    client: Client<HttpConnector, Full<Bytes>>,
 }
 
 /// A running sandbox; stops when dropped.
@@ -132,6 +161,9 @@ impl Sandbox {
             calls: AtomicUsize::new(0),
             received: Mutex::new(Vec::new()),
             forwarded: Mutex::new(Vec::new()),
+            processes: Mutex::new(processes::Processes::default()),
+            deliveries: Mutex::new(VecDeque::new()),
+            client: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
         });
         let serving = Arc::clone(&shared);
         let task = tokio::spawn(async move {
@@ -184,9 +216,42 @@ impl Sandbox {
         *lock(&self.shared.fault) = Some((fault, Some(calls)));
     }
 
-    /// Change how tokens are minted from now on.
+    /// Change how tokens are minted (and webhooks delivered) from now on.
     pub fn set_options(&self, f: impl FnOnce(&mut SandboxOptions)) {
         f(&mut lock(&self.shared.options));
+    }
+
+    /// Deliver process webhooks to `target` from now on (`None`: to nowhere).
+    pub fn set_webhook(&self, target: Option<WebhookTarget>) {
+        lock(&self.shared.options).webhook = target;
+    }
+
+    /// Every webhook delivered (or tried) so far, oldest first; the last 10 000 are kept.
+    pub fn deliveries(&self) -> Vec<Delivery> {
+        lock(&self.shared.deliveries).iter().cloned().collect()
+    }
+
+    /// The process of a token this sandbox minted (`None`: forged, unknown or forgotten).
+    pub fn process_of(&self, token: &str) -> Option<ProcessInfo> {
+        self.shared.process_of(token)
+    }
+
+    /// What opening the identity page does: the first opening of a pending process creates it
+    /// and delivers `identity_process_created`. `None` when it was opened before, is finished, or
+    /// no webhook target is set.
+    pub async fn open(&self, token: &str) -> Result<Option<Delivery>, SandboxError> {
+        Ok(self.shared.open(token).await?.1)
+    }
+
+    /// What the finish form does: the pending process succeeds (`approve`) or fails (declined),
+    /// and `identity_process_succeeded` or `identity_process_failed` is delivered and its answer
+    /// awaited. `None` when no webhook target is set.
+    pub async fn finish(
+        &self,
+        token: &str,
+        approve: bool,
+    ) -> Result<Option<Delivery>, SandboxError> {
+        Ok(self.shared.finish(token, approve).await?.1)
     }
 }
 
@@ -245,8 +310,11 @@ fn truora_error(status: u16) -> Response<SandBody> {
 async fn handle(shared: &Shared, req: Request<Incoming>) -> io::Result<Response<SandBody>> {
     Ok(match (req.method(), req.uri().path()) {
         (&Method::POST, "/v1/api-keys") => return mint(shared, req).await,
-        (&Method::GET, "/") => identity_page(req.uri().query().unwrap_or("")),
-        (_, path) if path.starts_with("/v1/") => return identity_api(shared, req).await,
+        (&Method::GET, "/") => page::identity_page(shared, req.uri().query().unwrap_or("")).await,
+        (&Method::POST, page::FINISH_PATH) => page::finish(shared, req).await,
+        (_, path) if path.starts_with("/v1/") => {
+            return identity_api::identity_api(shared, req).await
+        }
         _ => json(
             StatusCode::FORBIDDEN,
             r#"{"message":"Missing Authentication Token"}"#.to_owned(),
@@ -320,135 +388,6 @@ async fn mint(shared: &Shared, req: Request<Incoming>) -> io::Result<Response<Sa
     Ok(answer(shared, &options, key_matched, &form))
 }
 
-/// What a pass-through request looked like when it reached the sandbox.
-#[derive(Debug, Clone)]
-pub struct Forwarded {
-    /// Method.
-    pub method: String,
-    /// Path and query.
-    pub path_and_query: String,
-    /// Whether `Truora-API-Key` held the right key.
-    pub key_matched: bool,
-    /// The Host header.
-    pub host: String,
-    /// The X-Forwarded-For header.
-    pub forwarded_for: String,
-    /// Every header name received, lower-case.
-    pub header_names: Vec<String>,
-    /// Body bytes received.
-    pub body_bytes: u64,
-}
-
-/// A body of `left` bytes of `x`, produced 64 KiB at a time as it is read.
-struct Stream {
-    left: u64,
-}
-
-impl http_body::Body for Stream {
-    type Data = Bytes;
-    type Error = io::Error;
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, io::Error>>> {
-        const CHUNK: &[u8] = &[b'x'; 64 * 1024];
-        if self.left == 0 {
-            return std::task::Poll::Ready(None);
-        }
-        let n = self.left.min(CHUNK.len() as u64);
-        self.left -= n;
-        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from_static(
-            &CHUNK[..n as usize],
-        )))))
-    }
-}
-
-/// Truora's identity API, as far as the pass-through tests need it:
-/// `GET /v1/processes/<id>/result` (`pending...` ids are pending, `missing` is 404),
-/// `GET /v1/stream?bytes=N` (N bytes, streamed), and any other call echoing what it received.
-async fn identity_api(shared: &Shared, req: Request<Incoming>) -> io::Result<Response<SandBody>> {
-    let options = lock(&shared.options).clone();
-    let header = |name: &str| {
-        req.headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_owned()
-    };
-    let key_matched = req.headers().get("truora-api-key").map(|v| v.as_bytes())
-        == Some(options.master_key.as_bytes());
-    let mut forwarded = Forwarded {
-        method: req.method().to_string(),
-        path_and_query: req
-            .uri()
-            .path_and_query()
-            .map(|p| p.as_str().to_owned())
-            .unwrap_or_default(),
-        key_matched,
-        host: header("host"),
-        forwarded_for: header("x-forwarded-for"),
-        header_names: req
-            .headers()
-            .keys()
-            .map(|k| k.as_str().to_owned())
-            .collect(),
-        body_bytes: 0,
-    };
-    let query = req.uri().query().unwrap_or("").to_owned();
-    let path = req.uri().path().to_owned();
-    let mut body = req.into_body();
-    while let Some(frame) = body.frame().await {
-        if let Some(data) = frame.map_err(io::Error::other)?.data_ref() {
-            forwarded.body_bytes += data.len() as u64;
-        }
-    }
-    lock(&shared.forwarded).push(forwarded.clone());
-    if !key_matched {
-        return Ok(truora_error(401));
-    }
-    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    let mut response = match segments.as_slice() {
-        ["v1", "processes", "missing", "result"] => json(
-            StatusCode::NOT_FOUND,
-            r#"{"code":10404,"http_code":404,"message":"process not found"}"#.to_owned(),
-        ),
-        ["v1", "processes", id, "result"] => {
-            let status = if id.starts_with("pending") { "pending" } else { "success" };
-            json(
-                StatusCode::OK,
-                serde_json::json!({ "process_id": id, "status": status, "validations": [] })
-                    .to_string(),
-            )
-        }
-        ["v1", "stream"] => {
-            let bytes = form_urlencoded::parse(query.as_bytes())
-                .find(|(k, _)| k == "bytes")
-                .and_then(|(_, v)| v.parse().ok())
-                .unwrap_or(0);
-            let mut r = Response::new(Stream { left: bytes }.boxed_unsync());
-            r.headers_mut().insert(
-                http::header::CONTENT_TYPE,
-                http::HeaderValue::from_static("application/octet-stream"),
-            );
-            r
-        }
-        _ => json(
-            StatusCode::OK,
-            serde_json::json!({ "method": forwarded.method, "path": forwarded.path_and_query, "received_bytes": forwarded.body_bytes }).to_string(),
-        ),
-    };
-    // Hop-by-hop headers a proxy must not pass on.
-    response.headers_mut().insert(
-        http::header::HeaderName::from_static("keep-alive"),
-        http::HeaderValue::from_static("timeout=5"),
-    );
-    response.headers_mut().insert(
-        http::header::HeaderName::from_static("proxy-authenticate"),
-        http::HeaderValue::from_static("Basic"),
-    );
-    Ok(response)
-}
-
 fn with_retry_after(mut r: Response<SandBody>, secs: u64) -> Response<SandBody> {
     r.headers_mut()
         .insert(http::header::RETRY_AFTER, http::HeaderValue::from(secs));
@@ -513,7 +452,9 @@ fn answer(
         "key_type": "web",
         "username": "sandbox",
     });
-    let token = sign(&shared.signing_key, &claims.to_string());
+    let token = sign_hs256(&shared.signing_key, &claims.to_string());
+    // One token, one process: the one its identity page and webhooks will speak of.
+    lock(&shared.processes).record(&hex(&jti), flow_id, &account_id);
     let field = if options.code_field {
         "code"
     } else {
@@ -525,8 +466,10 @@ fn answer(
     )
 }
 
-/// An HS256 JWT over `claims`.
-fn sign(key: &[u8], claims: &str) -> String {
+/// A compact HS256 JWT (`{"alg":"HS256","typ":"JWT"}`) over `claims`, a JSON text: what the
+/// sandbox mints and delivers, and what tests use to craft their own webhooks (a bad signature,
+/// a stale `iat`).
+pub fn sign_hs256(key: &[u8], claims: &str) -> String {
     let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
     let signing_input = format!(
         "{}.{}",
@@ -543,35 +486,252 @@ fn sign(key: &[u8], claims: &str) -> String {
     format!("{signing_input}.{}", b64.encode(signature))
 }
 
-fn identity_page(query: &str) -> Response<SandBody> {
-    let has_token =
-        form_urlencoded::parse(query.as_bytes()).any(|(k, v)| k == "token" && !v.is_empty());
-    let body = if has_token {
-        "<!doctype html><title>Sandbox identity page</title><h1>Sandbox identity page</h1>\
-         <p>This stands in for Truora's identity validation: a real token would start the \
-         document, selfie or OTP steps here.</p>"
-    } else {
-        "<!doctype html><title>Sandbox identity page</title><p>No token given.</p>"
-    };
-    let mut r = Response::new(whole(Bytes::from_static(body.as_bytes())));
-    r.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("text/html; charset=utf-8"),
-    );
-    r
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn minted_tokens_are_jwts_whose_claims_give_the_lifetime() {
-        let t = sign(b"k", r#"{"iat":100,"exp":7300}"#);
+        let t = sign_hs256(b"k", r#"{"iat":100,"exp":7300}"#);
         assert_eq!(
             crate::truora::token_lifetime(&t),
             Some(Duration::from_secs(7200))
         );
         assert!(crate::truora::plausible_token(&t));
+    }
+}
+
+/// What the sandbox's tests share: a started sandbox, an HTTP client, minting through the real
+/// endpoint, and a webhook receiver that records what reaches it.
+#[cfg(test)]
+mod testkit {
+    use std::net::SocketAddr;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use base64::Engine;
+    use bytes::Bytes;
+    use hmac::{Hmac, Mac};
+    use http::{HeaderMap, Method, Request, Response, StatusCode};
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use sha2::Sha256;
+
+    use super::{ClaimNames, Sandbox, SandboxOptions, WebhookTarget};
+
+    pub const MASTER_KEY: &str = "sandbox-test-key";
+    pub const RECEIVER_BEARER: &str = "receiver-bearer";
+    /// No test waits on the network longer than this.
+    const LIMIT: Duration = Duration::from_secs(10);
+
+    pub async fn start() -> Sandbox {
+        Sandbox::start(SandboxOptions::new(MASTER_KEY))
+            .await
+            .unwrap()
+    }
+
+    pub struct Answer {
+        pub status: StatusCode,
+        pub headers: HeaderMap,
+        pub body: Bytes,
+    }
+
+    impl Answer {
+        pub fn text(&self) -> String {
+            String::from_utf8_lossy(&self.body).into_owned()
+        }
+        pub fn json(&self) -> serde_json::Value {
+            serde_json::from_slice(&self.body)
+                .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+        }
+    }
+
+    /// One request; a body is sent as a form.
+    pub async fn send(method: Method, url: &str, headers: &[(&str, &str)], body: &str) -> Answer {
+        let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+        let mut request = Request::builder().method(method).uri(url);
+        if !body.is_empty() {
+            request = request.header("content-type", "application/x-www-form-urlencoded");
+        }
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let request = request
+            .body(Full::new(Bytes::from(body.to_owned())))
+            .unwrap();
+        let exchange = async {
+            let response = client.request(request).await.unwrap();
+            let status = response.status();
+            let headers = response.headers().clone();
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            Answer {
+                status,
+                headers,
+                body,
+            }
+        };
+        tokio::time::timeout(LIMIT, exchange).await.unwrap()
+    }
+
+    /// Mints through `POST /v1/api-keys` as the broker does; the token.
+    pub async fn mint(sandbox: &Sandbox, flow_id: &str, account_id: Option<&str>) -> String {
+        let mut form = form_urlencoded::Serializer::new(String::new());
+        form.append_pair("key_type", "web")
+            .append_pair("grant", "digital-identity")
+            .append_pair("country", "CO")
+            .append_pair("flow_id", flow_id)
+            .append_pair("redirect_url", "https://example.com/done");
+        if let Some(account_id) = account_id {
+            form.append_pair("account_id", account_id);
+        }
+        let answer = send(
+            Method::POST,
+            &format!("{}/v1/api-keys", sandbox.url()),
+            &[(crate::truora::API_KEY_HEADER, MASTER_KEY)],
+            &form.finish(),
+        )
+        .await;
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+        answer.json()["api_key"].as_str().unwrap().to_owned()
+    }
+
+    /// `GET /v1/processes/<id>/result` with the master key.
+    pub async fn result(sandbox: &Sandbox, process_id: &str) -> Answer {
+        send(
+            Method::GET,
+            &format!("{}/v1/processes/{process_id}/result", sandbox.url()),
+            &[(crate::truora::API_KEY_HEADER, MASTER_KEY)],
+            "",
+        )
+        .await
+    }
+
+    /// Submits the finish form as a browser (`accept` with text/html) or a script would.
+    pub async fn finish_form(
+        sandbox: &Sandbox,
+        token: &str,
+        outcome: &str,
+        accept: &str,
+    ) -> Answer {
+        let form = form_urlencoded::Serializer::new(String::new())
+            .append_pair("token", token)
+            .append_pair("outcome", outcome)
+            .finish();
+        send(
+            Method::POST,
+            &format!("{}/sandbox/processes/finish", sandbox.url()),
+            &[("accept", accept)],
+            &form,
+        )
+        .await
+    }
+
+    fn decode(part: &str) -> Vec<u8> {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(part)
+            .unwrap()
+    }
+
+    /// A JWT's payload, unverified.
+    pub fn claims_of(jwt: &str) -> serde_json::Value {
+        serde_json::from_slice(&decode(jwt.split('.').nth(1).unwrap())).unwrap()
+    }
+
+    /// A compact HS256 JWT's payload, after checking its header and its signature with `key`.
+    pub fn verified_claims(jwt: &str, key: &[u8]) -> serde_json::Value {
+        let parts: Vec<&str> = jwt.split('.').collect();
+        assert_eq!(parts.len(), 3, "{jwt}");
+        let header: serde_json::Value = serde_json::from_slice(&decode(parts[0])).unwrap();
+        assert_eq!(header, serde_json::json!({ "alg": "HS256", "typ": "JWT" }));
+        let mut mac = Hmac::<Sha256>::new_from_slice(key).unwrap();
+        mac.update(format!("{}.{}", parts[0], parts[1]).as_bytes());
+        mac.verify_slice(&decode(parts[2]))
+            .expect("the signature verifies with the key");
+        claims_of(jwt)
+    }
+
+    /// One request the receiver got.
+    #[derive(Debug, Clone)]
+    pub struct Hook {
+        pub method: String,
+        pub path_and_query: String,
+        pub authorization: String,
+        pub content_type: String,
+        pub body: String,
+    }
+
+    /// A webhook receiver on 127.0.0.1:0 answering every request with one status.
+    pub struct Receiver {
+        addr: SocketAddr,
+        hooks: Arc<Mutex<Vec<Hook>>>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Drop for Receiver {
+        fn drop(&mut self) {
+            self.task.abort();
+        }
+    }
+
+    impl Receiver {
+        pub async fn start(status: u16) -> Self {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let hooks = Arc::new(Mutex::new(Vec::new()));
+            let recorded = Arc::clone(&hooks);
+            let task = tokio::spawn(async move {
+                while let Ok((stream, _)) = listener.accept().await {
+                    let recorded = Arc::clone(&recorded);
+                    let service =
+                        hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                            let recorded = Arc::clone(&recorded);
+                            async move {
+                                let header = |name| {
+                                    req.headers()
+                                        .get(name)
+                                        .and_then(|v: &http::HeaderValue| v.to_str().ok())
+                                        .unwrap_or("")
+                                        .to_owned()
+                                };
+                                let mut hook = Hook {
+                                    method: req.method().to_string(),
+                                    path_and_query: req.uri().to_string(),
+                                    authorization: header(http::header::AUTHORIZATION),
+                                    content_type: header(http::header::CONTENT_TYPE),
+                                    body: String::new(),
+                                };
+                                let body = req.into_body().collect().await?.to_bytes();
+                                hook.body = String::from_utf8_lossy(&body).into_owned();
+                                recorded.lock().unwrap().push(hook);
+                                let mut answer =
+                                    Response::new(Full::new(Bytes::from_static(b"ok")));
+                                *answer.status_mut() = StatusCode::from_u16(status).unwrap();
+                                Ok::<_, hyper::Error>(answer)
+                            }
+                        });
+                    tokio::spawn(
+                        hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), service),
+                    );
+                }
+            });
+            Self { addr, hooks, task }
+        }
+
+        /// A target at `/webhooks/truora`, with the receiver's bearer.
+        pub fn target(&self, signing_secret: Option<&[u8]>) -> WebhookTarget {
+            WebhookTarget {
+                url: format!("http://{}/webhooks/truora", self.addr),
+                bearer: RECEIVER_BEARER.into(),
+                signing_secret: signing_secret.map(<[u8]>::to_vec),
+                claims: ClaimNames::default(),
+                event_in_query: false,
+            }
+        }
+
+        pub fn requests(&self) -> Vec<Hook> {
+            self.hooks.lock().unwrap().clone()
+        }
     }
 }
