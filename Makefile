@@ -7,7 +7,7 @@ HEALTHCHECK_TARGET := --target-dir $(or $(CARGO_TARGET_DIR),target)/healthcheck
 
 .PHONY: run test test-deps test-py lint-deploy check fmt fmt-check clippy build bench bench-e2e bench-misses bench-memory profile clean fuzz deny rules status-screenshot
 
-FUZZ_TARGETS = form_body json_body cache_key upstream_answer service_account_token
+FUZZ_TARGETS = form_body json_body cache_key upstream_answer service_account_token webhook_delivery
 FUZZ_SECONDS ?= 60
 
 ## Build and run the demo: broker on 127.0.0.1:8080 (admin 9090) in front of an embedded sandbox Truora.

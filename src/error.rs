@@ -1,8 +1,9 @@
 //! One error type for every way a request can fail, and the one place that decides what the
 //! caller sees for it.
 //!
-//! The kind gives the status: the caller's fault is a 4xx ([`RequestError`], [`AuthError`]),
-//! Truora's is a 502/503/504 ([`UpstreamError`]), ours is a 500. Upstream bodies are never echoed
+//! The kind gives the status: the caller's fault is a 4xx ([`RequestError`], [`AuthError`]; a
+//! refused webhook delivery, [`WebhookError`]), Truora's is a 502/503/504 ([`UpstreamError`]),
+//! ours is a 500. Upstream bodies are never echoed
 //! and no variant carries a secret, so `Display` is safe to send and to log.
 
 use std::borrow::Cow;
@@ -27,6 +28,9 @@ pub enum BrokerError {
     /// The broker declined to call Truora at all, to protect it or the account (429, 503).
     #[error(transparent)]
     Refused(#[from] Refusal),
+    /// A webhook delivery was refused (400, 401, 404): nothing was dropped.
+    #[error(transparent)]
+    Webhook(#[from] WebhookError),
     /// A fault of ours (500). The text names what broke, never data.
     #[error("internal error: {0}")]
     Internal(&'static str),
@@ -167,6 +171,49 @@ impl AuthError {
         "unknown_service_account",
         "unknown_key",
     ];
+}
+
+/// Why a webhook delivery was refused. The texts name claims by their configured names and
+/// never echo a value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WebhookError {
+    /// No `Authorization: Bearer` with the webhook secret.
+    #[error("missing or wrong credential: the webhook action must send Authorization: Bearer <its secret>")]
+    Unauthorized,
+    /// The JWT's signature does not verify with `webhooks.signing_secret_file` (or is not
+    /// HS256).
+    #[error("the delivery's signature does not verify (HS256 with webhooks.signing_secret_file)")]
+    BadSignature,
+    /// The JWT's `iat` is older than `webhooks.max_age`, or more than a minute ahead.
+    #[error("the delivery's iat is outside webhooks.max_age (or more than a minute ahead): refused as a possible replay")]
+    Stale,
+    /// The body is not a compact JWT with JSON header and claims.
+    #[error("the body is not a compact JWT: {reason}")]
+    NotJwt { reason: &'static str },
+    /// A claim the event needs is absent (named as configured in `[webhooks.claims]`).
+    #[error("the delivery has no {claim} claim (see [webhooks.claims] to rename it)")]
+    MissingClaim { claim: String },
+    /// A claim is present but unusable.
+    #[error("the delivery's {claim} claim {rule}")]
+    InvalidClaim { claim: String, rule: &'static str },
+    /// Anything but the configured path on the webhook listener.
+    #[error("no such endpoint on the webhook listener")]
+    NotFound,
+}
+
+impl WebhookError {
+    /// The bounded `outcome` label of `token_broker_webhook_deliveries_total`.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            WebhookError::Unauthorized => "unauthorized",
+            WebhookError::BadSignature => "bad_signature",
+            WebhookError::Stale => "stale",
+            WebhookError::NotJwt { .. }
+            | WebhookError::MissingClaim { .. }
+            | WebhookError::InvalidClaim { .. } => "malformed",
+            WebhookError::NotFound => "not_found",
+        }
+    }
 }
 
 /// Truora failed, refused or answered something unusable. Cloned to every coalesced waiter.
@@ -330,6 +377,15 @@ impl BrokerError {
                     StatusCode::TOO_MANY_REQUESTS
                 }
             },
+            BrokerError::Webhook(w) => match w {
+                WebhookError::Unauthorized | WebhookError::BadSignature | WebhookError::Stale => {
+                    StatusCode::UNAUTHORIZED
+                }
+                WebhookError::NotJwt { .. }
+                | WebhookError::MissingClaim { .. }
+                | WebhookError::InvalidClaim { .. } => StatusCode::BAD_REQUEST,
+                WebhookError::NotFound => StatusCode::NOT_FOUND,
+            },
             BrokerError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -372,6 +428,15 @@ impl BrokerError {
                 Refusal::SharedCacheUnavailable => "shared_cache_unavailable",
                 Refusal::InvalidationRateExceeded { .. } => "invalidation_rate_exceeded",
                 Refusal::BudgetExceeded { .. } => "mint_budget_exceeded",
+            },
+            BrokerError::Webhook(w) => match w {
+                WebhookError::Unauthorized => "unauthorized",
+                WebhookError::BadSignature => "bad_signature",
+                WebhookError::Stale => "stale_delivery",
+                WebhookError::NotJwt { .. } => "not_a_jwt",
+                WebhookError::MissingClaim { .. } => "missing_claim",
+                WebhookError::InvalidClaim { .. } => "invalid_claim",
+                WebhookError::NotFound => "not_found",
             },
             BrokerError::Internal(_) => "internal_error",
         }
@@ -702,5 +767,41 @@ mod tests {
     #[test]
     fn internal_fault_is_500() {
         check(BrokerError::Internal("flight lost"), 500, "internal_error");
+    }
+
+    #[test]
+    fn a_webhook_delivery_refused_for_its_credential_signature_or_age_is_401() {
+        check(WebhookError::Unauthorized, 401, "unauthorized");
+        check(WebhookError::BadSignature, 401, "bad_signature");
+        check(WebhookError::Stale, 401, "stale_delivery");
+    }
+
+    #[test]
+    fn a_webhook_body_that_is_not_a_usable_jwt_is_400_naming_the_claim_not_its_value() {
+        check(
+            WebhookError::NotJwt {
+                reason: "three parts",
+            },
+            400,
+            "not_a_jwt",
+        );
+        check(
+            WebhookError::MissingClaim {
+                claim: "FlowID".into(),
+            },
+            400,
+            "missing_claim",
+        );
+        let invalid = BrokerError::from(WebhookError::InvalidClaim {
+            claim: "account_id".into(),
+            rule: "must be 1 to 128 characters of [a-zA-Z0-9_.-]",
+        });
+        check(invalid.clone(), 400, "invalid_claim");
+        assert!(invalid.to_string().contains("account_id"));
+    }
+
+    #[test]
+    fn anything_but_the_webhook_path_is_404() {
+        check(WebhookError::NotFound, 404, "not_found");
     }
 }

@@ -7,7 +7,9 @@
 //! - reading Truora's answer never panics, and a token it accepts is safe to embed unescaped;
 //! - reading a bearer value as a Kubernetes service-account token (its header, then the whole
 //!   verification) or as a JWKS never panics, and nothing is accepted without a signature of a
-//!   key whose private half nobody has.
+//!   key whose private half nobody has;
+//! - reading a webhook delivery never panics, nothing passes a signing secret nobody has, and
+//!   an ending event always names a well-formed flow and user.
 
 use std::sync::OnceLock;
 
@@ -18,6 +20,7 @@ use crate::issuance::key::key;
 use crate::issuance::TokenRequest;
 use crate::truora::{self, ArrayEncoding};
 use crate::upstream;
+use crate::webhooks::{delivery, Rules};
 
 /// Parses `data` as a form body; what parses must round-trip through the upstream form.
 pub fn form_body(data: &[u8]) {
@@ -158,6 +161,68 @@ pub fn service_account_token(data: &[u8]) {
     }
 }
 
+/// The signing secret of the webhook seeds in `fuzz/seeds/webhook_delivery/`.
+pub const WEBHOOK_FUZZ_SECRET: &[u8] = b"fuzz-signing-secret";
+
+/// The clock the webhook seeds were made for (their `iat`s are near it).
+pub const WEBHOOK_FUZZ_NOW: u64 = 1_800_000_000;
+
+/// Reads `data` as a webhook delivery (a first line, when the input has one, is the `?event=`
+/// of the rule's URL; the rest the body), without a signing secret, with the seeds' secret, and
+/// with a secret nobody has: nothing panics, nothing passes the last, and what is accepted as
+/// an ended process names a well-formed flow and user.
+pub fn webhook_delivery(data: &[u8]) {
+    static RULES: OnceLock<[Rules; 3]> = OnceLock::new();
+    let rules = RULES.get_or_init(|| {
+        let mut c = crate::config::WebhooksConfig::new(
+            std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            "0".repeat(64),
+        );
+        c.events.insert(
+            "Proceso exitoso".into(),
+            "identity_process_succeeded".into(),
+        );
+        let mut orphan = [0u8; 32];
+        if getrandom::fill(&mut orphan).is_err() {
+            panic!("the OS random source failed");
+        }
+        [
+            Rules::new(&c, None),
+            Rules::new(&c, Some(WEBHOOK_FUZZ_SECRET)),
+            Rules::new(&c, Some(&orphan)),
+        ]
+    });
+    let (query, body) = match data.iter().position(|b| *b == b'\n') {
+        Some(i) => (
+            std::str::from_utf8(&data[..i])
+                .ok()
+                .filter(|q| !q.is_empty()),
+            &data[i + 1..],
+        ),
+        None => (None, data),
+    };
+    let now = std::time::UNIX_EPOCH + std::time::Duration::from_secs(WEBHOOK_FUZZ_NOW);
+    for (i, r) in rules.iter().enumerate() {
+        let read = delivery::read(body, query, r, now);
+        if i == 2 {
+            assert!(
+                read.is_err(),
+                "a delivery passed a signing secret nobody has"
+            );
+        }
+        if let Ok(d) = read {
+            assert_eq!(d.ended().is_some(), d.event.ends_process());
+            if let Some((flow, account)) = d.ended() {
+                assert!(truora::is_flow_id(flow), "an ill-formed flow was accepted");
+                assert!(
+                    truora::is_account_id(account),
+                    "an ill-formed user was accepted"
+                );
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,6 +235,7 @@ mod tests {
         cache_key(b"CO\nIPF1\nshop\nu1\nab\ncd");
         service_account_token(ORPHAN_JWKS.as_bytes());
         service_account_token(b"eyJhbGciOiJFUzI1NiIsImtpZCI6Im9ycGhhbiJ9.e30.AAAA");
+        webhook_delivery(b"success\neyJhbGciOiJub25lIn0.eyJpYXQiOjE4MDAwMDAwMDAsImZsb3dfaWQiOiJJUEYxIiwiYWNjb3VudF9pZCI6InUxIn0.");
     }
 
     #[test]
@@ -188,6 +254,7 @@ mod tests {
             upstream_answer(data);
             cache_key(data);
             service_account_token(data);
+            webhook_delivery(data);
         }
     }
 }

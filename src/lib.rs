@@ -10,7 +10,8 @@
 //! | [`app`] | The composition root: loading and checking the config, building the broker, reload, the command line, the demo. The only room that knows every other. |
 //! | [`server`] | The HTTP side: listeners and TLS, the tower stack, the caller API's handlers, the admin router and status page. |
 //! | [`auth`] | Who the caller is: the auth layer and the configured callers. |
-//! | [`passthrough`] | Callers reaching Truora's other endpoints through the broker, key injected. |
+//! | [`passthrough`] | Callers reaching Truora's other endpoints through the broker, key injected; results that say a process ended end its tokens. |
+//! | [`webhooks`] | Truora's webhook deliveries: checked (bearer secret, signature, age, claims) and turned into the end of a process's tokens. |
 //! | [`issuance`] | The core: request parsing and validation, caller policy, cache key, issuer (lookup, single flight, minting), answer bytes. No HTTP. |
 //! | [`cache`] | The token cache: the local tier and the Redis tier (store, lock, sealing). |
 //! | [`upstream`] | Truora as the broker calls it: the client, and the guard (throttle window, breaker, concurrency cap, budgets, retries). |
@@ -50,4 +51,5 @@ pub mod secret;
 pub mod server;
 pub mod truora;
 pub mod upstream;
+pub mod webhooks;
 pub mod wire;

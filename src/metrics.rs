@@ -242,6 +242,8 @@ pub struct Metrics {
     pub accept_errors: IntCounterVec,
     /// `token_broker_server_admin_connections_rejected_total`
     pub admin_connections_rejected: IntCounter,
+    /// `token_broker_server_webhook_connections_rejected_total`
+    pub webhook_connections_rejected: IntCounter,
     /// `token_broker_config_reloads_total{result}`
     pub config_reloads: IntCounterVec,
     /// `token_broker_config_last_reload_success_timestamp_seconds`
@@ -388,7 +390,12 @@ impl Metrics {
             "token_broker_server_admin_connections_rejected_total",
             "Admin connections closed at once because server.admin_max_connections were open.",
         )?;
-        for listener in ["caller", "admin"] {
+        let webhook_connections_rejected = IntCounter::new(
+            "token_broker_server_webhook_connections_rejected_total",
+            "Webhook connections closed at once because webhooks.max_connections were open.",
+        )?;
+        registry.register(Box::new(webhook_connections_rejected.clone()))?;
+        for listener in ["caller", "admin", "webhook"] {
             accept_errors.with_label_values(&[listener]);
             for reason in ["idle", "age"] {
                 connections_closed.with_label_values(&[listener, reason]);
@@ -399,7 +406,7 @@ impl Metrics {
         registry.register(Box::new(admin_connections_rejected.clone()))?;
         let tls_handshake_failures = IntCounter::new(
             "token_broker_server_tls_handshake_failures_total",
-            "Caller connections whose TLS handshake failed or timed out.",
+            "Caller and webhook connections whose TLS handshake failed or timed out.",
         )?;
         let config_reloads = counter(
             "token_broker_config_reloads_total",
@@ -443,7 +450,7 @@ impl Metrics {
         // unknown) and its fixed outcomes.
         let webhook_deliveries = counter(
             "token_broker_webhook_deliveries_total",
-            "Deliveries to the webhook listener by event and outcome: taken (tokens dropped), ignored (event that ends nothing), unauthorized, bad_signature, stale (iat outside webhooks.max_age), malformed, too_large.",
+            "Deliveries to the webhook listener by event and outcome: taken (the process ended: its tokens dropped), ignored (an event that ends nothing), unauthorized, bad_signature, stale (iat outside webhooks.max_age), malformed, too_large, error (body timeout, shared cache unreachable).",
             &["event", "outcome"],
         )?;
         registry.register(Box::new(cache_invalidations.clone()))?;
@@ -598,6 +605,7 @@ impl Metrics {
             connections_closed,
             accept_errors,
             admin_connections_rejected,
+            webhook_connections_rejected,
             config_reloads,
             config_last_reload_success,
             jwks_keys,

@@ -41,6 +41,17 @@ pub fn x_cache(outcome: CacheOutcome) -> (HeaderName, HeaderValue) {
     (X_CACHE.clone(), HeaderValue::from_static(value))
 }
 
+/// The credential of an `Authorization: Bearer <value>` header value (scheme case-insensitive);
+/// `None` for another scheme, an empty value or one holding whitespace.
+pub fn bearer_value(header: &[u8]) -> Option<&[u8]> {
+    let i = header.iter().position(|b| *b == b' ')?;
+    let value = &header[i + 1..];
+    (header[..i].eq_ignore_ascii_case(b"bearer")
+        && !value.is_empty()
+        && !value.iter().any(u8::is_ascii_whitespace))
+    .then_some(value)
+}
+
 /// True when the request's `Cache-Control` has the `no-cache` directive (names are
 /// case-insensitive; several headers and comma-separated lists count): the caller asks for a
 /// new process rather than the cached token.

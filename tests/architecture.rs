@@ -40,6 +40,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "server",
             "auth",
             "passthrough",
+            "webhooks",
             "issuance",
             "cache",
             "upstream",
@@ -51,12 +52,21 @@ const ALLOWED: &[(&str, &[&str])] = &[
     // the upstream guard's state for the admin endpoints.
     (
         "server",
-        &["auth", "passthrough", "issuance", "upstream", "LEAVES"],
+        &[
+            "auth",
+            "passthrough",
+            "webhooks",
+            "issuance",
+            "upstream",
+            "LEAVES",
+        ],
     ),
     // A caller carries its policy (the core's) and its pass-through allowlist. Not upstream.
     ("auth", &["passthrough", "issuance", "LEAVES"]),
     // Relays with the upstream client; keeps results in a cache of the cache room's kind.
     ("passthrough", &["issuance", "cache", "upstream", "LEAVES"]),
+    // Deliveries end processes through the core; no HTTP server types, no auth.
+    ("webhooks", &["issuance", "cache", "LEAVES"]),
     // The core: no HTTP side (not even the wire types), no auth, no sandbox.
     (
         "issuance",
@@ -71,7 +81,9 @@ const ALLOWED: &[(&str, &[&str])] = &[
     // The fuzz targets' checks call the readers of untrusted input where they live.
     (
         "invariants",
-        &["auth", "issuance", "upstream", "config", "secret", "truora"],
+        &[
+            "auth", "webhooks", "issuance", "upstream", "config", "secret", "truora",
+        ],
     ),
     // Leaves, from the top of the bottom floor down.
     ("wire", &["error", "metrics"]),

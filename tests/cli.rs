@@ -661,7 +661,7 @@ async fn serve_turns_core_dumps_off_and_reloads_on_sighup() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_needs_nothing_else_and_prints_working_curl_commands() {
-    let (listen, admin) = (free_port(), free_port());
+    let (listen, admin, sandbox, hooks) = (free_port(), free_port(), free_port(), free_port());
     let mut demo = Running::spawn(
         &[
             "demo",
@@ -669,6 +669,10 @@ async fn demo_needs_nothing_else_and_prints_working_curl_commands() {
             &format!("127.0.0.1:{listen}"),
             "--admin-listen",
             &format!("127.0.0.1:{admin}"),
+            "--sandbox-listen",
+            &format!("127.0.0.1:{sandbox}"),
+            "--webhook-listen",
+            &format!("127.0.0.1:{hooks}"),
         ],
         &[],
     );
@@ -705,6 +709,31 @@ async fn demo_needs_nothing_else_and_prints_working_curl_commands() {
     )
     .await;
     assert_eq!(page.status, StatusCode::OK);
+    assert!(page.text().contains("Decline"), "{}", page.text());
+    // Declining there ends the process: the sandbox delivers the signed webhook to the demo's
+    // webhook listener, and the next request is a new process.
+    let token = first.json()["api_key"].as_str().unwrap().to_owned();
+    let finished = send(
+        Method::POST,
+        &format!("http://127.0.0.1:{sandbox}/sandbox/processes/finish"),
+        &[("content-type", "application/x-www-form-urlencoded")],
+        &format!("outcome=decline&token={token}"),
+    )
+    .await;
+    assert_eq!(finished.status, StatusCode::OK, "{}", finished.text());
+    assert_eq!(finished.json()["status"], "failure");
+    assert_eq!(
+        finished.json()["webhook"]["status"],
+        200,
+        "{}",
+        finished.text()
+    );
+    let third = send(Method::POST, &url, &headers, form).await;
+    assert_eq!(third.json()["cache"], "miss");
+    assert_ne!(third.json()["api_key"], first.json()["api_key"]);
+    assert!(printed.contains(&format!(
+        "http://127.0.0.1:{sandbox}/sandbox/processes/finish"
+    )));
     let throttled = send(
         Method::POST,
         &url,

@@ -27,11 +27,16 @@ fn read(rel: &str) -> String {
 fn full_config() -> Config {
     Config::parse(&format!(
         "[upstream]\napi_key_file = \"/run/secrets/truora-api-key\"\n\
-         [[clients]]\nid = \"checkout\"\ntoken_sha256 = \"{}\"\n",
+         [webhooks]\nlisten = \"0.0.0.0:8443\"\ntoken_sha256 = \"{0}\"\n\
+         [webhooks.tls]\ncert_file = \"/c\"\nkey_file = \"/k\"\n\
+         [[clients]]\nid = \"checkout\"\ntoken_sha256 = \"{0}\"\n",
         "0".repeat(64)
     ))
     .expect("a minimal config parses")
 }
+
+/// Tables whose keys are the user's own (a map of names): documented as one key.
+const MAPS: &[&str] = &["webhooks.events"];
 
 /// Every key path of a serialised value: tables are walked, arrays of tables are walked through
 /// their first element under the array's own name (`clients.id`).
@@ -42,6 +47,9 @@ fn walk(
     tables: &mut Vec<String>,
 ) {
     match value {
+        serde_json::Value::Object(_) if MAPS.contains(&prefix) => {
+            keys.insert(prefix.to_owned());
+        }
         serde_json::Value::Object(map) => {
             if !prefix.is_empty() {
                 tables.push(prefix.to_owned());

@@ -49,3 +49,11 @@ fn service_account_token_inputs_hold_the_invariants() {
         token_broker::invariants::service_account_token,
     );
 }
+
+#[test]
+fn webhook_delivery_inputs_hold_the_invariants() {
+    run_all(
+        "webhook_delivery",
+        token_broker::invariants::webhook_delivery,
+    );
+}

@@ -496,7 +496,7 @@ async fn the_rule_files_pass_promtool_check_and_their_unit_tests() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_scrape_passes_promtool_check_metrics_and_every_promql_names_exported_series() {
-    let b = Broker::start(|_, _| {}).await;
+    let b = Broker::start(|c, _| with_webhooks(c)).await;
     round(&b, "scrape", 2).await;
     let scrape = b.metrics().await;
     b.stop().await;

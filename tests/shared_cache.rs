@@ -171,6 +171,7 @@ impl Replica {
             admin,
             stop,
             task,
+            ..
         } = common::Running::start(&cfg).await;
         Replica {
             url,

@@ -76,8 +76,10 @@ pub enum Command {
     ///
     /// The sandbox mints real JWTs and answers in Truora's error shapes; a flow id
     /// `IPFsandbox<status>` (for instance `IPFsandbox429`) makes it answer that error. The demo
-    /// client's secret is `demo-secret`. No config file and no master key are read. Ctrl-C or
-    /// SIGTERM stops it (exit 0); an address already in use exits with status 1.
+    /// client's secret is `demo-secret`. Its identity page lets a person approve or decline the
+    /// process; the sandbox then delivers Truora's signed webhook to the broker's webhook
+    /// listener, which drops that process's token. No config file and no master key are read.
+    /// Ctrl-C or SIGTERM stops it (exit 0); an address already in use exits with status 1.
     Demo {
         /// Address of the caller API (POST /v1/tokens, POST /v1/api-keys, DELETE /v1/tokens).
         #[arg(long, default_value = "127.0.0.1:8080")]
@@ -85,6 +87,12 @@ pub enum Command {
         /// Address of the admin endpoints (/, /metrics, /healthz, /readyz, POST /admin/reload).
         #[arg(long, default_value = "127.0.0.1:9090")]
         admin_listen: SocketAddr,
+        /// Address of the sandbox Truora (minting, its identity page, the identity API).
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        sandbox_listen: SocketAddr,
+        /// Address of the broker's webhook listener, which the sandbox delivers to.
+        #[arg(long, default_value = "127.0.0.1:8082")]
+        webhook_listen: SocketAddr,
     },
     /// Validate a config file (and that the master key can be read), then exit: 0 when good,
     /// 64 with a message naming the bad key when not.
@@ -165,9 +173,19 @@ pub fn main() -> ExitCode {
         Command::Demo {
             listen,
             admin_listen,
+            sandbox_listen,
+            webhook_listen,
         } => {
             let logs = logging::init(LogFormat::Text);
-            run(&logs, demo::run(listen, admin_listen))
+            run(
+                &logs,
+                demo::run(demo::DemoAddresses {
+                    listen,
+                    admin_listen,
+                    sandbox_listen,
+                    webhook_listen,
+                }),
+            )
         }
         Command::CheckConfig { config } => match load(&config) {
             Ok(Loaded {

@@ -22,8 +22,9 @@ use crate::issuance::{Issuer, IssuerSettings};
 use crate::metrics::Metrics;
 use crate::passthrough::{Forwarder, Passthrough, ResultCache};
 use crate::secret::MasterKey;
-use crate::server::{tls, Admin, ApiState, BindError, Listeners, SharedTls};
+use crate::server::{tls, Admin, ApiState, BindError, Listeners, SharedTls, WebhookListener};
 use crate::upstream::{ClientError, Guard, GuardSettings, TruoraClient};
+use crate::webhooks::{self, Webhooks};
 
 pub mod cli;
 pub mod demo;
@@ -100,6 +101,7 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
 /// Kubernetes, `defaultMode: 0400` on the Secret's volume).
 pub fn secret_files_others_can_read(config: &Config) -> Vec<String> {
     let shared = config.cache.shared.as_ref();
+    let hooks = config.webhooks.as_ref();
     let files = [
         (
             "upstream.api_key_file",
@@ -116,6 +118,14 @@ pub fn secret_files_others_can_read(config: &Config) -> Vec<String> {
         (
             "cache.shared.encryption_key_file",
             shared.and_then(|s| s.encryption_key_file.as_ref()),
+        ),
+        (
+            "webhooks.signing_secret_file",
+            hooks.and_then(|w| w.signing_secret_file.as_ref()),
+        ),
+        (
+            "webhooks.tls.key_file",
+            hooks.and_then(|w| w.tls.as_ref()).map(|t| &t.key_file),
         ),
     ];
     let mut warnings = Vec::new();
@@ -155,6 +165,12 @@ fn check(config: &Config) -> Result<(), ConfigError> {
     if let Some(k) = &config.auth.kubernetes {
         ServiceAccounts::from_config(k)?;
         JwksSource::from_config(k)?;
+    }
+    if let Some(w) = &config.webhooks {
+        webhooks::Settings::from_config(w)?;
+        if let Some(t) = &w.tls {
+            tls::webhook_config(t)?;
+        }
     }
     Ok(())
 }
@@ -203,6 +219,8 @@ pub struct Broker {
     listeners: Listeners,
     client: Arc<TruoraClient>,
     tls: Option<SharedTls>,
+    /// The webhook receiver and its listener's TLS, with `[webhooks]`, for reloads.
+    webhooks: Option<(Arc<Webhooks>, Option<SharedTls>)>,
     /// Keeps `jwks_url`'s keys fresh while the broker runs; stops with it.
     refresher: Option<Refresher>,
 }
@@ -275,13 +293,33 @@ impl Broker {
             metrics,
         ));
         let state = Arc::new(state);
-        let listeners = Listeners::bind(&config.server, tls.clone()).await?;
+        let webhooks = match &config.webhooks {
+            Some(w) => {
+                let receiver = Arc::new(Webhooks::new(
+                    webhooks::Settings::from_config(w)?,
+                    Arc::clone(&state.issuer),
+                    Arc::clone(&state.metrics),
+                ));
+                let tls = match &w.tls {
+                    Some(t) => Some(Arc::new(arc_swap::ArcSwap::new(tls::webhook_config(t)?))),
+                    None => None,
+                };
+                Some((w, receiver, tls))
+            }
+            None => None,
+        };
+        let mut listeners = Listeners::bind(&config.server, tls.clone()).await?;
+        if let Some((w, receiver, tls)) = &webhooks {
+            let listener = WebhookListener::bind(w, tls.clone(), Arc::clone(receiver)).await?;
+            listeners.add_webhooks(listener);
+        }
         Ok(Self {
             admin: Arc::new(Admin::new(Arc::clone(&state))),
             state,
             listeners,
             client,
             tls,
+            webhooks: webhooks.map(|(_, receiver, tls)| (receiver, tls)),
             refresher,
         })
     }
@@ -295,6 +333,7 @@ impl Broker {
             Arc::clone(&self.state),
             Arc::clone(&self.client),
             self.tls.clone(),
+            self.webhooks.clone(),
         ));
         self.admin
             .set_reload(Arc::clone(&reloader) as Arc<dyn crate::server::Reload>)
@@ -314,6 +353,11 @@ impl Broker {
     /// The admin listener's address; never fails once bound.
     pub fn admin_addr(&self) -> io::Result<SocketAddr> {
         Ok(self.listeners.admin_addr())
+    }
+
+    /// The webhook listener's address, with `[webhooks]`.
+    pub fn webhook_addr(&self) -> Option<SocketAddr> {
+        self.listeners.webhook_addr()
     }
 
     /// Both addresses: the caller listener's and the admin listener's.

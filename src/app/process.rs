@@ -6,9 +6,11 @@ use super::{Broker, Reloader};
 /// Logs the line that says the broker is up, where and with which key.
 pub fn log_ready(broker: &Broker, callers: usize, key: &str) {
     let (caller, admin) = broker.addresses();
+    let webhooks = broker.webhook_addr().map(|a| a.to_string());
     tracing::info!(
         listen = %caller,
         admin_listen = %admin,
+        webhooks_listen = webhooks.as_deref().unwrap_or("-"),
         callers,
         key,
         "token-broker {} ready",

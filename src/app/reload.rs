@@ -5,10 +5,13 @@
 //! accounts, SPIFFE IDs, policies and budgets; a removed caller is refused from the next request
 //! on and its cached tokens are dropped at once), the master key (from `upstream.api_key_file`,
 //! or `TRUORA_API_KEY`), the TLS certificate, key and client CA files, and `[auth.kubernetes]`'s
-//! `issuer`, `audiences` and `jwks_file` (re-read). Every remembered service-account token is
+//! `issuer`, `audiences` and `jwks_file` (re-read), and `[webhooks]`' path, bearer secret,
+//! signing secret (re-read), claim names, events, `max_age` and TLS files. Every remembered
+//! service-account token is
 //! forgotten, so the next request of each caller is checked afresh. Any other change (addresses,
-//! timeouts, cache sizes, turning `[auth.kubernetes]` on or off, its `jwks_url` and what goes
-//! with it) needs a restart: the reload says which sections, and keeps running with the old
+//! timeouts, cache sizes, turning `[auth.kubernetes]` or `[webhooks]` on or off, its `jwks_url`
+//! and what goes with it, the webhook listener's address, cap and turning its TLS on or off)
+//! needs a restart: the reload says which sections, and keeps running with the old
 //! values.
 //!
 //! A bad new config is refused as a whole: the old one stays in force, the failure is logged and
@@ -33,10 +36,11 @@ use tokio::sync::Mutex;
 use super::{load, Loaded};
 use crate::auth::{Callers, ServiceAccounts};
 use crate::cache::{Filter, Reason};
-use crate::config::{AuthConfig, Config, ConfigError};
+use crate::config::{AuthConfig, Config, ConfigError, WebhooksConfig};
 use crate::server::{tls, ApiState, Reload, SharedTls};
 use crate::upstream::guard::caller_rates;
 use crate::upstream::TruoraClient;
+use crate::webhooks::{self, Webhooks};
 
 /// What a successful reload did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,6 +62,8 @@ pub struct Reloader {
     state: Arc<ApiState>,
     client: Arc<TruoraClient>,
     tls: Option<SharedTls>,
+    /// The webhook receiver and its listener's TLS, with `[webhooks]`.
+    webhooks: Option<(Arc<Webhooks>, Option<SharedTls>)>,
 }
 
 impl Reloader {
@@ -68,6 +74,7 @@ impl Reloader {
         state: Arc<ApiState>,
         client: Arc<TruoraClient>,
         tls: Option<SharedTls>,
+        webhooks: Option<(Arc<Webhooks>, Option<SharedTls>)>,
     ) -> Self {
         state.metrics.config_last_reload_success.set(unix_now());
         Self {
@@ -76,6 +83,7 @@ impl Reloader {
             state,
             client,
             tls,
+            webhooks,
         }
     }
 
@@ -138,6 +146,8 @@ impl Reloader {
         let verifier = self.state.callers.load().service_accounts().cloned();
         let with_verifier = verifier.is_some();
         let running_auth = running.auth.clone();
+        let running_hooks = running.webhooks.clone();
+        let hooks_tls = self.webhooks.as_ref().is_some_and(|(_, t)| t.is_some());
         let read = tokio::task::spawn_blocking(move || {
             let Loaded {
                 config,
@@ -157,9 +167,19 @@ impl Reloader {
                 }
                 _ => None,
             };
-            Ok::<_, ConfigError>((config, key, tls, auth))
+            let hooks = match &config.webhooks {
+                Some(w) if !webhooks_need_restart(running_hooks.as_ref(), Some(w)) => Some((
+                    webhooks::Settings::from_config(w)?,
+                    match (&w.tls, hooks_tls) {
+                        (Some(t), true) => Some(tls::webhook_config(t)?),
+                        _ => None,
+                    },
+                )),
+                _ => None,
+            };
+            Ok::<_, ConfigError>((config, key, tls, auth, hooks))
         });
-        let (new, key, tls, auth) = read.await.map_err(|_| ConfigError::Read {
+        let (new, key, tls, auth, hooks) = read.await.map_err(|_| ConfigError::Read {
             path: self.path.clone(),
             reason: "the reading task stopped".into(),
         })??;
@@ -170,6 +190,12 @@ impl Reloader {
         self.client.set_key(key);
         if let (Some(slot), Some(tls)) = (&self.tls, tls) {
             slot.store(tls);
+        }
+        if let (Some((receiver, slot)), Some((settings, tls))) = (&self.webhooks, hooks) {
+            receiver.swap(settings);
+            if let (Some(slot), Some(tls)) = (slot, tls) {
+                slot.store(tls);
+            }
         }
         let kept: HashSet<&str> = new.clients.iter().map(|c| c.id.as_str()).collect();
         let revoked: Vec<String> = running
@@ -264,7 +290,23 @@ fn restart_required(old: &Config, new: &Config) -> Vec<&'static str> {
     if auth_needs_restart(&old.auth, &new.auth) {
         changed.push("auth");
     }
+    if webhooks_need_restart(old.webhooks.as_ref(), new.webhooks.as_ref()) {
+        changed.push("webhooks");
+    }
     changed
+}
+
+/// Whether `[webhooks]` changed beyond what a reload applies: turned on or off, or its
+/// listener's address, cap, or TLS turned on or off.
+fn webhooks_need_restart(old: Option<&WebhooksConfig>, new: Option<&WebhooksConfig>) -> bool {
+    match (old, new) {
+        (None, None) => false,
+        (Some(old), Some(new)) => {
+            let listener = |w: &WebhooksConfig| (w.listen, w.max_connections, w.tls.is_some());
+            listener(old) != listener(new)
+        }
+        _ => true,
+    }
 }
 
 /// Whether `[auth]` changed beyond what a reload applies (`issuer`, `audiences`, `jwks_file`).

@@ -26,6 +26,7 @@ use crate::error::AuthError;
 use crate::issuance::CallerPolicy;
 use crate::passthrough::Pattern;
 use crate::secret::SecretDigest;
+use crate::wire::bearer_value;
 
 /// A caller as the broker uses it: its name, how it authenticates, what it may ask for.
 #[derive(Debug, Clone)]
@@ -204,14 +205,7 @@ impl Callers {
         let Some(value) = headers.get(AUTHORIZATION) else {
             return self.by_certificate(peer);
         };
-        let value = value.as_bytes();
-        let secret = match value.iter().position(|b| *b == b' ') {
-            Some(i) if value[..i].eq_ignore_ascii_case(b"bearer") => &value[i + 1..],
-            _ => return Err(AuthError::Malformed),
-        };
-        if secret.is_empty() || secret.iter().any(|b| b.is_ascii_whitespace()) {
-            return Err(AuthError::Malformed);
-        }
+        let secret = bearer_value(value.as_bytes()).ok_or(AuthError::Malformed)?;
         let presented = SecretDigest::of(secret);
         let mut found = None;
         for client in self.list.iter() {

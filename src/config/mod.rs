@@ -20,6 +20,7 @@ mod clients;
 mod parse_error;
 mod server;
 mod upstream;
+mod webhooks;
 
 pub use auth::{AuthConfig, KubernetesConfig, JWKS_MIN_INTERVAL};
 pub use cache::{redacted_url, CacheConfig, SharedCacheConfig};
@@ -27,6 +28,7 @@ pub use clients::{is_service_account, is_spiffe_id, ClientConfig, Offered};
 pub use parse_error::ParseError;
 pub use server::{ServerConfig, TlsConfig};
 pub use upstream::UpstreamConfig;
+pub use webhooks::{ClaimNames, WebhookTlsConfig, WebhooksConfig, EVENTS};
 
 /// The environment variable read for the master key when `upstream.api_key_file` is not set.
 pub const API_KEY_ENV: &str = "TRUORA_API_KEY";
@@ -51,6 +53,10 @@ pub struct Config {
     /// The internal callers allowed to ask for tokens.
     #[serde(default)]
     pub clients: Vec<ClientConfig>,
+    /// Truora's webhook deliveries, on a listener of their own. Absent: no webhook listener
+    /// (ended processes are then learnt only from results read through the pass-through).
+    #[serde(default)]
+    pub webhooks: Option<WebhooksConfig>,
 }
 
 /// A configuration that cannot be used, naming the key and what is wrong with it.
@@ -108,6 +114,12 @@ impl Config {
         self.upstream.validate()?;
         self.cache.validate(self.upstream.deadline)?;
         self.auth.validate()?;
+        if let Some(webhooks) = &self.webhooks {
+            webhooks.validate(&[
+                ("server.listen", self.server.listen),
+                ("server.admin_listen", self.server.admin_listen),
+            ])?;
+        }
         clients::validate(
             &self.clients,
             Offered {

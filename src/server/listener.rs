@@ -1,7 +1,7 @@
-//! The two listeners: the caller listener (`server.listen`: TLS when configured, the connection
-//! caps, hyper's HTTP/1.1 and HTTP/2 with their limits) and the admin listener
-//! (`server.admin_listen`, capped too), each accepting in a loop of its own, both drained on
-//! shutdown. A connection's life (idle limit, age, closing) is [`super::connection`]'s.
+//! The listeners: the caller listener (`server.listen`: TLS when configured, the connection
+//! caps, hyper's HTTP/1.1 and HTTP/2 with their limits), the admin listener
+//! (`server.admin_listen`, capped too) and, with `[webhooks]`, the webhook listener
+//! ([`super::webhook`]), each accepting in a loop of its own, all drained on shutdown. A connection's life (idle limit, age, closing) is [`super::connection`]'s.
 //!
 //! Accepting can fail (out of file descriptors, above all): then that listener backs off, from
 //! 10 ms doubling to 1 s, and says so in the log at most every 10 s, instead of retrying at once
@@ -25,6 +25,7 @@ use super::api::ApiState;
 use super::connection::{drive, Activity, Counted, Lifetime};
 use super::stack::caller_service;
 use super::tls::SharedTls;
+use super::webhook::{WebhookConnections, WebhookListener};
 use crate::auth::Peer;
 use crate::config::ServerConfig;
 use crate::metrics::Metrics;
@@ -59,6 +60,7 @@ pub struct ConnectionSettings {
     max_connection_age: Duration,
     admin_max_connections: usize,
     http2_max_streams: u32,
+    body_read_timeout: Duration,
 }
 
 impl ConnectionSettings {
@@ -74,6 +76,7 @@ impl ConnectionSettings {
             max_connection_age: config.max_connection_age,
             admin_max_connections: config.admin_max_connections,
             http2_max_streams: config.http2_max_streams,
+            body_read_timeout: config.body_read_timeout,
         }
     }
 
@@ -107,10 +110,11 @@ impl ConnectionSettings {
     }
 }
 
-/// Both listeners, bound; nothing is served until [`Listeners::run`].
+/// The listeners, bound; nothing is served until [`Listeners::run`].
 pub struct Listeners {
     caller: TcpListener,
     admin: TcpListener,
+    webhook: Option<WebhookListener>,
     /// The bound addresses (the ports chosen when port 0 was asked for).
     addrs: (SocketAddr, SocketAddr),
     settings: ConnectionSettings,
@@ -131,10 +135,21 @@ impl Listeners {
         Ok(Self {
             caller,
             admin,
+            webhook: None,
             addrs: (caller_addr, admin_addr),
             settings: ConnectionSettings::of(config),
             tls,
         })
+    }
+
+    /// Serves Truora's deliveries on `webhook` too.
+    pub fn add_webhooks(&mut self, webhook: WebhookListener) {
+        self.webhook = Some(webhook);
+    }
+
+    /// The webhook listener's address, with `[webhooks]`.
+    pub fn webhook_addr(&self) -> Option<SocketAddr> {
+        self.webhook.as_ref().map(WebhookListener::addr)
     }
 
     /// The caller listener's address (useful with port 0).
@@ -183,6 +198,32 @@ impl Listeners {
             stopping: stopping.clone(),
         };
         let metrics = Arc::clone(&caller.state.metrics);
+        let webhook_places = Arc::new(Semaphore::new(
+            self.webhook.as_ref().map_or(0, |w| w.max_connections),
+        ));
+        let webhook = self.webhook.as_ref().map(|w| WebhookConnections {
+            webhooks: Arc::clone(&w.webhooks),
+            metrics: Arc::clone(&metrics),
+            tls: w.tls.clone(),
+            builder: s.builder(),
+            lifetime: s.lifetime(),
+            handshake_timeout: s.header_read_timeout,
+            body_read_timeout: s.body_read_timeout,
+            places: Arc::clone(&webhook_places),
+            stopping: stopping.clone(),
+        });
+        let accepting_webhooks = async {
+            if let (Some(w), Some(connections)) = (&self.webhook, &webhook) {
+                accept_loop(
+                    &w.listener,
+                    "webhook",
+                    &metrics,
+                    stopping.clone(),
+                    |stream, _| connections.serve(stream),
+                )
+                .await;
+            }
+        };
         let accepting = async {
             tokio::join!(
                 accept_loop(
@@ -199,6 +240,7 @@ impl Listeners {
                     stopping.clone(),
                     |stream, _| { admin.serve(stream) }
                 ),
+                accepting_webhooks,
             )
         };
         {
@@ -213,6 +255,8 @@ impl Listeners {
         }
         drop(self.caller);
         drop(self.admin);
+        let webhook_max = self.webhook.as_ref().map_or(0, |w| w.max_connections);
+        drop(self.webhook);
         tracing::info!("shutting down: no new connections, waiting for in-flight requests");
         let drained = async {
             let all = |places: &Arc<Semaphore>, n: usize| {
@@ -221,7 +265,8 @@ impl Listeners {
             };
             let _ = tokio::join!(
                 all(&caller_places, s.max_connections),
-                all(&admin_places, s.admin_max_connections)
+                all(&admin_places, s.admin_max_connections),
+                all(&webhook_places, webhook_max),
             );
         };
         if tokio::time::timeout(s.shutdown_timeout, drained)

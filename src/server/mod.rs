@@ -7,7 +7,8 @@
 //! Caller listener (`server.listen`): `POST /v1/tokens`, `POST /v1/api-keys`,
 //! `DELETE /v1/tokens`, and `/truora/...` pass-through. Admin listener (`server.admin_listen`):
 //! the status page `GET /`, `GET /metrics`, `/healthz`, `/readyz` and `POST /admin/reload`; never
-//! the token API, so it can be exposed to Prometheus without exposing minting.
+//! the token API, so it can be exposed to Prometheus without exposing minting. Webhook listener
+//! (`webhooks.listen`, [`webhook`]): Truora's deliveries and nothing else.
 
 pub mod access;
 pub mod admin;
@@ -17,9 +18,11 @@ pub mod listener;
 pub mod stack;
 pub mod status;
 pub mod tls;
+pub mod webhook;
 
 pub use admin::{Admin, Reload};
 pub use api::ApiState;
 pub use listener::{BindError, Listeners};
 pub use stack::caller_service;
 pub use tls::SharedTls;
+pub use webhook::WebhookListener;

@@ -29,7 +29,7 @@ use tower::{Layer, Service, ServiceBuilder};
 use super::access;
 use super::api::{Api, ApiState};
 use crate::auth::{AuthLayer, Peer};
-use crate::error::{BrokerError, RequestError};
+use crate::error::{BrokerError, RequestError, WebhookError};
 use crate::logging::AccessLine;
 use crate::metrics::Metrics;
 use crate::wire::{full, Answer, Failure, HttpResponse, Note, Route, Routed, JSON, NO_STORE};
@@ -339,7 +339,7 @@ pub fn error_response(route: Route, err: &BrokerError) -> HttpResponse {
     let h = response.headers_mut();
     h.insert(CONTENT_TYPE, JSON.clone());
     h.insert(CACHE_CONTROL, NO_STORE.clone());
-    if let BrokerError::Auth(_) = err {
+    if let BrokerError::Auth(_) | BrokerError::Webhook(WebhookError::Unauthorized) = err {
         h.insert(
             WWW_AUTHENTICATE,
             HeaderValue::from_static("Bearer realm=\"token-broker\""),

@@ -1,4 +1,5 @@
-//! TLS for the caller listener: the rustls server configuration built from `[server.tls]`.
+//! TLS for the caller listener (the rustls server configuration built from `[server.tls]`) and
+//! for the webhook listener (`[webhooks.tls]`, certificate and key only).
 //!
 //! TLS 1.2 and 1.3 only (rustls offers nothing older), ALPN for HTTP/2 and HTTP/1.1, and, when
 //! `client_ca_file` is set, client certificates verified against that CA. Certificates stay
@@ -13,7 +14,7 @@ use rustls::{RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::config::{ConfigError, TlsConfig};
+use crate::config::{ConfigError, TlsConfig, WebhookTlsConfig};
 
 /// The caller listener's rustls configuration, swapped by a reload (new connections get the
 /// new certificate; open ones keep theirs).
@@ -43,11 +44,27 @@ fn certificates(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, 
 
 /// The rustls configuration for `[server.tls]`, read from its files now.
 pub fn server_config(tls: &TlsConfig) -> Result<Arc<ServerConfig>, ConfigError> {
+    server_config_at("server.tls", tls)
+}
+
+/// The rustls configuration for `[webhooks.tls]` (no client certificates), read from its files
+/// now.
+pub fn webhook_config(tls: &WebhookTlsConfig) -> Result<Arc<ServerConfig>, ConfigError> {
+    let tls = TlsConfig {
+        cert_file: tls.cert_file.clone(),
+        key_file: tls.key_file.clone(),
+        client_ca_file: None,
+    };
+    server_config_at("webhooks.tls", &tls)
+}
+
+/// The rustls configuration of a TLS section (`section` names it in errors).
+fn server_config_at(section: &str, tls: &TlsConfig) -> Result<Arc<ServerConfig>, ConfigError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let chain = certificates("server.tls.cert_file", &tls.cert_file)?;
+    let chain = certificates(&format!("{section}.cert_file"), &tls.cert_file)?;
     let key = PrivateKeyDer::from_pem_file(&tls.key_file).map_err(|e| {
         invalid(
-            "server.tls.key_file",
+            &format!("{section}.key_file"),
             format!(
                 "cannot read a private key from {}: {e}",
                 tls.key_file.display()
@@ -56,7 +73,7 @@ pub fn server_config(tls: &TlsConfig) -> Result<Arc<ServerConfig>, ConfigError> 
     })?;
     let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| invalid("server.tls", e.to_string()))?;
+        .map_err(|e| invalid(section, e.to_string()))?;
     let builder = match &tls.client_ca_file {
         None => builder.with_no_client_auth(),
         Some(path) => {
@@ -78,8 +95,8 @@ pub fn server_config(tls: &TlsConfig) -> Result<Arc<ServerConfig>, ConfigError> 
     };
     let mut config = builder.with_single_cert(chain, key).map_err(|e| {
         invalid(
-            "server.tls.key_file",
-            format!("does not match server.tls.cert_file: {e}"),
+            &format!("{section}.key_file"),
+            format!("does not match {section}.cert_file: {e}"),
         )
     })?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];

@@ -57,6 +57,17 @@ pub const BILLING_SECRET: &str = "billing-secret-0123456789abcdef";
 pub const FORM: &str =
     "country=CO&flow_id=IPF0a1b2c&redirect_url=https%3A%2F%2Fshop.example%2Fdone&account_id=user-1";
 
+/// The bearer secret Truora's webhook action sends in these tests.
+pub const WEBHOOK_SECRET: &str = "webhook-secret-0123456789abcdef";
+
+/// Turns on `[webhooks]` on loopback port 0, authenticated by [`WEBHOOK_SECRET`].
+pub fn with_webhooks(c: &mut Config) {
+    c.webhooks = Some(token_broker::config::WebhooksConfig::new(
+        loopback(),
+        SecretDigest::of(WEBHOOK_SECRET.as_bytes()).to_hex(),
+    ));
+}
+
 pub fn loopback() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 0))
 }
@@ -82,6 +93,8 @@ pub fn config(upstream_url: &str) -> Config {
 pub struct Broker {
     pub url: String,
     pub admin: String,
+    /// The webhook listener's base URL, with `[webhooks]`.
+    pub webhooks: Option<String>,
     pub sandbox: Sandbox,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
@@ -91,6 +104,7 @@ pub struct Broker {
 pub struct Running {
     pub url: String,
     pub admin: String,
+    pub webhooks: Option<String>,
     pub stop: oneshot::Sender<()>,
     pub task: tokio::task::JoinHandle<()>,
 }
@@ -103,6 +117,7 @@ impl Running {
             .unwrap();
         let url = format!("http://{}", server.caller_addr().unwrap());
         let admin = format!("http://{}", server.admin_addr().unwrap());
+        let webhooks = server.webhook_addr().map(|a| format!("http://{a}"));
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(server.run(async {
             let _ = stopped.await;
@@ -110,6 +125,7 @@ impl Running {
         Running {
             url,
             admin,
+            webhooks,
             stop,
             task,
         }
@@ -137,12 +153,14 @@ impl Broker {
         let Running {
             url,
             admin,
+            webhooks,
             stop,
             task,
         } = Running::start(&cfg).await;
         Broker {
             url,
             admin,
+            webhooks,
             sandbox,
             stop: Some(stop),
             task,

@@ -124,6 +124,7 @@ class Demo(Process):
 
     def __init__(self):
         self.port, self.admin_port = free_port(), free_port()
+        self.sandbox_port, self.webhook_port = free_port(), free_port()
         super().__init__(
             [
                 binary(),
@@ -132,6 +133,10 @@ class Demo(Process):
                 f"127.0.0.1:{self.port}",
                 "--admin-listen",
                 f"127.0.0.1:{self.admin_port}",
+                "--sandbox-listen",
+                f"127.0.0.1:{self.sandbox_port}",
+                "--webhook-listen",
+                f"127.0.0.1:{self.webhook_port}",
             ]
         )
         self._until_healthy()

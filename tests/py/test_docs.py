@@ -2,7 +2,8 @@
 against a real demo, the client examples run against it too, and every relative link resolves.
 
 Snippets: every ```sh block, in order, against a fresh `token-broker demo` on free loopback
-ports (the snippets' 127.0.0.1:8080 and 127.0.0.1:9090 are rewritten to them), each with bash
+ports (the snippets' 127.0.0.1:8080, :9090, :8081 (sandbox) and :8082 (webhooks) are rewritten
+to them), each with bash
 -e -o pipefail and a timeout, with the debug `token-broker` first on the PATH. Each must exit 0.
 When the block right after one is a ```text block showing an answer, the real answer must agree
 with it: the same status line, the same JSON fields with the same stable values (`error`,
@@ -68,6 +69,8 @@ class SnippetRunner:
             for snippet, expected in snippets:
                 script = snippet.replace("127.0.0.1:8080", f"127.0.0.1:{demo.port}")
                 script = script.replace("127.0.0.1:9090", f"127.0.0.1:{demo.admin_port}")
+                script = script.replace("127.0.0.1:8081", f"127.0.0.1:{demo.sandbox_port}")
+                script = script.replace("127.0.0.1:8082", f"127.0.0.1:{demo.webhook_port}")
                 with self.subTest(snippet.splitlines()[0]):
                     result = run(["bash", "-e", "-o", "pipefail", "-c", script], env=env, timeout=30)
                     self.assertEqual(result.returncode, 0, f"{snippet}\n{result.stdout}\n{result.stderr}")
