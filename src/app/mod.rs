@@ -18,7 +18,7 @@ use std::sync::Arc;
 use crate::auth::{Callers, JwksError, JwksSource, Refresher, ServiceAccounts};
 use crate::cache::shared::{SharedSecrets, SharedTier, TierError};
 use crate::config::{Config, ConfigError, JWKS_MIN_INTERVAL};
-use crate::issuance::{Issuer, IssuerSettings};
+use crate::issuance::{fleet_limits, Issuer, IssuerSettings};
 use crate::metrics::Metrics;
 use crate::passthrough::{Forwarder, Passthrough, ResultCache};
 use crate::secret::MasterKey;
@@ -232,6 +232,10 @@ impl Broker {
             )?),
             None => None,
         };
+        // With `fleet_limits`, the mint budgets and the throttle window are the fleet's.
+        if let Some(limits) = shared.as_ref().and_then(fleet_limits) {
+            guard.share_limits(limits, &registry)?;
+        }
         let issuer = Issuer::with_shared(
             IssuerSettings {
                 min_remaining: config.cache.min_remaining,

@@ -8,7 +8,7 @@
 //! - [`policy`]: what each caller may ask for.
 //! - [`key`]: which requests share a token.
 //! - [`issuer`]: lookup, single flight, minting through the upstream guard; [`fleet`]: the same
-//!   with the shared tier, and invalidation everywhere.
+//!   with the shared tier, invalidation everywhere, and the guard's limits shared by the fleet.
 //! - [`answer`]: the answer's bytes.
 
 pub mod answer;
@@ -20,6 +20,7 @@ pub mod policy;
 pub mod request;
 
 pub use answer::Issued;
+pub use fleet::fleet_limits;
 pub use issuer::{Issuer, IssuerSettings};
 pub use parse::{invalidation_filter, InvalidationFilter};
 pub use policy::CallerPolicy;

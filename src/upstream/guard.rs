@@ -11,7 +11,9 @@
 //! 3. **Concurrency cap**: at most `max_concurrent` calls in flight; beyond it, 503 at once
 //!    rather than a queue behind a slow upstream.
 //! 4. **Mint budgets** ([`crate::upstream::budget`]): the caller's own and the global one;
-//!    beyond them, 429 to that caller.
+//!    beyond them, 429 to that caller. With fleet limits ([`crate::upstream::fleet`]) they are
+//!    spent for the whole fleet in Redis, and a throttle window another replica opened refuses
+//!    here too; when Redis cannot be asked, the local budgets apply.
 //! 5. **Attempts**: each bounded by `timeout` and by what is left of `deadline`. Only what is
 //!    safe is retried, with jittered exponential back-off: a connection that could not be made
 //!    (nothing was sent), and 429/503 after their Retry-After. A timeout or broken connection
@@ -19,15 +21,17 @@
 //!
 //! Every attempt's outcome feeds the breaker, the throttle window and the credential state
 //! (a rejected master key raises a metric, cleared by the next success, and logs at most once a
-//! minute). Time is tokio's, so tests run on a paused clock.
+//! minute); with fleet limits a 429's window is told to every replica. Time is tokio's, so tests
+//! run on a paused clock.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use super::budget::Budgets;
+use super::fleet::{scope_label, FleetLimits, FleetMetrics, FleetVerdict};
 use super::Mint;
 use crate::breaker::{Breaker, BreakerState, Change, Health};
 use crate::config::Config;
@@ -111,10 +115,43 @@ struct Heard {
     credential_suppressed: u64,
 }
 
+/// The limits shared by the fleet, and their series.
+struct Fleet {
+    limits: Arc<dyn FleetLimits>,
+    metrics: Arc<FleetMetrics>,
+}
+
+/// Opens this replica's throttle window when another replica was throttled by Truora (an
+/// invalidation channel message): cloned out of the guard for the listener.
+#[derive(Clone)]
+pub struct ThrottleWindow {
+    heard: Arc<Mutex<Heard>>,
+    metrics: Arc<OnceLock<Arc<FleetMetrics>>>,
+}
+
+impl ThrottleWindow {
+    /// Refuses calls for `d` from now (or longer, when the window is open longer already).
+    pub fn open_for(&self, d: Duration) {
+        if d.is_zero() {
+            return;
+        }
+        open_window(&mut lock(&self.heard), Instant::now() + d);
+        if let Some(m) = self.metrics.get() {
+            m.windows.with_label_values(&["remote"]).inc();
+        }
+    }
+}
+
+fn open_window(heard: &mut Heard, until: Instant) {
+    heard.throttle_until = Some(heard.throttle_until.map_or(until, |t| t.max(until)));
+}
+
 /// The guard around every upstream call; see the module docs.
 pub struct Guard {
     settings: GuardSettings,
-    heard: Mutex<Heard>,
+    heard: Arc<Mutex<Heard>>,
+    fleet: OnceLock<Fleet>,
+    fleet_metrics: Arc<OnceLock<Arc<FleetMetrics>>>,
     breaker: Breaker,
     budgets: Budgets,
     permits: Arc<Semaphore>,
@@ -134,12 +171,14 @@ impl Guard {
             budgets: Budgets::new(settings.mint_rate, &settings.caller_rates),
             breaker: Breaker::new(settings.breaker_threshold, settings.breaker_cooldown),
             permits: Arc::new(Semaphore::new(settings.max_concurrent as usize)),
-            heard: Mutex::new(Heard {
+            heard: Arc::new(Mutex::new(Heard {
                 throttle_until: None,
                 credential_rejected: false,
                 credential_logged: None,
                 credential_suppressed: 0,
-            }),
+            })),
+            fleet: OnceLock::new(),
+            fleet_metrics: Arc::new(OnceLock::new()),
             settings,
             metrics,
         }
@@ -164,9 +203,7 @@ impl Guard {
             Ok(permit) => permit,
             Err(_) => return Err(self.refuse(Refusal::Saturated)),
         };
-        if let Err((scope, retry_after)) = self.budgets.spend(caller) {
-            return Err(self.refuse(Refusal::BudgetExceeded { scope, retry_after }));
-        }
+        self.spend(caller).await?;
 
         self.metrics.upstream_in_flight.inc();
         struct InFlight<'a>(&'a Metrics);
@@ -200,6 +237,12 @@ impl Guard {
                 Ok(token) => return Ok(token),
                 Err(e) => e,
             };
+            if let (UpstreamError::Throttled { retry_after }, Some(fleet)) =
+                (&err, self.fleet.get())
+            {
+                fleet.metrics.windows.with_label_values(&["local"]).inc();
+                fleet.limits.throttled(*retry_after).await;
+            }
             let Some(wait) = self.retry_wait(&err, attempt) else {
                 return Err(err.into());
             };
@@ -229,6 +272,77 @@ impl Guard {
                 .map_or(Duration::ZERO, |t| t.saturating_duration_since(now)),
             credential_rejected: heard.credential_rejected,
             in_flight: self.settings.max_concurrent as usize - self.permits.available_permits(),
+        }
+    }
+
+    /// Spends the mint budgets: the fleet's when they are shared and Redis answers, else this
+    /// replica's own.
+    async fn spend(&self, caller: &str) -> Result<(), BrokerError> {
+        if let Some(fleet) = self.fleet.get() {
+            let verdict = fleet
+                .limits
+                .spend(
+                    caller,
+                    self.budgets.caller_rate(caller),
+                    self.settings.mint_rate,
+                )
+                .await;
+            fleet.metrics.fallback.set(i64::from(verdict.is_none()));
+            match verdict {
+                Some(FleetVerdict::Allowed) => {
+                    fleet.metrics.decided("redis", "allowed");
+                    return Ok(());
+                }
+                Some(FleetVerdict::Throttled(left)) => {
+                    fleet.metrics.decided("redis", "throttled");
+                    open_window(&mut lock(&self.heard), Instant::now() + left);
+                    self.metrics
+                        .upstream_refused
+                        .with_label_values(&["throttled"])
+                        .inc();
+                    return Err(UpstreamError::Throttled { retry_after: left }.into());
+                }
+                Some(FleetVerdict::Budget(scope, retry_after)) => {
+                    fleet.metrics.decided("redis", scope_label(scope));
+                    return Err(self.refuse(Refusal::BudgetExceeded { scope, retry_after }));
+                }
+                None => {}
+            }
+        }
+        let spent = self.budgets.spend(caller);
+        if let Some(fleet) = self.fleet.get() {
+            let result = spent
+                .err()
+                .map_or("allowed", |(scope, _)| scope_label(scope));
+            fleet.metrics.decided("local", result);
+        }
+        spent.map_err(|(scope, retry_after)| {
+            self.refuse(Refusal::BudgetExceeded { scope, retry_after })
+        })
+    }
+
+    /// Shares the mint budgets and the throttle window with the fleet through `limits` from
+    /// now on, its series registered in `registry`. Once only: later calls change nothing.
+    pub fn share_limits(
+        &self,
+        limits: Arc<dyn FleetLimits>,
+        registry: &prometheus::Registry,
+    ) -> prometheus::Result<()> {
+        if self.fleet.get().is_some() {
+            return Ok(());
+        }
+        let metrics = Arc::new(FleetMetrics::new(registry)?);
+        let _ = self.fleet_metrics.set(Arc::clone(&metrics));
+        let _ = self.fleet.set(Fleet { limits, metrics });
+        Ok(())
+    }
+
+    /// The handle that opens this replica's throttle window from outside (another replica's
+    /// 429, heard through Redis).
+    pub fn throttle_window(&self) -> ThrottleWindow {
+        ThrottleWindow {
+            heard: Arc::clone(&self.heard),
+            metrics: Arc::clone(&self.fleet_metrics),
         }
     }
 
@@ -324,8 +438,7 @@ impl Guard {
                 Health::Up
             }
             Err(UpstreamError::Throttled { retry_after }) => {
-                let until = now + *retry_after;
-                heard.throttle_until = Some(heard.throttle_until.map_or(until, |t| t.max(until)));
+                open_window(&mut heard, now + *retry_after);
                 Health::Unknown
             }
             Err(UpstreamError::CredentialRejected { status }) => {
