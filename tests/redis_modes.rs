@@ -39,11 +39,18 @@ async fn bounded<F: std::future::Future<Output = ()>>(f: F) {
 struct Node {
     child: Option<Child>,
     port: u16,
+    /// Its `requirepass`, if any.
+    password: Option<String>,
 }
 
 impl Node {
     /// Starts `redis-server` on `port` with `args` after the common ones, in `dir`.
     async fn start(dir: &Path, port: u16, args: &[&str]) -> Self {
+        Self::start_with(dir, port, args, None).await
+    }
+
+    /// [`Node::start`] with a password (`requirepass`, and `masterauth` for its replication).
+    async fn start_with(dir: &Path, port: u16, args: &[&str], password: Option<&str>) -> Self {
         let dir = dir.join(port.to_string());
         std::fs::create_dir_all(&dir).unwrap();
         let child = Command::new("redis-server")
@@ -52,6 +59,7 @@ impl Node {
             .arg("--dir")
             .arg(&dir)
             .args(args)
+            .args(password.map_or(vec![], |pw| vec!["--requirepass", pw, "--masterauth", pw]))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)
@@ -62,18 +70,21 @@ impl Node {
         let node = Node {
             child: Some(child),
             port,
+            password: password.map(Into::into),
         };
         node.wait_up().await;
         node
     }
 
-    /// Starts a sentinel on `port` monitoring the primary on `primary` as `mymaster`.
-    async fn sentinel(dir: &Path, port: u16, primary: u16) -> Self {
+    /// Starts a sentinel on `port` monitoring the primary on `primary` as `mymaster`, with
+    /// its own password and the data nodes'.
+    async fn sentinel(dir: &Path, port: u16, primary: u16, own: &str, data: &str) -> Self {
         let conf = dir.join(format!("sentinel-{port}.conf"));
         std::fs::write(
             &conf,
             format!(
-                "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor mymaster 127.0.0.1 {primary} 1\n\
+                "port {port}\nbind 127.0.0.1\ndir {}\nrequirepass {own}\n\
+                 sentinel monitor mymaster 127.0.0.1 {primary} 1\nsentinel auth-pass mymaster {data}\n\
                  sentinel down-after-milliseconds mymaster 1000\nsentinel failover-timeout mymaster 5000\n",
                 dir.display()
             ),
@@ -90,6 +101,7 @@ impl Node {
         let node = Node {
             child: Some(child),
             port,
+            password: Some(own.into()),
         };
         node.wait_up().await;
         node
@@ -100,7 +112,7 @@ impl Node {
         wait_for(
             Duration::from_secs(10),
             Duration::from_millis(50),
-            || async move { query::<String>(port, &redis::cmd("PING")).await.is_ok() },
+            || async move { self.query::<String>(&redis::cmd("PING")).await.is_ok() },
             || format!("redis-server on {port} did not come up"),
         )
         .await;
@@ -114,9 +126,25 @@ impl Node {
     }
 }
 
+impl Node {
+    /// One command to this node itself (no cluster routing), within 2 s.
+    async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> redis::RedisResult<T> {
+        query_as(self.port, self.password.as_deref(), cmd).await
+    }
+}
+
 /// One command to the node on `port` itself (no cluster routing), within 2 s.
 async fn query<T: redis::FromRedisValue>(port: u16, cmd: &redis::Cmd) -> redis::RedisResult<T> {
-    let client = redis::Client::open(format!("redis://127.0.0.1:{port}"))?;
+    query_as(port, None, cmd).await
+}
+
+async fn query_as<T: redis::FromRedisValue>(
+    port: u16,
+    password: Option<&str>,
+    cmd: &redis::Cmd,
+) -> redis::RedisResult<T> {
+    let auth = password.map_or(String::new(), |pw| format!(":{pw}@"));
+    let client = redis::Client::open(format!("redis://{auth}127.0.0.1:{port}"))?;
     let timed_out = || redis::RedisError::from(std::io::Error::other("timed out"));
     let mut conn = tokio::time::timeout(
         Duration::from_secs(2),
@@ -488,38 +516,52 @@ async fn a_redis_cluster_shares_one_mint_spreads_keys_and_invalidates_everywhere
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_brokers_follow_a_sentinel_failover_and_no_request_fails() {
     bounded(async {
+        // The data nodes and the sentinel each have a password of their own.
+        const DATA_PW: &str = "data-node-pw-4f1c";
+        const SENTINEL_PW: &str = "sentinel-pw-9b2e";
         let dir = tempfile::tempdir().unwrap();
-        let mut primary = Node::start(dir.path(), free_port(), &[]).await;
+        let mut primary = Node::start_with(dir.path(), free_port(), &[], Some(DATA_PW)).await;
         let primary_port = primary.port.to_string();
-        let replica = Node::start(
+        let replica = Node::start_with(
             dir.path(),
             free_port(),
             &["--replicaof", "127.0.0.1", &primary_port],
+            Some(DATA_PW),
         )
         .await;
-        let sentinel = Node::sentinel(dir.path(), free_port(), primary.port).await;
+        let sentinel =
+            Node::sentinel(dir.path(), free_port(), primary.port, SENTINEL_PW, DATA_PW).await;
         // The sentinel knows the replica before the primary goes.
-        let (s, p) = (sentinel.port, primary.port);
+        let (sentinel_ref, primary_ref) = (&sentinel, &primary);
         wait_for(
             Duration::from_secs(20),
             Duration::from_millis(100),
             || async move {
-                let info: String = query(p, redis::cmd("INFO").arg("replication"))
+                let info: String = primary_ref
+                    .query(redis::cmd("INFO").arg("replication"))
                     .await
                     .unwrap_or_default();
-                let replicas: Vec<redis::Value> =
-                    query(s, redis::cmd("SENTINEL").arg("REPLICAS").arg("mymaster"))
-                        .await
-                        .unwrap_or_default();
+                let replicas: Vec<redis::Value> = sentinel_ref
+                    .query(redis::cmd("SENTINEL").arg("REPLICAS").arg("mymaster"))
+                    .await
+                    .unwrap_or_default();
                 info.contains("connected_slaves:1") && !replicas.is_empty()
             },
             || "the replica never synced, or the sentinel never saw it".to_owned(),
         )
         .await;
 
+        let secret = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, format!("{text}\n")).unwrap();
+            path.display().to_string()
+        };
         let body = format!(
-            "mode = \"sentinel\"\nnodes = [\"redis://127.0.0.1:{}\"]\nsentinel_master = \"mymaster\"",
-            sentinel.port
+            "mode = \"sentinel\"\nnodes = [\"redis://127.0.0.1:{}\"]\nsentinel_master = \"mymaster\"\n\
+             password_file = \"{}\"\nsentinel_password_file = \"{}\"",
+            sentinel.port,
+            secret("data-pw", DATA_PW),
+            secret("sentinel-pw", SENTINEL_PW)
         );
         let sandbox = Sandbox::start(SandboxOptions::new(MASTER_KEY)).await.unwrap();
         let tweak = |c: &mut Config| c.upstream.mint_rate = 100_000;
@@ -558,14 +600,14 @@ async fn the_brokers_follow_a_sentinel_failover_and_no_request_fails() {
             || {
                 let rp = rp.clone();
                 async move {
-                    let addr: Vec<String> = query(
-                        s,
-                        redis::cmd("SENTINEL")
-                            .arg("GET-MASTER-ADDR-BY-NAME")
-                            .arg("mymaster"),
-                    )
-                    .await
-                    .unwrap_or_default();
+                    let addr: Vec<String> = sentinel_ref
+                        .query(
+                            redis::cmd("SENTINEL")
+                                .arg("GET-MASTER-ADDR-BY-NAME")
+                                .arg("mymaster"),
+                        )
+                        .await
+                        .unwrap_or_default();
                     addr.get(1) == Some(&rp)
                 }
             },
@@ -588,10 +630,12 @@ async fn the_brokers_follow_a_sentinel_failover_and_no_request_fails() {
         assert!(a.issuer.shared().unwrap().primary().unwrap().ends_with(&replica_port));
         let changes = "token_broker_shared_cache_topology_changes_total";
         assert!(value(&a.metrics().await, changes) + value(&b.metrics().await, changes) >= 1.0);
+        let scrape = a.metrics().await + &b.metrics().await;
         assert_eq!(
-            value(&a.metrics().await, r#"token_broker_shared_cache_mode{mode="sentinel"}"#),
+            value(&scrape, r#"token_broker_shared_cache_mode{mode="sentinel"}"#),
             1.0
         );
+        assert!(!scrape.contains(DATA_PW) && !scrape.contains(SENTINEL_PW));
         a.stop().await;
         b.stop().await;
         drop((replica, sentinel));

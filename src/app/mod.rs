@@ -118,8 +118,17 @@ pub fn secret_files_others_can_read(config: &Config) -> Vec<String> {
             shared.and_then(|s| s.encryption_key_file.as_ref()),
         ),
     ];
+    let previous = shared
+        .map(|s| s.previous_encryption_key_files.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .map(|p| ("cache.shared.previous_encryption_key_files", Some(p)));
+    let sentinel = (
+        "cache.shared.sentinel_password_file",
+        shared.and_then(|s| s.sentinel_password_file.as_ref()),
+    );
     let mut warnings = Vec::new();
-    for (key, path) in files {
+    for (key, path) in files.into_iter().chain([sentinel]).chain(previous) {
         let Some(path) = path else { continue };
         if let Some(mode) = readable_by_others(path) {
             warnings.push(format!(
@@ -324,5 +333,39 @@ impl Broker {
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let _refresher = self.refresher;
         self.listeners.run(self.state, self.admin, shutdown).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn the_sentinel_password_and_previous_keys_are_secret_files_too() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let open = |name: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, "x").unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+            path
+        };
+        let text = format!(
+            "[cache.shared]\nmode = \"sentinel\"\nnodes = [\"redis://s:26379\"]\nsentinel_master = \"m\"\n\
+             sentinel_password_file = \"{}\"\nprevious_encryption_key_files = [\"{}\"]\n",
+            open("sentinel-pw").display(),
+            open("old-key").display()
+        );
+        let config = Config::parse(&text).unwrap();
+        let warnings = secret_files_others_can_read(&config).join("\n");
+        assert!(
+            warnings.contains("cache.shared.sentinel_password_file"),
+            "{warnings}"
+        );
+        assert!(
+            warnings.contains("cache.shared.previous_encryption_key_files"),
+            "{warnings}"
+        );
     }
 }

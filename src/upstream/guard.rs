@@ -479,6 +479,7 @@ impl Guard {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::BudgetScope;
     use crate::upstream::MintFuture;
     use std::collections::VecDeque;
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -788,6 +789,134 @@ mod tests {
         assert_eq!(err.code(), "upstream_saturated");
         first.await.unwrap().unwrap();
         assert_eq!(p.snapshot().in_flight, 0);
+    }
+
+    /// Fleet limits that answer from a script (`None`: Redis could not be asked) and record
+    /// the windows they are told of.
+    struct FakeFleet {
+        verdicts: Mutex<VecDeque<Option<FleetVerdict>>>,
+        told: Mutex<Vec<Duration>>,
+        asked: Mutex<Vec<(String, Option<u32>, u32)>>,
+    }
+
+    impl FakeFleet {
+        fn new(verdicts: Vec<Option<FleetVerdict>>) -> Arc<Self> {
+            Arc::new(Self {
+                verdicts: Mutex::new(verdicts.into()),
+                told: Mutex::new(Vec::new()),
+                asked: Mutex::new(Vec::new()),
+            })
+        }
+    }
+
+    impl FleetLimits for FakeFleet {
+        fn spend<'a>(
+            &'a self,
+            caller: &'a str,
+            caller_rate: Option<u32>,
+            global_rate: u32,
+        ) -> super::super::fleet::FleetFuture<'a, Option<FleetVerdict>> {
+            lock(&self.asked).push((caller.to_owned(), caller_rate, global_rate));
+            let v = lock(&self.verdicts)
+                .pop_front()
+                .unwrap_or(Some(FleetVerdict::Allowed));
+            Box::pin(async move { v })
+        }
+
+        fn throttled(&self, retry_after: Duration) -> super::super::fleet::FleetFuture<'_, ()> {
+            lock(&self.told).push(retry_after);
+            Box::pin(async {})
+        }
+    }
+
+    fn shared_guard(s: GuardSettings, fleet: &Arc<FakeFleet>) -> Guard {
+        let g = guard(s);
+        let registry = prometheus::Registry::new();
+        g.share_limits(Arc::clone(fleet) as Arc<dyn FleetLimits>, &registry)
+            .unwrap();
+        g
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_fleet_limits_the_fleet_decides_and_its_refusals_cost_no_call() {
+        let mut s = settings();
+        s.mint_rate = 1;
+        s.caller_rates = vec![("noisy".into(), 7)];
+        let fleet = FakeFleet::new(vec![
+            Some(FleetVerdict::Allowed),
+            Some(FleetVerdict::Allowed),
+            Some(FleetVerdict::Budget(
+                BudgetScope::Caller,
+                Duration::from_millis(300),
+            )),
+            Some(FleetVerdict::Throttled(Duration::from_secs(20))),
+        ]);
+        let p = shared_guard(s, &fleet);
+        let m = Scripted::new(vec![]);
+        // The local global budget (1 a second) is not what decides: the fleet allowed both.
+        p.call("noisy", &m, "").await.unwrap();
+        p.call("noisy", &m, "").await.unwrap();
+        let err = p.call("noisy", &m, "").await.unwrap_err();
+        assert_eq!(err.code(), "mint_budget_exceeded");
+        assert!(err.to_string().contains("this caller's"));
+        let err = p.call("quiet", &m, "").await.unwrap_err();
+        assert_eq!(err.code(), "upstream_throttled");
+        assert!(err.retry_after().unwrap() >= 19);
+        assert_eq!(m.calls(), 2);
+        // The window another replica opened is this replica's own now: no fleet call either.
+        assert!(p.snapshot().throttled_for > Duration::from_secs(19));
+        assert_eq!(
+            p.call("quiet", &m, "").await.unwrap_err().code(),
+            "upstream_throttled"
+        );
+        let asked = lock(&fleet.asked).clone();
+        assert_eq!(asked.len(), 4);
+        assert_eq!(asked[0], ("noisy".to_owned(), Some(7), 1));
+        assert_eq!(asked[3], ("quiet".to_owned(), None, 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_an_answer_from_the_fleet_the_local_budgets_apply_and_say_so() {
+        let mut s = settings();
+        s.mint_rate = 1;
+        let fleet = FakeFleet::new(vec![None, None]);
+        let p = shared_guard(s, &fleet);
+        let m = Scripted::new(vec![]);
+        p.call("c", &m, "").await.unwrap();
+        let metrics = p.fleet.get().unwrap().metrics.clone();
+        assert_eq!(metrics.fallback.get(), 1);
+        let err = p.call("c", &m, "").await.unwrap_err();
+        assert_eq!(err.code(), "mint_budget_exceeded", "the local budget of 1");
+        assert_eq!(
+            metrics
+                .decisions
+                .with_label_values(&["local", "global_budget"])
+                .get(),
+            1
+        );
+        // The fleet answers again, and decides (the local budget is still spent).
+        p.call("c", &m, "").await.unwrap();
+        assert_eq!(metrics.fallback.get(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_429_is_told_to_the_fleet_and_a_window_heard_refuses_here() {
+        let fleet = FakeFleet::new(vec![]);
+        let p = shared_guard(settings(), &fleet);
+        let m = Scripted::new(vec![Err(UpstreamError::Throttled {
+            retry_after: Duration::from_secs(30),
+        })]);
+        p.call("c", &m, "").await.unwrap_err();
+        assert_eq!(*lock(&fleet.told), vec![Duration::from_secs(30)]);
+
+        let other = shared_guard(settings(), &FakeFleet::new(vec![]));
+        other.throttle_window().open_for(Duration::from_secs(12));
+        let err = other.call("c", &m, "").await.unwrap_err();
+        assert_eq!(err.code(), "upstream_throttled");
+        assert!(err.retry_after().unwrap() >= 11);
+        assert_eq!(m.calls(), 1, "no call inside a window heard from the fleet");
+        let windows = &other.fleet.get().unwrap().metrics.windows;
+        assert_eq!(windows.with_label_values(&["remote"]).get(), 1);
     }
 
     #[test]
