@@ -558,6 +558,8 @@ async fn values_in_redis_are_sealed_and_bound_to_their_key() {
                 redis.smembers(k).await.unwrap()
             } else if kind == "zset" {
                 redis.zrange(k, 0, -1).await.unwrap()
+            } else if kind == "hash" {
+                redis.hvals(k).await.unwrap()
             } else {
                 vec![redis.get(k).await.unwrap()]
             };
@@ -760,17 +762,26 @@ async fn every_shared_cache_series_is_documented() {
                 "{name} is not in the metrics tables of docs/observability.md"
             );
         }
-        assert_eq!(ours, 7, "{scrape}");
+        assert_eq!(ours, 12, "{scrape}");
         // And every shared-cache name the docs give is exported (the Python docs test leaves
         // these to this one, since they need a Redis).
         let exported: std::collections::BTreeSet<&str> = scrape
             .lines()
             .filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next())
             .collect();
-        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs");
-        for page in std::fs::read_dir(dir).unwrap() {
-            let text = std::fs::read_to_string(page.unwrap().path()).unwrap_or_default();
-            for (i, _) in text.match_indices("token_broker_shared_cache_") {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        let mut pages: Vec<PathBuf> = std::fs::read_dir(root.join("docs"))
+            .unwrap()
+            .map(|p| p.unwrap().path())
+            .collect();
+        // The Grafana dashboard too: tests/observability.rs lets it name these series.
+        pages.push(root.join("deploy/grafana/token-broker.json"));
+        for page in pages {
+            let text = std::fs::read_to_string(page).unwrap_or_default();
+            let names = text
+                .match_indices("token_broker_shared_cache_")
+                .chain(text.match_indices("token_broker_fleet_"));
+            for (i, _) in names {
                 let name: String = text[i..]
                     .chars()
                     .take_while(|c| c.is_ascii_lowercase() || *c == '_')

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use crate::auth::{Callers, JwksError, JwksSource, Refresher, ServiceAccounts};
 use crate::cache::shared::{SharedSecrets, SharedTier, TierError};
 use crate::config::{Config, ConfigError, JWKS_MIN_INTERVAL};
-use crate::issuance::{Issuer, IssuerSettings};
+use crate::issuance::{fleet_limits, Issuer, IssuerSettings};
 use crate::metrics::Metrics;
 use crate::passthrough::{Forwarder, Passthrough, ResultCache};
 use crate::secret::MasterKey;
@@ -128,8 +128,17 @@ pub fn secret_files_others_can_read(config: &Config) -> Vec<String> {
             hooks.and_then(|w| w.tls.as_ref()).map(|t| &t.key_file),
         ),
     ];
+    let previous = shared
+        .map(|s| s.previous_encryption_key_files.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .map(|p| ("cache.shared.previous_encryption_key_files", Some(p)));
+    let sentinel = (
+        "cache.shared.sentinel_password_file",
+        shared.and_then(|s| s.sentinel_password_file.as_ref()),
+    );
     let mut warnings = Vec::new();
-    for (key, path) in files {
+    for (key, path) in files.into_iter().chain([sentinel]).chain(previous) {
         let Some(path) = path else { continue };
         if let Some(mode) = readable_by_others(path) {
             warnings.push(format!(
@@ -250,6 +259,10 @@ impl Broker {
             )?),
             None => None,
         };
+        // With `fleet_limits`, the mint budgets and the throttle window are the fleet's.
+        if let Some(limits) = shared.as_ref().and_then(fleet_limits) {
+            guard.share_limits(limits, &registry)?;
+        }
         let issuer = Issuer::with_shared(
             IssuerSettings {
                 min_remaining: config.cache.min_remaining,
@@ -369,5 +382,39 @@ impl Broker {
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let _refresher = self.refresher;
         self.listeners.run(self.state, self.admin, shutdown).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn the_sentinel_password_and_previous_keys_are_secret_files_too() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let open = |name: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, "x").unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+            path
+        };
+        let text = format!(
+            "[cache.shared]\nmode = \"sentinel\"\nnodes = [\"redis://s:26379\"]\nsentinel_master = \"m\"\n\
+             sentinel_password_file = \"{}\"\nprevious_encryption_key_files = [\"{}\"]\n",
+            open("sentinel-pw").display(),
+            open("old-key").display()
+        );
+        let config = Config::parse(&text).unwrap();
+        let warnings = secret_files_others_can_read(&config).join("\n");
+        assert!(
+            warnings.contains("cache.shared.sentinel_password_file"),
+            "{warnings}"
+        );
+        assert!(
+            warnings.contains("cache.shared.previous_encryption_key_files"),
+            "{warnings}"
+        );
     }
 }

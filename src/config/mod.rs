@@ -23,7 +23,7 @@ mod upstream;
 mod webhooks;
 
 pub use auth::{AuthConfig, KubernetesConfig, JWKS_MIN_INTERVAL};
-pub use cache::{redacted_url, CacheConfig, SharedCacheConfig};
+pub use cache::{redacted_url, CacheConfig, SharedCacheConfig, SharedMode};
 pub use clients::{is_service_account, is_spiffe_id, ClientConfig, Offered};
 pub use parse_error::ParseError;
 pub use server::{ServerConfig, TlsConfig};

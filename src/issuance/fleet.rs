@@ -7,10 +7,48 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use super::issuer::{Flown, Issuer, Subject};
-use crate::cache::shared::{LockOutcome, PutOutcome, SharedTier, SharedToken};
+use crate::cache::shared::{
+    FleetHandle, LimitVerdict, LockOutcome, PutOutcome, SharedTier, SharedToken,
+};
 use crate::cache::{CacheKey, Entry};
-use crate::error::BrokerError;
+use crate::error::{BrokerError, BudgetScope};
 use crate::metrics::CacheOutcome;
+use crate::upstream::{FleetFuture, FleetLimits, FleetVerdict};
+
+/// The guard's fleet limits, kept in the Redis tier: `None` when `fleet_limits` is off.
+pub fn fleet_limits(tier: &SharedTier) -> Option<Arc<dyn FleetLimits>> {
+    tier.fleet()
+        .map(|handle| Arc::new(RedisLimits(handle)) as Arc<dyn FleetLimits>)
+}
+
+/// [`FleetLimits`] in Redis.
+struct RedisLimits(FleetHandle);
+
+impl FleetLimits for RedisLimits {
+    fn spend<'a>(
+        &'a self,
+        caller: &'a str,
+        caller_rate: Option<u32>,
+        global_rate: u32,
+    ) -> FleetFuture<'a, Option<FleetVerdict>> {
+        Box::pin(async move {
+            let verdict = self.0.spend(caller, caller_rate, global_rate).await.ok()?;
+            Some(match verdict {
+                LimitVerdict::Allowed => FleetVerdict::Allowed,
+                LimitVerdict::Throttled(d) => FleetVerdict::Throttled(d),
+                LimitVerdict::CallerBudget(d) => FleetVerdict::Budget(BudgetScope::Caller, d),
+                LimitVerdict::GlobalBudget(d) => FleetVerdict::Budget(BudgetScope::Global, d),
+            })
+        })
+    }
+
+    fn throttled(&self, retry_after: Duration) -> FleetFuture<'_, ()> {
+        Box::pin(async move {
+            // Redis failing: the other replicas learn of the window from their own 429.
+            let _ = self.0.throttle(retry_after).await;
+        })
+    }
+}
 
 impl Issuer {
     /// The Redis tier, when configured.

@@ -117,7 +117,12 @@ impl Issuer {
     ) -> Arc<Self> {
         let cache = TokenCache::observed(settings.max_entries, Arc::clone(&metrics));
         let shared = shared.map(|mut tier| {
-            tier.listen(cache.clone());
+            // Another replica's 429 opens this one's throttle window (with fleet limits).
+            let on_throttle = tier.fleet().map(|_| {
+                let window = guard.throttle_window();
+                Arc::new(move |d| window.open_for(d)) as crate::cache::shared::OnThrottle
+            });
+            tier.listen(cache.clone(), on_throttle);
             tier
         });
         metrics

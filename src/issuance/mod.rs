@@ -8,7 +8,7 @@
 //! - [`policy`]: what each caller may ask for.
 //! - [`key`]: which requests share a token.
 //! - [`issuer`]: lookup, single flight, minting through the upstream guard; [`fleet`]: the same
-//!   with the shared tier.
+//!   with the shared tier, and the guard's limits shared by the fleet.
 //! - [`invalidate`]: dropping cached tokens everywhere, for each [`crate::cache::Reason`].
 //! - [`answer`]: the answer's bytes.
 
@@ -22,6 +22,7 @@ pub mod policy;
 pub mod request;
 
 pub use answer::Issued;
+pub use fleet::fleet_limits;
 pub use issuer::{Issuer, IssuerSettings};
 pub use parse::{invalidation_filter, InvalidationFilter};
 pub use policy::CallerPolicy;

@@ -52,6 +52,13 @@ impl Budgets {
             .map_err(|wait| (BudgetScope::Global, wait))
     }
 
+    /// `caller`'s own rate a second, when it has one.
+    pub fn caller_rate(&self, caller: &str) -> Option<u32> {
+        lock(&self.callers)
+            .get(caller)
+            .map(|b| b.rate().round() as u32)
+    }
+
     /// Replaces the per-caller budgets (a reload); callers whose rate is unchanged keep their
     /// bucket, so a reload does not refill anyone's budget.
     pub fn set_caller_rates(&self, rates: &[(Arc<str>, u32)]) {

@@ -11,7 +11,9 @@
 //! 3. **Concurrency cap**: at most `max_concurrent` calls in flight; beyond it, 503 at once
 //!    rather than a queue behind a slow upstream.
 //! 4. **Mint budgets** ([`crate::upstream::budget`]): the caller's own and the global one;
-//!    beyond them, 429 to that caller.
+//!    beyond them, 429 to that caller. With fleet limits ([`crate::upstream::fleet`]) they are
+//!    spent for the whole fleet in Redis, and a throttle window another replica opened refuses
+//!    here too; when Redis cannot be asked, the local budgets apply.
 //! 5. **Attempts**: each bounded by `timeout` and by what is left of `deadline`. Only what is
 //!    safe is retried, with jittered exponential back-off: a connection that could not be made
 //!    (nothing was sent), and 429/503 after their Retry-After. A timeout or broken connection
@@ -19,15 +21,17 @@
 //!
 //! Every attempt's outcome feeds the breaker, the throttle window and the credential state
 //! (a rejected master key raises a metric, cleared by the next success, and logs at most once a
-//! minute). Time is tokio's, so tests run on a paused clock.
+//! minute); with fleet limits a 429's window is told to every replica. Time is tokio's, so tests
+//! run on a paused clock.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use super::budget::Budgets;
+use super::fleet::{scope_label, FleetLimits, FleetMetrics, FleetVerdict};
 use super::Mint;
 use crate::breaker::{Breaker, BreakerState, Change, Health};
 use crate::config::Config;
@@ -111,10 +115,43 @@ struct Heard {
     credential_suppressed: u64,
 }
 
+/// The limits shared by the fleet, and their series.
+struct Fleet {
+    limits: Arc<dyn FleetLimits>,
+    metrics: Arc<FleetMetrics>,
+}
+
+/// Opens this replica's throttle window when another replica was throttled by Truora (an
+/// invalidation channel message): cloned out of the guard for the listener.
+#[derive(Clone)]
+pub struct ThrottleWindow {
+    heard: Arc<Mutex<Heard>>,
+    metrics: Arc<OnceLock<Arc<FleetMetrics>>>,
+}
+
+impl ThrottleWindow {
+    /// Refuses calls for `d` from now (or longer, when the window is open longer already).
+    pub fn open_for(&self, d: Duration) {
+        if d.is_zero() {
+            return;
+        }
+        open_window(&mut lock(&self.heard), Instant::now() + d);
+        if let Some(m) = self.metrics.get() {
+            m.windows.with_label_values(&["remote"]).inc();
+        }
+    }
+}
+
+fn open_window(heard: &mut Heard, until: Instant) {
+    heard.throttle_until = Some(heard.throttle_until.map_or(until, |t| t.max(until)));
+}
+
 /// The guard around every upstream call; see the module docs.
 pub struct Guard {
     settings: GuardSettings,
-    heard: Mutex<Heard>,
+    heard: Arc<Mutex<Heard>>,
+    fleet: OnceLock<Fleet>,
+    fleet_metrics: Arc<OnceLock<Arc<FleetMetrics>>>,
     breaker: Breaker,
     budgets: Budgets,
     permits: Arc<Semaphore>,
@@ -134,12 +171,14 @@ impl Guard {
             budgets: Budgets::new(settings.mint_rate, &settings.caller_rates),
             breaker: Breaker::new(settings.breaker_threshold, settings.breaker_cooldown),
             permits: Arc::new(Semaphore::new(settings.max_concurrent as usize)),
-            heard: Mutex::new(Heard {
+            heard: Arc::new(Mutex::new(Heard {
                 throttle_until: None,
                 credential_rejected: false,
                 credential_logged: None,
                 credential_suppressed: 0,
-            }),
+            })),
+            fleet: OnceLock::new(),
+            fleet_metrics: Arc::new(OnceLock::new()),
             settings,
             metrics,
         }
@@ -164,9 +203,7 @@ impl Guard {
             Ok(permit) => permit,
             Err(_) => return Err(self.refuse(Refusal::Saturated)),
         };
-        if let Err((scope, retry_after)) = self.budgets.spend(caller) {
-            return Err(self.refuse(Refusal::BudgetExceeded { scope, retry_after }));
-        }
+        self.spend(caller).await?;
 
         self.metrics.upstream_in_flight.inc();
         struct InFlight<'a>(&'a Metrics);
@@ -200,6 +237,12 @@ impl Guard {
                 Ok(token) => return Ok(token),
                 Err(e) => e,
             };
+            if let (UpstreamError::Throttled { retry_after }, Some(fleet)) =
+                (&err, self.fleet.get())
+            {
+                fleet.metrics.windows.with_label_values(&["local"]).inc();
+                fleet.limits.throttled(*retry_after).await;
+            }
             let Some(wait) = self.retry_wait(&err, attempt) else {
                 return Err(err.into());
             };
@@ -229,6 +272,77 @@ impl Guard {
                 .map_or(Duration::ZERO, |t| t.saturating_duration_since(now)),
             credential_rejected: heard.credential_rejected,
             in_flight: self.settings.max_concurrent as usize - self.permits.available_permits(),
+        }
+    }
+
+    /// Spends the mint budgets: the fleet's when they are shared and Redis answers, else this
+    /// replica's own.
+    async fn spend(&self, caller: &str) -> Result<(), BrokerError> {
+        if let Some(fleet) = self.fleet.get() {
+            let verdict = fleet
+                .limits
+                .spend(
+                    caller,
+                    self.budgets.caller_rate(caller),
+                    self.settings.mint_rate,
+                )
+                .await;
+            fleet.metrics.fallback.set(i64::from(verdict.is_none()));
+            match verdict {
+                Some(FleetVerdict::Allowed) => {
+                    fleet.metrics.decided("redis", "allowed");
+                    return Ok(());
+                }
+                Some(FleetVerdict::Throttled(left)) => {
+                    fleet.metrics.decided("redis", "throttled");
+                    open_window(&mut lock(&self.heard), Instant::now() + left);
+                    self.metrics
+                        .upstream_refused
+                        .with_label_values(&["throttled"])
+                        .inc();
+                    return Err(UpstreamError::Throttled { retry_after: left }.into());
+                }
+                Some(FleetVerdict::Budget(scope, retry_after)) => {
+                    fleet.metrics.decided("redis", scope_label(scope));
+                    return Err(self.refuse(Refusal::BudgetExceeded { scope, retry_after }));
+                }
+                None => {}
+            }
+        }
+        let spent = self.budgets.spend(caller);
+        if let Some(fleet) = self.fleet.get() {
+            let result = spent
+                .err()
+                .map_or("allowed", |(scope, _)| scope_label(scope));
+            fleet.metrics.decided("local", result);
+        }
+        spent.map_err(|(scope, retry_after)| {
+            self.refuse(Refusal::BudgetExceeded { scope, retry_after })
+        })
+    }
+
+    /// Shares the mint budgets and the throttle window with the fleet through `limits` from
+    /// now on, its series registered in `registry`. Once only: later calls change nothing.
+    pub fn share_limits(
+        &self,
+        limits: Arc<dyn FleetLimits>,
+        registry: &prometheus::Registry,
+    ) -> prometheus::Result<()> {
+        if self.fleet.get().is_some() {
+            return Ok(());
+        }
+        let metrics = Arc::new(FleetMetrics::new(registry)?);
+        let _ = self.fleet_metrics.set(Arc::clone(&metrics));
+        let _ = self.fleet.set(Fleet { limits, metrics });
+        Ok(())
+    }
+
+    /// The handle that opens this replica's throttle window from outside (another replica's
+    /// 429, heard through Redis).
+    pub fn throttle_window(&self) -> ThrottleWindow {
+        ThrottleWindow {
+            heard: Arc::clone(&self.heard),
+            metrics: Arc::clone(&self.fleet_metrics),
         }
     }
 
@@ -324,8 +438,7 @@ impl Guard {
                 Health::Up
             }
             Err(UpstreamError::Throttled { retry_after }) => {
-                let until = now + *retry_after;
-                heard.throttle_until = Some(heard.throttle_until.map_or(until, |t| t.max(until)));
+                open_window(&mut heard, now + *retry_after);
                 Health::Unknown
             }
             Err(UpstreamError::CredentialRejected { status }) => {
@@ -366,6 +479,7 @@ impl Guard {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::BudgetScope;
     use crate::upstream::MintFuture;
     use std::collections::VecDeque;
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -675,6 +789,134 @@ mod tests {
         assert_eq!(err.code(), "upstream_saturated");
         first.await.unwrap().unwrap();
         assert_eq!(p.snapshot().in_flight, 0);
+    }
+
+    /// Fleet limits that answer from a script (`None`: Redis could not be asked) and record
+    /// the windows they are told of.
+    struct FakeFleet {
+        verdicts: Mutex<VecDeque<Option<FleetVerdict>>>,
+        told: Mutex<Vec<Duration>>,
+        asked: Mutex<Vec<(String, Option<u32>, u32)>>,
+    }
+
+    impl FakeFleet {
+        fn new(verdicts: Vec<Option<FleetVerdict>>) -> Arc<Self> {
+            Arc::new(Self {
+                verdicts: Mutex::new(verdicts.into()),
+                told: Mutex::new(Vec::new()),
+                asked: Mutex::new(Vec::new()),
+            })
+        }
+    }
+
+    impl FleetLimits for FakeFleet {
+        fn spend<'a>(
+            &'a self,
+            caller: &'a str,
+            caller_rate: Option<u32>,
+            global_rate: u32,
+        ) -> super::super::fleet::FleetFuture<'a, Option<FleetVerdict>> {
+            lock(&self.asked).push((caller.to_owned(), caller_rate, global_rate));
+            let v = lock(&self.verdicts)
+                .pop_front()
+                .unwrap_or(Some(FleetVerdict::Allowed));
+            Box::pin(async move { v })
+        }
+
+        fn throttled(&self, retry_after: Duration) -> super::super::fleet::FleetFuture<'_, ()> {
+            lock(&self.told).push(retry_after);
+            Box::pin(async {})
+        }
+    }
+
+    fn shared_guard(s: GuardSettings, fleet: &Arc<FakeFleet>) -> Guard {
+        let g = guard(s);
+        let registry = prometheus::Registry::new();
+        g.share_limits(Arc::clone(fleet) as Arc<dyn FleetLimits>, &registry)
+            .unwrap();
+        g
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_fleet_limits_the_fleet_decides_and_its_refusals_cost_no_call() {
+        let mut s = settings();
+        s.mint_rate = 1;
+        s.caller_rates = vec![("noisy".into(), 7)];
+        let fleet = FakeFleet::new(vec![
+            Some(FleetVerdict::Allowed),
+            Some(FleetVerdict::Allowed),
+            Some(FleetVerdict::Budget(
+                BudgetScope::Caller,
+                Duration::from_millis(300),
+            )),
+            Some(FleetVerdict::Throttled(Duration::from_secs(20))),
+        ]);
+        let p = shared_guard(s, &fleet);
+        let m = Scripted::new(vec![]);
+        // The local global budget (1 a second) is not what decides: the fleet allowed both.
+        p.call("noisy", &m, "").await.unwrap();
+        p.call("noisy", &m, "").await.unwrap();
+        let err = p.call("noisy", &m, "").await.unwrap_err();
+        assert_eq!(err.code(), "mint_budget_exceeded");
+        assert!(err.to_string().contains("this caller's"));
+        let err = p.call("quiet", &m, "").await.unwrap_err();
+        assert_eq!(err.code(), "upstream_throttled");
+        assert!(err.retry_after().unwrap() >= 19);
+        assert_eq!(m.calls(), 2);
+        // The window another replica opened is this replica's own now: no fleet call either.
+        assert!(p.snapshot().throttled_for > Duration::from_secs(19));
+        assert_eq!(
+            p.call("quiet", &m, "").await.unwrap_err().code(),
+            "upstream_throttled"
+        );
+        let asked = lock(&fleet.asked).clone();
+        assert_eq!(asked.len(), 4);
+        assert_eq!(asked[0], ("noisy".to_owned(), Some(7), 1));
+        assert_eq!(asked[3], ("quiet".to_owned(), None, 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_an_answer_from_the_fleet_the_local_budgets_apply_and_say_so() {
+        let mut s = settings();
+        s.mint_rate = 1;
+        let fleet = FakeFleet::new(vec![None, None]);
+        let p = shared_guard(s, &fleet);
+        let m = Scripted::new(vec![]);
+        p.call("c", &m, "").await.unwrap();
+        let metrics = p.fleet.get().unwrap().metrics.clone();
+        assert_eq!(metrics.fallback.get(), 1);
+        let err = p.call("c", &m, "").await.unwrap_err();
+        assert_eq!(err.code(), "mint_budget_exceeded", "the local budget of 1");
+        assert_eq!(
+            metrics
+                .decisions
+                .with_label_values(&["local", "global_budget"])
+                .get(),
+            1
+        );
+        // The fleet answers again, and decides (the local budget is still spent).
+        p.call("c", &m, "").await.unwrap();
+        assert_eq!(metrics.fallback.get(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_429_is_told_to_the_fleet_and_a_window_heard_refuses_here() {
+        let fleet = FakeFleet::new(vec![]);
+        let p = shared_guard(settings(), &fleet);
+        let m = Scripted::new(vec![Err(UpstreamError::Throttled {
+            retry_after: Duration::from_secs(30),
+        })]);
+        p.call("c", &m, "").await.unwrap_err();
+        assert_eq!(*lock(&fleet.told), vec![Duration::from_secs(30)]);
+
+        let other = shared_guard(settings(), &FakeFleet::new(vec![]));
+        other.throttle_window().open_for(Duration::from_secs(12));
+        let err = other.call("c", &m, "").await.unwrap_err();
+        assert_eq!(err.code(), "upstream_throttled");
+        assert!(err.retry_after().unwrap() >= 11);
+        assert_eq!(m.calls(), 1, "no call inside a window heard from the fleet");
+        let windows = &other.fleet.get().unwrap().metrics.windows;
+        assert_eq!(windows.with_label_values(&["remote"]).get(), 1);
     }
 
     #[test]

@@ -208,10 +208,10 @@ class NamesInTheDocs(unittest.TestCase):
             # requests_total gets its first series with the first answer.
             request("GET", f"{demo.url}/v1/tokens", {"Authorization": "Bearer demo-secret"})
             exposed = set(re.findall(r"^# TYPE (\S+)", request("GET", f"{demo.admin}/metrics").text(), re.M))
-        # The shared tier's series exist only with [cache.shared] and a Redis:
-        # tests/shared_cache.rs checks those names against a live scrape. The JWKS series exist
-        # only with [auth.kubernetes]: tests/workload_identity.rs checks them the same way.
-        only_with = ("token_broker_shared_cache_", "token_broker_jwks_")
+        # The shared tier's series and the fleet limits' exist only with [cache.shared] and a
+        # Redis: tests/shared_cache.rs checks those names against a live scrape. The JWKS series
+        # exist only with [auth.kubernetes]: tests/workload_identity.rs checks them the same way.
+        only_with = ("token_broker_shared_cache_", "token_broker_fleet_", "token_broker_jwks_")
         for name in sorted(n for n in named if not n.startswith(only_with)):
             base = re.sub(r"_(bucket|sum|count)$", "", name)
             self.assertTrue(name in exposed or base in exposed, f"{name} is not a metric of the broker")

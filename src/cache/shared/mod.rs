@@ -9,39 +9,55 @@
 //!   others poll for the value with a bounded back-off, and take over when the lock expires with
 //!   a dead holder.
 //! - **Sealed values** ([`seal`]): each value is AES-256-GCM under the configured key with the
-//!   cache key as associated data. Redis keys are the cache key's SHA-256 hex under
+//!   cache key as associated data, opened under it or any previous key (a rotation), and sealed
+//!   again under the current one when read. Redis keys are the cache key's SHA-256 hex under
 //!   `key_prefix`, never user data.
 //! - **Invalidation everywhere** ([`invalidate`]): an invalidation is recorded so that it wins
 //!   over every mint in flight on every replica, deletes the matching values (found through
 //!   indexes, not a scan) and publishes a sealed message; every replica drops its matching local
 //!   entries.
+//! - **Fleet limits** ([`limits`]): the mint budgets spent for the whole fleet in one script per
+//!   mint, and Truora's throttle window stored and published for every replica.
+//! - **Any deployment of Redis** ([`conn`]): standalone, Cluster or Sentinel, through the redis
+//!   crate's own support for each. In cluster mode the keys a script touches share a hash tag.
 //! - **Redis is never required** (here): every call is bounded by `timeout` and guarded by a
 //!   [`Breaker`]; when Redis fails the broker serves from its local tier and Truora as without
-//!   this tier, and the connection manager reconnects by itself.
+//!   this tier, and the connections come back by themselves.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::IntoConnectionInfo;
+use prometheus::Registry;
 
 use super::{CacheKey, TokenCache};
 use crate::breaker::{Breaker, Change, Health};
-use crate::config::{redacted_url, SharedCacheConfig};
+use crate::config::{SharedCacheConfig, SharedMode};
 use crate::secret::hex;
 
+mod conn;
 pub mod invalidate;
+pub mod limits;
 pub mod lock;
+mod metrics;
 pub mod seal;
 pub mod store;
 
+pub use limits::{FleetHandle, LimitVerdict};
 pub use lock::{LockOutcome, LockToken};
 pub use seal::{SharedSecrets, ENCRYPTION_KEY_ENV};
 pub use store::{PutOutcome, SharedToken};
 
-use seal::{Sealer, Tagger};
+use conn::Conn;
+use metrics::SharedMetrics;
+use seal::{Sealer, Taggers};
+
+/// What a replica does when another tells it Truora throttled it: opens its own window for the
+/// time left.
+pub type OnThrottle = Arc<dyn Fn(Duration) + Send + Sync>;
+
+/// How often the topology (nodes, slots, the primary) is probed for its series.
+const TOPOLOGY_EVERY: Duration = Duration::from_secs(10);
 
 /// Why the tier could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -84,132 +100,92 @@ impl SharedError {
     }
 }
 
-/// The shared tier's series, in the broker's registry.
-pub(super) struct SharedMetrics {
-    pub(super) lookups: IntCounterVec,
-    pub(super) errors: IntCounterVec,
-    pub(super) duration: Histogram,
-    pub(super) breaker_state: IntGauge,
-    pub(super) locks: IntCounterVec,
-    pub(super) invalidations: IntCounterVec,
-    pub(super) subscribed: IntGauge,
-}
-
-impl SharedMetrics {
-    fn new(registry: &Registry) -> prometheus::Result<Self> {
-        let counter = |name: &str, help: &str, labels: &[&str]| {
-            IntCounterVec::new(Opts::new(name, help), labels)
-        };
-        let m = Self {
-            lookups: counter(
-                "token_broker_shared_cache_lookups_total",
-                "Reads of the Redis tier after a local miss, by result (hit, miss, stale, undecryptable, error).",
-                &["result"],
-            )?,
-            errors: counter(
-                "token_broker_shared_cache_errors_total",
-                "Redis calls that failed, by operation and reason (error, timeout, breaker_open).",
-                &["op", "reason"],
-            )?,
-            duration: Histogram::with_opts(
-                HistogramOpts::new(
-                    "token_broker_shared_cache_duration_seconds",
-                    "Time of each Redis call that was made, successful or not.",
-                )
-                .buckets(vec![
-                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-                ]),
-            )?,
-            breaker_state: IntGauge::new(
-                "token_broker_shared_cache_breaker_state",
-                "State of the Redis breaker: 0 closed, 1 half-open, 2 open (Redis skipped).",
-            )?,
-            locks: counter(
-                "token_broker_shared_cache_lock_total",
-                "Misses that went through the fleet-wide minting lock, by outcome (acquired, waited, fallback).",
-                &["outcome"],
-            )?,
-            invalidations: counter(
-                "token_broker_shared_cache_invalidations_total",
-                "Invalidations applied to the local tier, by origin (local: this replica's DELETE; remote: published by another replica).",
-                &["origin"],
-            )?,
-            subscribed: IntGauge::new(
-                "token_broker_shared_cache_subscribed",
-                "1 while this replica listens to the invalidation channel, else 0.",
-            )?,
-        };
-        registry.register(Box::new(m.lookups.clone()))?;
-        registry.register(Box::new(m.errors.clone()))?;
-        registry.register(Box::new(m.duration.clone()))?;
-        registry.register(Box::new(m.breaker_state.clone()))?;
-        registry.register(Box::new(m.locks.clone()))?;
-        registry.register(Box::new(m.invalidations.clone()))?;
-        registry.register(Box::new(m.subscribed.clone()))?;
-        for result in [
-            "hit",
-            "miss",
-            "stale",
-            "undecryptable",
-            "invalidated",
-            "error",
-        ] {
-            m.lookups.with_label_values(&[result]);
-        }
-        for op in [
-            "get",
-            "mark",
-            "check",
-            "put",
-            "lock",
-            "unlock",
-            "invalidate",
-            "publish",
-            "subscribe",
-        ] {
-            for reason in ["error", "timeout", "breaker_open"] {
-                m.errors.with_label_values(&[op, reason]);
-            }
-        }
-        for outcome in ["acquired", "waited", "fallback"] {
-            m.locks.with_label_values(&[outcome]);
-        }
-        for origin in ["local", "remote"] {
-            m.invalidations.with_label_values(&[origin]);
-        }
-        Ok(m)
-    }
-}
-
 /// What every call of the tier shares.
 struct Inner {
-    client: redis::Client,
-    conn: ConnectionManager,
+    conn: Conn,
     sealer: Sealer,
-    /// Tags of callers, flows and users for index names and invalidation records.
-    tagger: Tagger,
-    prefix: String,
+    /// Tags of callers, flows and users for index names and invalidation records, under every
+    /// key (the current one first).
+    taggers: Taggers,
+    keys: Keys,
     channel: String,
     timeout: Duration,
     lock_ttl: Duration,
+    fleet_limits: bool,
     breaker: Breaker,
     metrics: SharedMetrics,
     /// This replica's random id, so it skips its own invalidation messages.
     origin: String,
-    /// `scheme://host:port` of Redis, for log lines.
+    /// How log lines name Redis: scheme, hosts and ports only.
     shown: String,
 }
 
-/// The Redis tier. Dropping it stops its invalidation listener.
+/// The names of the tier's Redis keys. In cluster mode the keys that one script touches share a
+/// hash tag, and so do a token's value and its lock: `tok:{<hex>}` and `lock:{<hex>}`, and
+/// `{inv}:seq`, `{inv}:log`, `{inv}:floor`. Elsewhere the names are those of the versions before
+/// Cluster support (`tok:<hex>`, `inv:seq`...), so a rolling upgrade keeps sharing values and
+/// invalidations. The fleet limits' keys are new, tagged `{fleet}` in every mode.
+pub(super) struct Keys {
+    prefix: String,
+    cluster: bool,
+}
+
+impl Keys {
+    fn per_token(&self, kind: &str, member: &str) -> String {
+        if self.cluster {
+            format!("{}{kind}:{{{member}}}", self.prefix)
+        } else {
+            format!("{}{kind}:{member}", self.prefix)
+        }
+    }
+
+    /// The value of an index member (a cache key's hex).
+    pub(super) fn value(&self, member: &str) -> String {
+        self.per_token("tok", member)
+    }
+
+    pub(super) fn lock(&self, member: &str) -> String {
+        self.per_token("lock", member)
+    }
+
+    pub(super) fn index(&self, kind: &str, tag: &str) -> String {
+        format!("{}{kind}:{tag}", self.prefix)
+    }
+
+    /// The invalidation sequence, log and floor (see [`invalidate`]).
+    pub(super) fn log(&self) -> (String, String, String) {
+        let p = &self.prefix;
+        if self.cluster {
+            (
+                format!("{p}{{inv}}:seq"),
+                format!("{p}{{inv}}:log"),
+                format!("{p}{{inv}}:floor"),
+            )
+        } else {
+            (
+                format!("{p}inv:seq"),
+                format!("{p}inv:log"),
+                format!("{p}inv:floor"),
+            )
+        }
+    }
+
+    /// The fleet limits' keys: the throttle window's end, and a budget's bucket.
+    pub(super) fn fleet(&self, what: &str) -> String {
+        format!("{}{{fleet}}:{what}", self.prefix)
+    }
+}
+
+/// The Redis tier. Dropping it stops its invalidation listener and its topology probe.
 pub struct SharedTier {
     inner: Arc<Inner>,
-    listener: Option<tokio::task::AbortHandle>,
+    tasks: Vec<tokio::task::AbortHandle>,
 }
 
 impl Drop for SharedTier {
     fn drop(&mut self) {
-        if let Some(listener) = self.listener.take() {
-            listener.abort();
+        for task in self.tasks.drain(..) {
+            task.abort();
         }
     }
 }
@@ -223,119 +199,99 @@ impl SharedTier {
         secrets: SharedSecrets,
         registry: &Registry,
     ) -> Result<Self, TierError> {
-        let shown = redacted_url(&cfg.url);
-        let mut info = cfg
-            .url
-            .as_str()
-            .into_connection_info()
-            .map_err(|e| TierError::Client {
-                shown: shown.clone(),
-                reason: e.category().to_string(),
-            })?;
-        if let Some(password) = &secrets.password {
-            let settings = info
-                .redis_settings()
-                .clone()
-                .set_password(password.as_str());
-            info = info.set_redis_settings(settings);
-        }
-        let client = match &cfg.ca_file {
-            Some(path) => {
-                let pem = std::fs::read(path).map_err(|e| TierError::CaFile {
-                    path: path.clone(),
-                    reason: e.to_string(),
-                })?;
-                redis::Client::build_with_tls(
-                    info,
-                    redis::TlsCertificates {
-                        client_tls: None,
-                        root_cert: Some(pem),
-                    },
-                )
-            }
-            None => redis::Client::open(info),
-        }
-        .map_err(|e| TierError::Client {
-            shown: shown.clone(),
-            reason: e.category().to_string(),
-        })?;
-        let conn = client
-            .get_connection_manager_lazy(
-                ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(cfg.timeout))
-                    .set_response_timeout(Some(cfg.timeout))
-                    .set_number_of_retries(1)
-                    .set_max_delay(Duration::from_secs(1)),
-            )
-            .map_err(|e| TierError::Client {
-                shown: shown.clone(),
-                reason: e.category().to_string(),
-            })?;
-        let metrics = SharedMetrics::new(registry)?;
+        let ca = match &cfg.ca_file {
+            Some(path) => Some(std::fs::read(path).map_err(|e| TierError::CaFile {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?),
+            None => None,
+        };
+        let metrics = SharedMetrics::new(registry, cfg.mode)?;
+        let (conn, shown) = Conn::new(
+            cfg,
+            secrets.password.as_ref(),
+            secrets.sentinel_password.as_ref(),
+            ca,
+            metrics.topology_changes.clone(),
+        )?;
         let mut origin = [0u8; 8];
         getrandom::fill(&mut origin).map_err(|_| TierError::Random)?;
         Ok(Self {
             inner: Arc::new(Inner {
-                client,
                 conn,
-                sealer: Sealer::new(&secrets.key),
-                tagger: Tagger::new(&secrets.key).ok_or(TierError::TagKey)?,
-                prefix: cfg.key_prefix.clone(),
+                sealer: Sealer::new(&secrets.keys),
+                taggers: Taggers::new(&secrets.keys).ok_or(TierError::TagKey)?,
+                keys: Keys {
+                    prefix: cfg.key_prefix.clone(),
+                    cluster: cfg.mode == SharedMode::Cluster,
+                },
                 channel: format!("{}invalidate", cfg.key_prefix),
                 timeout: cfg.timeout,
                 lock_ttl: cfg.lock_ttl,
+                fleet_limits: cfg.fleet_limits,
                 breaker: Breaker::new(cfg.breaker_threshold, cfg.breaker_cooldown),
                 metrics,
                 origin: hex(&origin),
                 shown,
             }),
-            listener: None,
+            tasks: Vec::new(),
         })
     }
 
-    /// Starts listening to other replicas' invalidations, applied to `local`. Needs a tokio
-    /// runtime; stops when the tier is dropped.
-    pub fn listen(&mut self, local: TokenCache) {
-        if let Some(old) = self.listener.take() {
-            old.abort();
+    /// Starts listening to other replicas' invalidations, applied to `local`, and to their
+    /// throttle windows, handed to `on_throttle`; and probing the topology for its series.
+    /// Needs a tokio runtime; stops when the tier is dropped.
+    pub fn listen(&mut self, local: TokenCache, on_throttle: Option<OnThrottle>) {
+        for task in self.tasks.drain(..) {
+            task.abort();
         }
         let inner = Arc::clone(&self.inner);
-        self.listener = Some(tokio::spawn(inner.listen(local)).abort_handle());
+        self.tasks
+            .push(tokio::spawn(inner.listen(local, on_throttle)).abort_handle());
+        let inner = Arc::clone(&self.inner);
+        self.tasks
+            .push(tokio::spawn(inner.probe_topology()).abort_handle());
     }
 
-    /// The Redis key of a cache key's value: `<prefix>tok:<sha256 hex>`.
+    /// The fleet limits, when `fleet_limits` is on.
+    pub fn fleet(&self) -> Option<FleetHandle> {
+        self.inner
+            .fleet_limits
+            .then(|| FleetHandle(Arc::clone(&self.inner)))
+    }
+
+    /// The Redis key of a cache key's value: `<prefix>tok:<sha256 hex>` (in cluster mode
+    /// `<prefix>tok:{<sha256 hex>}`).
     pub fn value_key(&self, key: &CacheKey) -> String {
-        format!("{}tok:{}", self.inner.prefix, hex(key))
+        self.inner.keys.value(&hex(key))
     }
 
-    /// The Redis key of a cache key's minting lock: `<prefix>lock:<sha256 hex>`.
+    /// The Redis key of a cache key's minting lock: `<prefix>lock:<sha256 hex>` (in cluster
+    /// mode `<prefix>lock:{<sha256 hex>}`, in the slot of its value).
     pub fn lock_key(&self, key: &CacheKey) -> String {
-        format!("{}lock:{}", self.inner.prefix, hex(key))
+        self.inner.keys.lock(&hex(key))
     }
 
-    /// The index of a caller's values: `<prefix>caller:<tag of the caller>`.
-    fn caller_index(&self, caller: &str) -> String {
-        let tag = self.inner.tagger.tag(&[b"caller", caller.as_bytes()]);
-        format!("{}caller:{tag}", self.inner.prefix)
+    /// The index of a caller's values under each key's tag: `<prefix>caller:<tag>`, the
+    /// current key's first.
+    fn caller_indexes(&self, caller: &str) -> Vec<String> {
+        self.inner
+            .taggers
+            .tags(&[b"caller", caller.as_bytes()])
+            .into_iter()
+            .map(|tag| self.inner.keys.index("caller", &tag))
+            .collect()
     }
 
-    /// The index of a user's values in a flow, across callers: `<prefix>user:<tag>`.
-    fn user_index(&self, flow_id: &str, account_id: &str) -> String {
-        let tag = self
-            .inner
-            .tagger
-            .tag(&[b"user", flow_id.as_bytes(), account_id.as_bytes()]);
-        format!("{}user:{tag}", self.inner.prefix)
-    }
-
-    /// The invalidation sequence, log and floor (see [`invalidate`]).
-    fn log_keys(&self) -> (String, String, String) {
-        let p = &self.inner.prefix;
-        (
-            format!("{p}inv:seq"),
-            format!("{p}inv:log"),
-            format!("{p}inv:floor"),
-        )
+    /// The index of a user's values in a flow, across callers, under each key's tag:
+    /// `<prefix>user:<tag>`, the current key's first.
+    fn user_indexes(&self, flow_id: &str, account_id: &str) -> Vec<String> {
+        self.inner
+            .taggers
+            .tags(&[b"user", flow_id.as_bytes(), account_id.as_bytes()])
+            .into_iter()
+            .map(|tag| self.inner.keys.index("user", &tag))
+            .collect()
     }
 
     /// How long a miss may wait on another replica's lock before minting without it: the lock's
@@ -352,6 +308,11 @@ impl SharedTier {
             .lookups
             .with_label_values(&["stale"])
             .inc();
+    }
+
+    /// With Sentinel, `host:port` of the primary followed now (for tests and the logs).
+    pub fn primary(&self) -> Option<String> {
+        self.inner.conn.primary()
     }
 }
 
@@ -370,9 +331,8 @@ impl Inner {
             self.fail(op, SharedError::BreakerOpen);
             return Err(SharedError::BreakerOpen);
         };
-        let mut conn = self.conn.clone();
         let started = Instant::now();
-        let result = tokio::time::timeout(self.timeout, cmd.query_async::<T>(&mut conn)).await;
+        let result = tokio::time::timeout(self.timeout, self.conn.query::<T>(&cmd)).await;
         self.metrics
             .duration
             .observe(started.elapsed().as_secs_f64());
@@ -382,7 +342,10 @@ impl Inner {
                 tracing::debug!(op, kind = e.category(), "Redis call failed");
                 Err(SharedError::Failed)
             }
-            Err(_) => Err(SharedError::Timeout),
+            Err(_) => {
+                self.conn.timed_out();
+                Err(SharedError::Timeout)
+            }
         };
         let health = if result.is_ok() {
             Health::Up
@@ -413,4 +376,50 @@ impl Inner {
             .with_label_values(&[op, e.label()])
             .inc();
     }
+
+    /// Probes the topology for its series every [`TOPOLOGY_EVERY`], for good: the cluster's
+    /// masters, replicas and slots (`CLUSTER SLOTS`), or the primary and its replicas (`ROLE`).
+    /// A Sentinel-named node that is no longer a primary is left for the next one Sentinel
+    /// names.
+    async fn probe_topology(self: Arc<Self>) {
+        let mut masters_seen = None;
+        loop {
+            let cluster = self.conn.mode() == SharedMode::Cluster;
+            let cmd = if cluster {
+                redis::cmd("CLUSTER").arg("SLOTS").clone()
+            } else {
+                redis::cmd("ROLE")
+            };
+            if let Ok(value) = self.call::<redis::Value>("topology", cmd).await {
+                let nodes = &self.metrics.nodes;
+                if cluster {
+                    if let Some((masters, replicas, slots)) = conn::cluster_slots(&value) {
+                        nodes
+                            .with_label_values(&["primary"])
+                            .set(count(masters.len()));
+                        if masters_seen.as_ref().is_some_and(|m| *m != masters) {
+                            self.metrics.topology_changes.inc();
+                            tracing::warn!(redis = %self.shown, masters = masters.len(), "the cluster's masters changed");
+                        }
+                        masters_seen = Some(masters);
+                        nodes.with_label_values(&["replica"]).set(count(replicas));
+                        self.metrics
+                            .cluster_slots
+                            .set(i64::try_from(slots).unwrap_or(i64::MAX));
+                    }
+                } else if let Some(replicas) = conn::primary_role(&value) {
+                    nodes.with_label_values(&["primary"]).set(1);
+                    nodes.with_label_values(&["replica"]).set(count(replicas));
+                } else {
+                    nodes.with_label_values(&["primary"]).set(0);
+                    self.conn.demoted();
+                }
+            }
+            tokio::time::sleep(TOPOLOGY_EVERY).await;
+        }
+    }
+}
+
+fn count(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }

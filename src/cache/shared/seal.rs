@@ -19,10 +19,12 @@ pub const ENCRYPTION_KEY_ENV: &str = "TOKEN_BROKER_CACHE_ENCRYPTION_KEY";
 const SEALED_V1: u8 = 1;
 const NONCE_LEN: usize = 12;
 
-/// The secrets of the shared tier: the value key and, when it is not in the URL, the password.
+/// The secrets of the shared tier: the value keys (the current one first, then the previous
+/// ones) and, when they are not in the URL, the passwords of the data nodes and the sentinels.
 pub struct SharedSecrets {
-    pub(super) key: Zeroizing<[u8; 32]>,
+    pub(super) keys: Vec<Zeroizing<[u8; 32]>>,
     pub(super) password: Option<Zeroizing<String>>,
+    pub(super) sentinel_password: Option<Zeroizing<String>>,
 }
 
 impl std::fmt::Debug for SharedSecrets {
@@ -54,6 +56,17 @@ impl SharedSecrets {
                 .map(Zeroizing::new)
                 .map_err(|e| bad(key, format!("cannot read {}: {e}", path.display())))
         };
+        let parse_key = |key: &str, hex: &str| {
+            from_hex::<32>(hex.trim())
+                .map(Zeroizing::new)
+                .ok_or_else(|| {
+                    bad(
+                        key,
+                        "the key must be 64 hex digits (32 random bytes: `openssl rand -hex 32`)"
+                            .into(),
+                    )
+                })
+        };
         let hex = match &cfg.encryption_key_file {
             Some(path) => read("encryption_key_file", path)?,
             None => env_key.ok_or_else(|| {
@@ -63,46 +76,59 @@ impl SharedSecrets {
                 )
             })?,
         };
-        let key = from_hex::<32>(hex.trim())
-            .map(Zeroizing::new)
-            .ok_or_else(|| {
-                bad(
-                    "encryption_key_file",
-                    "the key must be 64 hex digits (32 random bytes: `openssl rand -hex 32`)"
-                        .into(),
-                )
-            })?;
-        let password = match &cfg.password_file {
+        let mut keys = vec![parse_key("encryption_key_file", &hex)?];
+        for (i, path) in cfg.previous_encryption_key_files.iter().enumerate() {
+            let name = format!("previous_encryption_key_files[{i}]");
+            let key = parse_key(&name, &read(&name, path)?)?;
+            if keys.iter().any(|k| **k == *key) {
+                return Err(bad(
+                    &name,
+                    format!("{}: the same key as one before it", path.display()),
+                ));
+            }
+            keys.push(key);
+        }
+        let password = |key: &str, path: &Option<std::path::PathBuf>| match path {
             Some(path) => {
-                let text = read("password_file", path)?;
+                let text = read(key, path)?;
                 let pw = text.trim_end_matches(['\r', '\n']);
                 if pw.is_empty() {
-                    return Err(bad("password_file", format!("{} is empty", path.display())));
+                    return Err(bad(key, format!("{} is empty", path.display())));
                 }
-                Some(Zeroizing::new(pw.to_owned()))
+                Ok(Some(Zeroizing::new(pw.to_owned())))
             }
-            None => None,
+            None => Ok(None),
         };
-        Ok(Self { key, password })
+        Ok(Self {
+            keys,
+            password: password("password_file", &cfg.password_file)?,
+            sentinel_password: password("sentinel_password_file", &cfg.sentinel_password_file)?,
+        })
     }
 }
 
-/// Seals and opens values with AES-256-GCM.
-pub(super) struct Sealer(Aes256Gcm);
+/// Seals with AES-256-GCM under the current key, opens under any of the keys.
+pub(super) struct Sealer(Vec<Aes256Gcm>);
 
 impl Sealer {
-    pub(super) fn new(key: &[u8; 32]) -> Self {
-        Self(Aes256Gcm::new(key.into()))
+    /// `keys`: the current one first, then the previous ones.
+    pub(super) fn new(keys: &[Zeroizing<[u8; 32]>]) -> Self {
+        Self(keys.iter().map(|k| Aes256Gcm::new((&**k).into())).collect())
     }
 
-    /// `plaintext` sealed with a fresh random nonce, bound to `aad`; `None` when the OS random
-    /// source or the cipher fails (then nothing is stored or sent).
+    /// `plaintext` sealed under the current key with a fresh random nonce, bound to `aad`;
+    /// `None` when the OS random source or the cipher fails (then nothing is stored or sent).
     pub(super) fn seal(&self, aad: &[&[u8]], plaintext: &[u8]) -> Option<Vec<u8>> {
+        self.seal_with(0, aad, plaintext)
+    }
+
+    /// [`Sealer::seal`] under the key of index `key` (0: the current one).
+    pub(super) fn seal_with(&self, key: usize, aad: &[&[u8]], plaintext: &[u8]) -> Option<Vec<u8>> {
+        let cipher = self.0.get(key)?;
         let mut nonce = [0u8; NONCE_LEN];
         getrandom::fill(&mut nonce).ok()?;
         let aad = aad.concat();
-        let sealed = self
-            .0
+        let sealed = cipher
             .encrypt(
                 Nonce::from_slice(&nonce),
                 Payload {
@@ -118,22 +144,31 @@ impl Sealer {
         Some(out)
     }
 
-    pub(super) fn open(&self, aad: &[&[u8]], sealed: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
+    /// How many keys it holds (the current one and the previous ones).
+    pub(super) fn keys(&self) -> usize {
+        self.0.len()
+    }
+
+    /// The plaintext, and the index of the key it opened under (0: the current one).
+    pub(super) fn open(&self, aad: &[&[u8]], sealed: &[u8]) -> Option<(Zeroizing<Vec<u8>>, usize)> {
         let (&version, rest) = sealed.split_first()?;
         if version != SEALED_V1 || rest.len() < NONCE_LEN {
             return None;
         }
         let (nonce, ciphertext) = rest.split_at(NONCE_LEN);
-        self.0
-            .decrypt(
-                Nonce::from_slice(nonce),
-                Payload {
-                    msg: ciphertext,
-                    aad: &aad.concat(),
-                },
-            )
-            .ok()
-            .map(Zeroizing::new)
+        let aad = aad.concat();
+        self.0.iter().enumerate().find_map(|(i, cipher)| {
+            cipher
+                .decrypt(
+                    Nonce::from_slice(nonce),
+                    Payload {
+                        msg: ciphertext,
+                        aad: &aad,
+                    },
+                )
+                .ok()
+                .map(|plain| (Zeroizing::new(plain), i))
+        })
     }
 }
 
@@ -165,6 +200,38 @@ impl Tagger {
     }
 }
 
+/// A [`Tagger`] per key, the current key's first. The tag key follows the encryption key, so a
+/// rotation rotates the tags too (a leaked key stops naming users in Redis once it is dropped).
+/// While previous keys are configured, what was written under their tags stays findable: values
+/// are indexed under the current key's tags, invalidations walk the indexes of every key's tags,
+/// record every key's tags, and a value is checked against every key's tags of its owner.
+pub(super) struct Taggers(Vec<Tagger>);
+
+impl Taggers {
+    pub(super) fn new(keys: &[Zeroizing<[u8; 32]>]) -> Option<Self> {
+        let taggers = keys
+            .iter()
+            .map(|k| Tagger::new(k))
+            .collect::<Option<Vec<_>>>()?;
+        (!taggers.is_empty()).then_some(Self(taggers))
+    }
+
+    /// The tag of `parts` under the current key.
+    pub(super) fn tag(&self, parts: &[&[u8]]) -> String {
+        self.0.first().map(|t| t.tag(parts)).unwrap_or_default()
+    }
+
+    /// The tag of `parts` under every key, the current key's first.
+    pub(super) fn tags(&self, parts: &[&[u8]]) -> Vec<String> {
+        self.0.iter().map(|t| t.tag(parts)).collect()
+    }
+
+    /// Every key's tagger, the current key's first.
+    pub(super) fn each(&self) -> &[Tagger] {
+        &self.0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,17 +243,17 @@ mod tests {
 
     #[test]
     fn a_sealed_value_opens_only_under_its_own_key() {
-        let sealer = Sealer::new(&[7; 32]);
+        let sealer = Sealer::new(&[Zeroizing::new([7; 32])]);
         let a = [1u8; 32];
         let b = [2u8; 32];
         let sealed = sealer.seal(&[b"value", &a], b"secret-token").unwrap();
         assert!(!sealed.windows(12).any(|w| w == b"secret-token"));
         assert_eq!(
-            sealer.open(&[b"value", &a], &sealed).unwrap().as_slice(),
+            sealer.open(&[b"value", &a], &sealed).unwrap().0.as_slice(),
             b"secret-token"
         );
         assert!(sealer.open(&[b"value", &b], &sealed).is_none());
-        assert!(Sealer::new(&[8; 32])
+        assert!(Sealer::new(&[Zeroizing::new([8; 32])])
             .open(&[b"value", &a], &sealed)
             .is_none());
         let mut tampered = sealed.clone();
@@ -197,6 +264,61 @@ mod tests {
             sealed,
             sealer.seal(&[b"value", &a], b"secret-token").unwrap()
         );
+    }
+
+    #[test]
+    fn a_rotation_seals_under_the_new_key_and_opens_under_both() {
+        let (old, new) = (Zeroizing::new([1u8; 32]), Zeroizing::new([2u8; 32]));
+        let before = Sealer::new(std::slice::from_ref(&old));
+        let during = Sealer::new(&[new.clone(), old.clone()]);
+        let after = Sealer::new(std::slice::from_ref(&new));
+        let sealed_before = before.seal(&[b"v"], b"t").unwrap();
+        assert_eq!(
+            during.open(&[b"v"], &sealed_before).unwrap().1,
+            1,
+            "opened with the previous key"
+        );
+        let sealed_during = during.seal(&[b"v"], b"t").unwrap();
+        assert_eq!(after.open(&[b"v"], &sealed_during).unwrap().1, 0);
+        assert!(before.open(&[b"v"], &sealed_during).is_none());
+        assert!(after.open(&[b"v"], &sealed_before).is_none());
+        // Under an explicit key: a message for replicas that hold only the old one.
+        let for_old = during.seal_with(1, &[b"v"], b"t").unwrap();
+        assert!(before.open(&[b"v"], &for_old).is_some());
+        // Every key's tags, the current key's first.
+        let tags = Taggers::new(&[new.clone(), old.clone()]).unwrap();
+        let t = tags.tags(&[b"caller", b"c"]);
+        assert_eq!(t[0], Tagger::new(&new).unwrap().tag(&[b"caller", b"c"]));
+        assert_eq!(t[1], Tagger::new(&old).unwrap().tag(&[b"caller", b"c"]));
+        assert_eq!(tags.tag(&[b"caller", b"c"]), t[0]);
+    }
+
+    #[test]
+    fn previous_keys_are_read_from_their_files_and_named_when_bad() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cur, prev, bad) = (
+            dir.path().join("cur"),
+            dir.path().join("prev"),
+            dir.path().join("bad"),
+        );
+        std::fs::write(&cur, "01".repeat(32)).unwrap();
+        std::fs::write(&prev, format!("{}\n", "02".repeat(32))).unwrap();
+        std::fs::write(&bad, "not hex").unwrap();
+        let mut c = cfg();
+        c.encryption_key_file = Some(cur.clone());
+        c.previous_encryption_key_files = vec![prev.clone()];
+        let s = SharedSecrets::load_with(&c, None).unwrap();
+        assert_eq!((*s.keys[0], *s.keys[1]), ([1; 32], [2; 32]));
+        c.previous_encryption_key_files = vec![prev, bad];
+        let err = SharedSecrets::load_with(&c, None).unwrap_err().to_string();
+        assert!(
+            err.starts_with("cache.shared.previous_encryption_key_files[1]"),
+            "{err}"
+        );
+        assert!(!err.contains("not hex"), "{err}");
+        c.previous_encryption_key_files = vec![cur];
+        let err = SharedSecrets::load_with(&c, None).unwrap_err().to_string();
+        assert!(err.contains("the same key"), "{err}");
     }
 
     #[test]
@@ -228,7 +350,7 @@ mod tests {
         std::fs::write(&path, format!("{}\n", "0f".repeat(32))).unwrap();
         c.encryption_key_file = Some(path);
         let s = SharedSecrets::load_with(&c, None).unwrap();
-        assert_eq!(*s.key, [0x0f; 32]);
+        assert_eq!(*s.keys[0], [0x0f; 32]);
         assert_eq!(format!("{s:?}"), "SharedSecrets([redacted])");
     }
 
@@ -243,7 +365,7 @@ mod tests {
         let s = SharedSecrets::load_with(&c, key).unwrap();
         assert_eq!(s.password.as_deref().map(String::as_str), Some("hunter2"));
         assert!(c.validate(Duration::from_secs(10)).is_ok());
-        c.url = "redis://:inline@127.0.0.1:6379".into();
+        c.url = Some("redis://:inline@127.0.0.1:6379".into());
         let err = c.validate(Duration::from_secs(10)).unwrap_err().to_string();
         assert!(err.starts_with("cache.shared.password_file"), "{err}");
         assert!(!err.contains("inline"), "{err}");

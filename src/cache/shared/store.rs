@@ -4,7 +4,10 @@
 //! of the token's remaining life. Every value is indexed under its caller
 //! (`<prefix>caller:<tag>`) and, when it names one, under its flow and user
 //! (`<prefix>user:<tag>`): sorted sets scored by the value's expiry, trimmed of dead members
-//! whenever they are written, so they stay near the live values. Invalidation walks them.
+//! whenever they are written, so they stay near the live values. Invalidation walks them. The
+//! tags are the current key's; a value read that opened only under a previous key is stored
+//! again, sealed and indexed under the current one (with its `since` kept, so an invalidation
+//! that came meanwhile still wins).
 //!
 //! A value carries the invalidation sequence of its mint's start (`since`, see
 //! [`super::invalidate`]). It is stored index first, value second, then checked against the
@@ -116,7 +119,7 @@ impl SharedTier {
             m.lookups.with_label_values(&["miss"]).inc();
             return Ok(None);
         };
-        let Some(found) = self.inner.open_value(key, &sealed) else {
+        let Some((found, under)) = self.inner.open_value(key, &sealed) else {
             m.lookups.with_label_values(&["undecryptable"]).inc();
             return Ok(None);
         };
@@ -124,6 +127,20 @@ impl SharedTier {
             .invalidated_since(found.since, key, &found.owner())
             .await
         {
+            Ok(false) if under > 0 => {
+                // Sealed under a previous key: sealed again under the current one. An
+                // invalidation since its mint deletes it again and it is not served.
+                match self.put(key, &found).await {
+                    Ok(PutOutcome::Invalidated) => {
+                        m.lookups.with_label_values(&["invalidated"]).inc();
+                        return Ok(None);
+                    }
+                    Ok(PutOutcome::Kept) => m.reseals.inc(),
+                    Err(_) => {}
+                }
+                m.lookups.with_label_values(&["hit"]).inc();
+                Ok(Some(found))
+            }
             Ok(false) => {
                 m.lookups.with_label_values(&["hit"]).inc();
                 Ok(Some(found))
@@ -157,9 +174,13 @@ impl SharedTier {
         }
         let member = hex(key);
         let owner = token.owner();
-        let mut indexes = vec![self.caller_index(&owner.caller)];
+        // Indexed under the current key's tags.
+        let k = &self.inner.keys;
+        let t = &self.inner.taggers;
+        let mut indexes = vec![k.index("caller", &t.tag(&[b"caller", owner.caller.as_bytes()]))];
         if let Some(account) = &owner.account_id {
-            indexes.push(self.user_index(&owner.flow_id, account));
+            let tag = t.tag(&[b"user", owner.flow_id.as_bytes(), account.as_bytes()]);
+            indexes.push(k.index("user", &tag));
         }
         for index in indexes {
             let cmd = redis::cmd("EVAL")
@@ -205,10 +226,11 @@ impl SharedTier {
 }
 
 impl Inner {
-    pub(super) fn open_value(&self, key: &CacheKey, sealed: &[u8]) -> Option<SharedToken> {
-        let json = self.sealer.open(&[VALUE_AAD, key], sealed)?;
+    /// The token in a sealed value, and the index of the key it opened under (0: current).
+    pub(super) fn open_value(&self, key: &CacheKey, sealed: &[u8]) -> Option<(SharedToken, usize)> {
+        let (json, under) = self.sealer.open(&[VALUE_AAD, key], sealed)?;
         let stored: Stored = serde_json::from_slice(&json).ok()?;
-        Some(SharedToken {
+        let token = SharedToken {
             token: Zeroizing::new(stored.token.clone()),
             expires_at: UNIX_EPOCH + Duration::from_millis(stored.expires_at_ms),
             lifetime: Duration::from_millis(stored.lifetime_ms),
@@ -216,7 +238,8 @@ impl Inner {
             flow_id: stored.flow_id.clone(),
             account_id: stored.account_id.clone(),
             since: stored.since,
-        })
+        };
+        Some((token, under))
     }
 }
 
