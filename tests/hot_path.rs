@@ -27,6 +27,7 @@ fn issued(token: &str, life: Duration, cache: CacheOutcome, now: Instant) -> Iss
         caller: "c".into(),
         flow_id: "IPF1".into(),
         account_id: None,
+        minted_at: std::time::SystemTime::now(),
     };
     Issued {
         entry: Arc::new(Entry::new(

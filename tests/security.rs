@@ -298,6 +298,55 @@ async fn plain_http_to_the_tls_listener_gets_nothing() {
     assert!(r.is_err());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_webhook_listener_serves_deliveries_over_its_own_tls() {
+    let pki = Pki::new("webhook test CA");
+    let dir = tempfile::tempdir().unwrap();
+    let cert = pki.issue("localhost", ExtendedKeyUsagePurpose::ServerAuth);
+    let sandbox = Sandbox::start(SandboxOptions::new(MASTER_KEY))
+        .await
+        .unwrap();
+    let mut cfg = config(&sandbox.url());
+    with_webhooks(&mut cfg);
+    if let Some(w) = cfg.webhooks.as_mut() {
+        w.tls = Some(token_broker::config::WebhookTlsConfig {
+            cert_file: write(dir.path(), "hooks.pem", &cert.cert_pem),
+            key_file: write(dir.path(), "hooks.key", &cert.key_pem),
+        });
+    }
+    cfg.validate().unwrap();
+    let server = Server::from_config(&cfg, MasterKey::new(MASTER_KEY).unwrap())
+        .await
+        .unwrap();
+    let port = server.webhook_addr().unwrap().port();
+    let task = tokio::spawn(server.run(std::future::pending()));
+    let iat = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let jwt = token_broker::sandbox::sign_hs256(
+        b"k",
+        &format!(r#"{{"event":"identity_process_created","iat":{iat}}}"#),
+    );
+    let client = https_client(&pki.ca_pem(), None);
+    let url = format!("https://localhost:{port}/webhooks/truora");
+    let r = https_post(&client, &url, Some(WEBHOOK_SECRET), &jwt)
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json()["outcome"], "ignored");
+    // Plain HTTP to it gets nothing.
+    let plain: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let req = Request::post(format!("http://127.0.0.1:{port}/webhooks/truora"))
+        .body(Full::new(Bytes::from(jwt)))
+        .unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(5), plain.request(req))
+        .await
+        .unwrap();
+    assert!(answer.is_err());
+    task.abort();
+}
+
 #[test]
 fn the_tls_listener_speaks_only_tls_1_2_and_1_3() {
     let pki = Pki::new("ca");
@@ -860,6 +909,7 @@ async fn deletes_beyond_a_callers_rate_get_429_with_retry_after() {
 struct FileBroker {
     url: String,
     admin: String,
+    webhooks: Option<String>,
     path: PathBuf,
     key_path: PathBuf,
     config: Config,
@@ -899,10 +949,14 @@ impl FileBroker {
         server.reload_from(path.clone(), loaded.clone()).unwrap();
         let url = format!("http://{}", server.caller_addr().unwrap());
         let admin = format!("http://{}", server.admin_addr().unwrap());
+        let webhooks = server
+            .webhook_addr()
+            .map(|a| format!("http://{a}/webhooks/truora"));
         let task = tokio::spawn(server.run(std::future::pending()));
         FileBroker {
             url,
             admin,
+            webhooks,
             path,
             key_path,
             config: loaded,
@@ -930,6 +984,44 @@ impl FileBroker {
     async fn tokens(&self, secret: &str, form: &str) -> Resp {
         post_tokens(&self.url, secret, form).await
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_rotates_the_webhook_secret_and_names_a_listener_change_as_needing_a_restart() {
+    let mut b = FileBroker::start_with(with_webhooks).await;
+    let hooks = b.webhooks.clone().unwrap();
+    let iat = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let created =
+        token_broker::sandbox::sign_hs256(b"k", &format!(r#"{{"event":"created","iat":{iat}}}"#));
+    let deliver = |secret: &str| {
+        let (hooks, created, auth) = (hooks.clone(), created.clone(), format!("Bearer {secret}"));
+        async move {
+            send(Method::POST, &hooks, &[("authorization", &auth)], &created)
+                .await
+                .status
+        }
+    };
+    assert_eq!(deliver(WEBHOOK_SECRET).await, StatusCode::OK);
+    let rotated = "rotated-webhook-secret-0123456789";
+    b.rewrite(|c| {
+        c.webhooks.as_mut().unwrap().token_sha256 = SecretDigest::of(rotated.as_bytes()).to_hex();
+    });
+    let r = b.reload().await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json()["restart_required"], serde_json::json!([]));
+    assert_eq!(deliver(WEBHOOK_SECRET).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(deliver(rotated).await, StatusCode::OK);
+    b.rewrite(|c| c.webhooks.as_mut().unwrap().max_connections = 7);
+    let r = b.reload().await;
+    assert_eq!(
+        r.json()["restart_required"],
+        serde_json::json!(["webhooks"])
+    );
+    // The rest of the reload applied: the secret stays the rotated one.
+    assert_eq!(deliver(rotated).await, StatusCode::OK);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,14 +9,14 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::{
-    config, free_port, post_tokens, send, wait_for, wait_for_port, Process, CHECKOUT_SECRET, FORM,
-    MASTER_KEY,
+    config, free_port, post_tokens, send, wait_for, wait_for_port, with_webhooks, Process,
+    CHECKOUT_SECRET, FORM, MASTER_KEY, WEBHOOK_SECRET,
 };
 use http::{Method, StatusCode};
 use redis::AsyncCommands;
 use token_broker::config::{Config, SharedCacheConfig};
 use token_broker::issuance::TokenRequest;
-use token_broker::sandbox::{Sandbox, SandboxOptions};
+use token_broker::sandbox::{sign_hs256, ClaimNames, Sandbox, SandboxOptions, WebhookTarget};
 use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
 
@@ -153,6 +153,8 @@ impl Drop for Redis {
 struct Replica {
     url: String,
     admin: String,
+    /// The webhook listener's base URL, with `[webhooks]`.
+    webhooks: Option<String>,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -169,13 +171,14 @@ impl Replica {
         let common::Running {
             url,
             admin,
+            webhooks,
             stop,
             task,
-            ..
         } = common::Running::start(&cfg).await;
         Replica {
             url,
             admin,
+            webhooks,
             stop: Some(stop),
             task,
         }
@@ -630,6 +633,75 @@ async fn invalidation_reaches_redis_and_the_other_replica() {
         assert_eq!(other.header("x-cache"), "HIT");
         assert_eq!(other.json()["api_key"], t2);
         assert_eq!(fleet.sandbox.calls(), 3);
+        fleet.stop().await;
+    })
+    .await;
+}
+
+/// Truora's webhook reaches one replica; the process's token is gone from both, and the same
+/// delivery retried to the other replica drops nothing of the user's new process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_webhook_delivery_ends_the_process_on_every_replica_once() {
+    bounded(async {
+        let fleet = Fleet::start(SandboxOptions::new(MASTER_KEY), with_webhooks).await;
+        let hooks = |r: &Replica| format!("{}/webhooks/truora", r.webhooks.as_deref().unwrap());
+        fleet.sandbox.set_webhook(Some(WebhookTarget {
+            url: hooks(&fleet.a),
+            bearer: WEBHOOK_SECRET.into(),
+            signing_secret: None,
+            claims: ClaimNames::default(),
+            event_in_query: false,
+        }));
+        let mine = form_for("u1");
+        let old = fleet.a.tokens(&mine).await.json()["api_key"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert_eq!(fleet.b.tokens(&mine).await.header("x-cache"), "HIT");
+        let process = fleet.sandbox.process_of(&old).unwrap().process_id;
+        let done = fleet.sandbox.finish(&old, false).await.unwrap().unwrap();
+        assert_eq!(done.status, Some(200), "{done:?}");
+
+        let remote = r#"token_broker_shared_cache_invalidations_total{origin="remote"}"#;
+        let b = &fleet.b;
+        wait_for(
+            Duration::from_secs(5),
+            Duration::from_millis(20),
+            || async move { value(&b.metrics().await, remote) >= 1.0 },
+            || "B never heard of the ended process".to_owned(),
+        )
+        .await;
+        let on_b = fleet.b.tokens(&mine).await.json()["api_key"].clone();
+        let on_a = fleet.a.tokens(&mine).await.json()["api_key"].clone();
+        assert_ne!(on_b, old, "B served the ended process's token");
+        assert_eq!(on_a, on_b, "one new process for the fleet");
+        assert_eq!(fleet.sandbox.calls(), 2);
+
+        // The same delivery retried, to the other replica: nothing of the new process goes.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let claims = serde_json::json!({
+            "event": "identity_process_failed", "flow_id": "IPF0a1b2c", "account_id": "u1",
+            "process_id": process, "iat": now,
+        });
+        let retried = send(
+            Method::POST,
+            &hooks(&fleet.b),
+            &[("authorization", &format!("Bearer {WEBHOOK_SECRET}"))],
+            &sign_hs256(b"any", &claims.to_string()),
+        )
+        .await;
+        assert_eq!(retried.status, StatusCode::OK, "{}", retried.text());
+        assert_eq!(retried.json()["invalidated"], 0);
+        for r in [&fleet.a, &fleet.b] {
+            let again = r.tokens(&mine).await;
+            assert_eq!(
+                (again.header("x-cache"), &again.json()["api_key"]),
+                ("HIT", &on_b)
+            );
+        }
         fleet.stop().await;
     })
     .await;

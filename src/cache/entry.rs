@@ -18,6 +18,9 @@ pub struct Owner {
     pub flow_id: Box<str>,
     /// The user it was minted for, when named by account_id.
     pub account_id: Option<Box<str>>,
+    /// When it was minted (received from Truora), on the wall clock of the replica that minted
+    /// it: a process that ended at some time drops only the tokens minted before.
+    pub minted_at: SystemTime,
 }
 
 /// A minted token with everything needed to answer with it again (see the module docs).

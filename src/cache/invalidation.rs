@@ -13,6 +13,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use super::{CacheKey, Owner};
 
@@ -86,6 +87,12 @@ pub struct Filter {
     pub flow_id: Option<Box<str>>,
     /// Only tokens of this user (`account_id`).
     pub account_id: Option<Box<str>>,
+    /// Only tokens minted at or before this time: a process that ended then drops its own
+    /// token, never one minted since for a new process.
+    pub minted_before: Option<SystemTime>,
+    /// The process whose end this is, so that hearing of it again drops nothing more. Not
+    /// matched on.
+    pub process: Option<Arc<str>>,
 }
 
 impl Filter {
@@ -101,10 +108,25 @@ impl Filter {
     /// flow whoever the caller (a process that ended).
     pub fn of(caller: Option<&str>, flow_id: Option<&str>, account_id: Option<&str>) -> Self {
         Self {
-            key: None,
             caller: caller.map(Into::into),
             flow_id: flow_id.map(Into::into),
             account_id: account_id.map(Into::into),
+            ..Self::default()
+        }
+    }
+
+    /// Every caller's tokens of a user in a flow whose process ended: those minted at or before
+    /// `minted_before` when given; `process` names it when known.
+    pub fn ended(
+        flow_id: &str,
+        account_id: &str,
+        process: Option<&str>,
+        minted_before: Option<SystemTime>,
+    ) -> Self {
+        Self {
+            minted_before,
+            process: process.map(Into::into),
+            ..Self::of(None, Some(flow_id), Some(account_id))
         }
     }
 
@@ -119,6 +141,7 @@ impl Filter {
     /// True when the token of `key`, minted for `owner`, is one this filter drops.
     pub fn matches(&self, key: &CacheKey, owner: &Owner) -> bool {
         self.key.is_none_or(|k| k == *key)
+            && self.minted_before.is_none_or(|t| owner.minted_at <= t)
             && self.caller.as_deref().is_none_or(|c| *owner.caller == *c)
             && self.flow_id.as_deref().is_none_or(|f| *owner.flow_id == *f)
             && self
@@ -180,6 +203,7 @@ mod tests {
             caller: caller.into(),
             flow_id: flow.into(),
             account_id: account.map(Into::into),
+            minted_at: std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000),
         }
     }
 

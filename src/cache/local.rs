@@ -134,7 +134,17 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct TokenCache {
     inner: moka::sync::Cache<CacheKey, Arc<Entry>>,
     shared: Arc<Shared>,
+    /// Processes whose end was applied (here, or on another replica that said so), so that
+    /// hearing of one again (a retried webhook, a result read again) drops nothing more.
+    ended: moka::sync::Cache<Arc<str>, ()>,
 }
+
+/// Ended processes remembered: far more than end within a day at any sane rate; each is a few
+/// dozen bytes.
+const ENDED_CAPACITY: u64 = 100_000;
+/// How long an ended process is remembered: longer than any token of it can live (two hours),
+/// and than Truora retries a delivery.
+const ENDED_MEMORY: Duration = Duration::from_secs(24 * 60 * 60);
 
 impl TokenCache {
     /// A cache of at most `max_entries` tokens.
@@ -168,7 +178,20 @@ impl TokenCache {
                 lock(&listener.index).remove(&key, &entry);
             })
             .build();
-        Self { inner, shared }
+        let ended = moka::sync::Cache::builder()
+            .max_capacity(ENDED_CAPACITY)
+            .time_to_live(ENDED_MEMORY)
+            .build();
+        Self {
+            inner,
+            shared,
+            ended,
+        }
+    }
+
+    /// True when the end of `process` was applied already.
+    pub fn has_ended(&self, process: &str) -> bool {
+        self.ended.contains_key(process)
     }
 
     /// The entry for `key` if it may still be handed out at `now`.
@@ -215,6 +238,9 @@ impl TokenCache {
     pub fn invalidate(&self, filter: &Filter) -> Dropped {
         let mut log = lock(&self.shared.log);
         log.record(filter.clone());
+        if let Some(process) = &filter.process {
+            self.ended.insert(Arc::clone(process), ());
+        }
         let candidates = lock(&self.shared.index).candidates(filter);
         let mut dropped = Dropped::default();
         let mut callers: Vec<Arc<str>> = Vec::new();
@@ -270,6 +296,7 @@ mod tests {
             caller: caller.into(),
             flow_id: flow.into(),
             account_id: account.map(Into::into),
+            minted_at: SystemTime::now(),
         };
         Arc::new(Entry::new(
             "t",

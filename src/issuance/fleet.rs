@@ -165,11 +165,13 @@ impl Issuer {
             user: String::new(),
             form: String::new(),
         };
+        let minted_at = found.owner().minted_at;
         Some(self.entry(
             &found.token,
             now,
             now + remaining,
             found.expires_at,
+            minted_at,
             subject,
         ))
     }

@@ -4,11 +4,30 @@
 //! replica, wins over the mints in flight that it matches, is counted in
 //! `token_broker_cache_invalidations_total{reason}` and leaves one audit line (how many tokens and
 //! callers, the flow, a one-way tag of the user: never a token).
+//!
+//! A process that ended drops only its own tokens: those minted before it ended (when the news
+//! says when), and only once (when it names the process): a retried webhook, or the result read
+//! again, never drops the token of the new process the user has started since.
+
+use std::time::SystemTime;
 
 use super::issuer::Issuer;
 use super::request::TokenRequest;
 use crate::cache::{Dropped, Filter, Reason};
 use crate::error::{BrokerError, Refusal};
+
+/// A verification process that ended, as Truora tells it.
+#[derive(Debug, Clone, Copy)]
+pub struct Ended<'a> {
+    /// Its flow.
+    pub flow_id: &'a str,
+    /// Its user.
+    pub account_id: &'a str,
+    /// Its id, when known: hearing of it again drops nothing more.
+    pub process_id: Option<&'a str>,
+    /// When it ended, when known: tokens minted later are another process's and stay.
+    pub at: Option<SystemTime>,
+}
 
 impl Issuer {
     /// Drops the tokens `filter` matches here, and, with a shared tier, in Redis and on every
@@ -50,16 +69,25 @@ impl Issuer {
         .await
     }
 
-    /// Truora says the process of `account_id` in `flow_id` ended: every caller's tokens for
-    /// that user and flow go, found through the cache's (flow, account) index.
+    /// Truora says a process ended: every caller's tokens for that user and flow minted before
+    /// it ended go, found through the cache's (flow, account) index. Nothing more goes when
+    /// the same process was heard of before (here, or from another replica).
     pub async fn process_ended(
         &self,
-        flow_id: &str,
-        account_id: &str,
+        ended: &Ended<'_>,
         reason: Reason,
     ) -> Result<Dropped, BrokerError> {
-        self.invalidate_everywhere(&Filter::of(None, Some(flow_id), Some(account_id)), reason)
-            .await
+        if let Some(process) = ended.process_id {
+            if self.cache.has_ended(process) {
+                tracing::debug!(
+                    reason = reason.label(),
+                    "a process heard of before: nothing more to drop"
+                );
+                return Ok(Dropped::default());
+            }
+        }
+        let filter = Filter::ended(ended.flow_id, ended.account_id, ended.process_id, ended.at);
+        self.invalidate_everywhere(&filter, reason).await
     }
 
     /// Counts the invalidation (revocations are not: they are reloads, counted there) and

@@ -397,7 +397,14 @@ impl Issuer {
             // Set by the flight that stores it (the shared tier's mark at its start).
             since: 0,
         };
-        let entry = self.entry(&token, received, expires, expires_at, subject);
+        let entry = self.entry(
+            &token,
+            received,
+            expires,
+            expires_at,
+            received_wall,
+            subject,
+        );
         Ok((entry, shared))
     }
 
@@ -407,12 +414,14 @@ impl Issuer {
         now: Instant,
         expires: Instant,
         expires_at: SystemTime,
+        minted_at: SystemTime,
         subject: Subject,
     ) -> Arc<Entry> {
         let owner = Owner {
             caller: subject.caller,
             flow_id: subject.flow_id,
             account_id: subject.account_id,
+            minted_at,
         };
         let serve_until = expires
             .checked_sub(self.settings.min_remaining)
@@ -956,7 +965,7 @@ mod tests {
             }
         }
         let dropped = issuer
-            .process_ended("IPF1", "u1", Reason::Webhook)
+            .process_ended(&ended(Some("IDP1"), None), Reason::Webhook)
             .await
             .unwrap();
         assert_eq!(
@@ -987,5 +996,69 @@ mod tests {
             (counted("webhook"), counted("result"), counted("caller")),
             (1, 0, 0)
         );
+    }
+
+    /// The end of user u1's process in flow IPF1.
+    fn ended(process_id: Option<&str>, at: Option<SystemTime>) -> crate::issuance::Ended<'_> {
+        crate::issuance::Ended {
+            flow_id: "IPF1",
+            account_id: "u1",
+            process_id,
+            at,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_process_heard_of_again_does_not_drop_the_new_process_token() {
+        let (issuer, fake) = issuer(fake(7200), Duration::from_secs(900));
+        let caller: Arc<str> = "c".into();
+        let old = api_key(&issue(&issuer, &caller).await.unwrap());
+        let first = issuer
+            .process_ended(&ended(Some("IDP7"), None), Reason::Webhook)
+            .await
+            .unwrap();
+        assert_eq!(first.tokens, 1);
+        let new = issue(&issuer, &caller).await.unwrap();
+        assert_eq!(new.cache, CacheOutcome::Miss);
+        assert_ne!(api_key(&new), old);
+        // A retried delivery, or the result read afterwards: nothing more goes.
+        for reason in [Reason::Webhook, Reason::Result] {
+            let again = issuer
+                .process_ended(&ended(Some("IDP7"), None), reason)
+                .await
+                .unwrap();
+            assert_eq!(again, Dropped::default());
+        }
+        let still = issue(&issuer, &caller).await.unwrap();
+        assert_eq!(
+            (still.cache, api_key(&still)),
+            (CacheOutcome::Hit, api_key(&new))
+        );
+        assert_eq!(fake.calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_process_that_ended_drops_only_tokens_minted_before_it_ended() {
+        let (issuer, _) = issuer(fake(7200), Duration::from_secs(900));
+        let caller: Arc<str> = "c".into();
+        issue(&issuer, &caller).await.unwrap();
+        let an_hour_ago = SystemTime::now() - Duration::from_secs(3600);
+        let before = issuer
+            .process_ended(&ended(None, Some(an_hour_ago)), Reason::Webhook)
+            .await
+            .unwrap();
+        assert_eq!(
+            before.tokens, 0,
+            "a token minted after the end is a new process's"
+        );
+        assert_eq!(
+            issue(&issuer, &caller).await.unwrap().cache,
+            CacheOutcome::Hit
+        );
+        let now = issuer
+            .process_ended(&ended(None, Some(SystemTime::now())), Reason::Webhook)
+            .await
+            .unwrap();
+        assert_eq!(now.tokens, 1);
     }
 }

@@ -23,6 +23,7 @@ pub mod request;
 
 pub use answer::Issued;
 pub use fleet::fleet_limits;
+pub use invalidate::Ended;
 pub use issuer::{Issuer, IssuerSettings};
 pub use parse::{invalidation_filter, InvalidationFilter};
 pub use policy::CallerPolicy;

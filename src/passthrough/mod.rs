@@ -20,7 +20,7 @@ use http_body_util::Either;
 
 use crate::cache::Reason;
 use crate::error::{BrokerError, RequestError};
-use crate::issuance::Issuer;
+use crate::issuance::{Ended, Issuer};
 use crate::metrics::{CacheOutcome, Metrics};
 use crate::wire::{full, x_cache, HttpResponse};
 
@@ -155,7 +155,7 @@ impl Passthrough {
                     if let Some(results) = &self.results {
                         results.keep(caller, &path, &parts, body.clone());
                     }
-                    self.end_process(&verdict).await;
+                    self.end_process(&verdict, upstream_path).await;
                 }
                 http::Response::from_parts(parts, full(body))
             }
@@ -170,15 +170,18 @@ impl Passthrough {
     /// A result said its process ended: that user's tokens for that flow go, for every caller
     /// and on every replica. The caller still gets its result when the shared cache cannot be
     /// reached (logged): the webhook, or the token's expiry, ends it there.
-    async fn end_process(&self, verdict: &Verdict) {
+    async fn end_process(&self, verdict: &Verdict, path: &str) {
         let (Some(flow_id), Some(account_id)) = (&verdict.flow_id, &verdict.account_id) else {
             return;
         };
-        if let Err(e) = self
-            .issuer
-            .process_ended(flow_id, account_id, Reason::Result)
-            .await
-        {
+        // `/v1/processes/<id>/result`, which Truora just answered for.
+        let ended = Ended {
+            flow_id,
+            account_id,
+            process_id: path.split('/').nth(3),
+            at: None,
+        };
+        if let Err(e) = self.issuer.process_ended(&ended, Reason::Result).await {
             tracing::warn!(error = %e, flow_id = %flow_id, "a result said its process ended, but the shared cache could not be reached: other replicas may serve its token until the webhook or its expiry");
         }
     }

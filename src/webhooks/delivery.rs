@@ -131,6 +131,8 @@ pub struct Delivery {
     pub account_id: Option<String>,
     /// The identity process id, when the delivery names a well-formed one.
     pub process_id: Option<String>,
+    /// When it was made (its `iat`).
+    pub made_at: SystemTime,
 }
 
 impl Delivery {
@@ -140,6 +142,12 @@ impl Delivery {
             (true, Some(flow), Some(account)) => Some((flow, account)),
             _ => None,
         }
+    }
+
+    /// The latest a token of this process can have been minted, by the broker's clock: the
+    /// delivery's `iat`, plus the minute a clock may be off by.
+    pub fn ended_by(&self) -> SystemTime {
+        self.made_at + MAX_CLOCK_AHEAD
     }
 }
 
@@ -229,6 +237,7 @@ pub fn read(
         flow_id,
         account_id,
         process_id,
+        made_at: UNIX_EPOCH + Duration::from_secs_f64(iat.max(0.0)),
     })
 }
 

@@ -23,7 +23,7 @@ use zeroize::Zeroizing;
 use crate::cache::Reason;
 use crate::config::{ConfigError, WebhooksConfig};
 use crate::error::{BrokerError, WebhookError};
-use crate::issuance::Issuer;
+use crate::issuance::{Ended, Issuer};
 use crate::metrics::Metrics;
 use crate::secret::SecretDigest;
 
@@ -172,11 +172,13 @@ impl Webhooks {
                 invalidated: 0,
             });
         };
-        match self
-            .issuer
-            .process_ended(flow_id, account_id, Reason::Webhook)
-            .await
-        {
+        let ended = Ended {
+            flow_id,
+            account_id,
+            process_id: delivery.process_id.as_deref(),
+            at: Some(delivery.ended_by()),
+        };
+        match self.issuer.process_ended(&ended, Reason::Webhook).await {
             Ok(dropped) => {
                 self.count(event.label(), "taken");
                 tracing::info!(

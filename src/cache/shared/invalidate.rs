@@ -21,7 +21,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -87,6 +87,12 @@ struct Message {
     caller: Option<String>,
     flow_id: Option<String>,
     account_id: Option<String>,
+    /// Only tokens minted at or before this time, Unix ms (a process that ended then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    minted_before_ms: Option<u64>,
+    /// The process whose end this is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    process: Option<String>,
     /// The end of Truora's throttle window, Unix ms.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     throttle_until_ms: Option<u64>,
@@ -258,6 +264,8 @@ impl SharedTier {
                 caller: filter.caller.as_deref().map(Into::into),
                 flow_id: filter.flow_id.as_deref().map(Into::into),
                 account_id: filter.account_id.as_deref().map(Into::into),
+                minted_before_ms: filter.minted_before.map(unix_ms),
+                process: filter.process.as_deref().map(Into::into),
                 throttle_until_ms: None,
             })
             .await
@@ -312,6 +320,8 @@ impl Inner {
             caller: None,
             flow_id: None,
             account_id: None,
+            minted_before_ms: None,
+            process: None,
             throttle_until_ms: Some(until_ms),
         })
         .await
@@ -412,6 +422,10 @@ impl Inner {
             msg.account_id.as_deref(),
         );
         filter.key = msg.key.as_deref().and_then(from_hex::<32>);
+        filter.minted_before = msg
+            .minted_before_ms
+            .map(|ms| UNIX_EPOCH + Duration::from_millis(ms));
+        filter.process = msg.process.as_deref().map(Into::into);
         // A message naming nothing would empty this replica's cache: no replica sends one.
         if filter == Filter::default() {
             return;

@@ -68,6 +68,10 @@ impl SharedToken {
             caller: self.caller.as_str().into(),
             flow_id: self.flow_id.as_str().into(),
             account_id: self.account_id.as_deref().map(Into::into),
+            minted_at: self
+                .expires_at
+                .checked_sub(self.lifetime)
+                .unwrap_or(UNIX_EPOCH),
         }
     }
 }
