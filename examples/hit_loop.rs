@@ -4,6 +4,10 @@
 //! `hit_loop core N`: N hits through the issuance core (parse + validate + key + lookup + answer).
 //! `hit_loop service N`: N hits through `caller_service` (every tower layer, no sockets).
 //! `hit_loop requests N`: only builds the N requests `service` sends, to subtract from it.
+//! `hit_loop service-account N`: N hits through `caller_service` by a caller that sends its
+//! Kubernetes projected service-account token (verified once, then remembered);
+//! `hit_loop token-requests N` and `hit_loop token N`: building its requests, and the SHA-256
+//! of its token, to subtract.
 //! `hit_loop key N`, `hit_loop secret N`: only the SHA-256 work of a hit (the cache key; the
 //! digest of the caller's secret), to subtract: valgrind's CPU has no SHA extensions, so sha2
 //! runs its portable code there, many times slower than SHA-NI on the hardware.
@@ -65,6 +69,38 @@ fn main() {
                 std::hint::black_box(response);
             }
         }
+        "service-account" | "token-requests" | "token" => {
+            let (state, token) = service_account_state(issuer);
+            let bearer = format!("Bearer {token}");
+            if what == "token" {
+                for _ in 0..n {
+                    std::hint::black_box(token_broker::secret::SecretDigest::of(
+                        std::hint::black_box(token.as_bytes()),
+                    ));
+                }
+                return;
+            }
+            if what == "token-requests" {
+                for _ in 0..n {
+                    std::hint::black_box(post_as("/v1/tokens", FORM, &bearer));
+                }
+                return;
+            }
+            let mut service = caller_service(
+                state,
+                std::sync::Arc::new(token_broker::auth::Peer::default()),
+            );
+            runtime.block_on(async {
+                let first = service.call(post_as("/v1/tokens", FORM, &bearer)).await;
+                assert_eq!(first.unwrap().status(), 200);
+            });
+            let _context = runtime.enter();
+            for _ in 0..n {
+                let response = ready(service.call(post_as("/v1/tokens", FORM, &bearer))).unwrap();
+                assert_eq!(response.status(), 200);
+                std::hint::black_box(response);
+            }
+        }
         "key" => {
             let req = TokenRequest::from_form(FORM).unwrap();
             for _ in 0..n {
@@ -87,7 +123,7 @@ fn main() {
             }
         }
         _ => {
-            eprintln!("usage: hit_loop core|service|requests|key|secret N");
+            eprintln!("usage: hit_loop core|service|requests|service-account|token-requests|token|key|secret N");
             std::process::exit(64);
         }
     }

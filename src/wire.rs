@@ -44,12 +44,12 @@ pub fn x_cache(outcome: CacheOutcome) -> (HeaderName, HeaderValue) {
 /// The credential of an `Authorization: Bearer <value>` header value (scheme case-insensitive);
 /// `None` for another scheme, an empty value or one holding whitespace.
 pub fn bearer_value(header: &[u8]) -> Option<&[u8]> {
-    let i = header.iter().position(|b| *b == b' ')?;
+    let i = memchr::memchr(b' ', header)?;
     let value = &header[i + 1..];
-    (header[..i].eq_ignore_ascii_case(b"bearer")
-        && !value.is_empty()
-        && !value.iter().any(u8::is_ascii_whitespace))
-    .then_some(value)
+    // ASCII white space is these five bytes; a header value can hold only the first two.
+    let white = memchr::memchr2(b' ', b'\t', value).is_some()
+        || memchr::memchr3(b'\n', b'\r', b'\x0c', value).is_some();
+    (header[..i].eq_ignore_ascii_case(b"bearer") && !value.is_empty() && !white).then_some(value)
 }
 
 /// True when the request's `Cache-Control` has the `no-cache` directive (names are
@@ -332,5 +332,31 @@ mod tests {
         assert!(!with(&[]));
         assert!(!with(&["no-store"]));
         assert!(!with(&["max-age=0, no-cache-please"]));
+    }
+
+    #[test]
+    fn a_bearer_value_is_what_follows_the_scheme_without_white_space() {
+        assert_eq!(bearer_value(b"Bearer abc"), Some(&b"abc"[..]));
+        assert_eq!(bearer_value(b"bEaReR a.b-c_d"), Some(&b"a.b-c_d"[..]));
+        for bad in [
+            &b"Basic abc"[..],
+            b"Bearer",
+            b"Bearer ",
+            b"abc",
+            b"Bearerabc",
+        ] {
+            assert_eq!(bearer_value(bad), None, "{bad:?}");
+        }
+        for white in [b' ', b'\t', b'\n', b'\r', b'\x0c'] {
+            let mut long = b"Bearer ".to_vec();
+            long.extend(std::iter::repeat_n(b'x', 700));
+            long.push(white);
+            long.extend(b"yz");
+            assert_eq!(
+                bearer_value(&long),
+                None,
+                "white space {white:#x} let through"
+            );
+        }
     }
 }

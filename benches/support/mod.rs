@@ -108,10 +108,72 @@ pub fn state(issuer: Arc<Issuer>) -> Arc<ApiState> {
     Arc::new(ApiState::new(issuer, callers, metrics))
 }
 
+/// The Kubernetes service account of [`CALLER`] in [`service_account_state`].
+pub const SERVICE_ACCOUNT: &str = "shop:checkout";
+
+/// The caller listener's state around `issuer` with [`CALLER`] authenticated by the projected
+/// service-account token of [`SERVICE_ACCOUNT`] (ES256, a key made here), and that token.
+pub fn service_account_state(issuer: Arc<Issuer>) -> (Arc<ApiState>, String) {
+    use ring::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
+    let e = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let rng = ring::rand::SystemRandom::new();
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).expect("key");
+    let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng)
+        .expect("key");
+    // An uncompressed point: 0x04, then x and y.
+    let point = pair.public_key().as_ref();
+    let jwks = format!(
+        r#"{{"keys":[{{"kty":"EC","crv":"P-256","use":"sig","alg":"ES256","kid":"bench","x":"{}","y":"{}"}}]}}"#,
+        e.encode(&point[1..33]),
+        e.encode(&point[33..65])
+    );
+    let issuer_url = "https://kubernetes.default.svc.cluster.local";
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let claims = format!(
+        r#"{{"aud":["token-broker"],"exp":{},"iat":{now},"nbf":{now},"iss":"{issuer_url}","sub":"system:serviceaccount:shop:checkout","kubernetes.io":{{"namespace":"shop","serviceaccount":{{"name":"checkout","uid":"0f6b1c5e-2a57-4f0e-9d3e-7a1b2c3d4e5f"}},"pod":{{"name":"checkout-7d9f8b6c5-x2x4q","uid":"5b1e2f3a-4c5d-4e6f-8a9b-0c1d2e3f4a5b"}}}}}}"#,
+        now + 3600
+    );
+    let input = format!(
+        "{}.{}",
+        e.encode(r#"{"alg":"ES256","kid":"bench","typ":"JWT"}"#),
+        e.encode(claims)
+    );
+    let signature = pair.sign(&rng, input.as_bytes()).expect("signature");
+    let token = format!("{input}.{}", e.encode(signature.as_ref()));
+    let k = token_broker::config::KubernetesConfig {
+        issuer: issuer_url.into(),
+        audiences: vec!["token-broker".into()],
+        jwks_file: None,
+        jwks_url: None,
+        ca_file: None,
+        jwks_token_file: None,
+        jwks_refresh: Duration::from_secs(300),
+    };
+    let keys = token_broker::auth::KeySet::parse(jwks.as_bytes()).expect("jwks");
+    let verifier = Arc::new(token_broker::auth::ServiceAccounts::new(&k, keys));
+    let callers = Callers::from_config(&[token_broker::config::ClientConfig {
+        id: CALLER.into(),
+        service_account: Some(SERVICE_ACCOUNT.into()),
+        ..Default::default()
+    }])
+    .expect("callers")
+    .with_service_accounts(Some(verifier));
+    let metrics = Arc::new(Metrics::new(prometheus::Registry::new()).expect("metrics"));
+    (Arc::new(ApiState::new(issuer, callers, metrics)), token)
+}
+
 /// `POST path` with the bearer secret and a form body, as hyper would hand it over.
 pub fn post(path: &str, body: &'static [u8]) -> Request<Full<Bytes>> {
+    post_as(path, body, &const_format_bearer())
+}
+
+/// `POST path` with `authorization` and a form body.
+pub fn post_as(path: &str, body: &'static [u8], authorization: &str) -> Request<Full<Bytes>> {
     Request::post(path)
-        .header(http::header::AUTHORIZATION, const_format_bearer())
+        .header(http::header::AUTHORIZATION, authorization)
         .header(
             http::header::CONTENT_TYPE,
             "application/x-www-form-urlencoded",

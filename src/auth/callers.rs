@@ -215,8 +215,13 @@ impl Callers {
         }
         let client = match (found, &self.service_accounts) {
             (Some(client), _) => client,
-            (None, Some(verifier)) if looks_like_jwt(secret) => {
-                let account = verifier.verify(secret, &presented)?;
+            (None, Some(verifier)) => {
+                // A token verified before costs one lookup; only an unknown one is read.
+                let account = match verifier.remembered(&presented) {
+                    Some(known) => known?,
+                    None if looks_like_jwt(secret) => verifier.verify_afresh(secret, &presented)?,
+                    None => return Err(AuthError::Unknown),
+                };
                 self.list
                     .iter()
                     .find(|c| c.service_account.as_deref() == Some(&*account))

@@ -265,19 +265,38 @@ impl ServiceAccounts {
     /// The service account (`namespace:name`) that `token` (whose SHA-256 is `digest`) was
     /// issued to, or why it is refused.
     pub fn verify(&self, token: &[u8], digest: &SecretDigest) -> Result<Arc<str>, AuthError> {
+        match self.remembered(digest) {
+            Some(known) => known,
+            None => self.verify_afresh(token, digest),
+        }
+    }
+
+    /// What a token verified before (known by its SHA-256, `digest`) is now: its service
+    /// account, or `Expired` past its `exp`. `None` when it is not remembered, or its key was
+    /// withdrawn (then it must be checked afresh, and is refused). Checked before anything is
+    /// read of the token, so that a known token costs one lookup.
+    pub fn remembered(&self, digest: &SecretDigest) -> Option<Result<Arc<str>, AuthError>> {
+        let memo = self.memo.get(digest)?;
+        if unix_now() > memo.exp + LEEWAY_SECS {
+            self.memo.invalidate(digest);
+            return Some(Err(AuthError::Expired));
+        }
+        if self.keys.load().contains(&memo.kid) {
+            return Some(Ok(memo.account));
+        }
+        self.memo.invalidate(digest);
+        None
+    }
+
+    /// [`ServiceAccounts::verify`] of a token not remembered: its header, key, signature and
+    /// claims, then remembered.
+    pub fn verify_afresh(
+        &self,
+        token: &[u8],
+        digest: &SecretDigest,
+    ) -> Result<Arc<str>, AuthError> {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(AuthError::Malformed);
-        }
-        if let Some(memo) = self.memo.get(digest) {
-            if unix_now() > memo.exp + LEEWAY_SECS {
-                self.memo.invalidate(digest);
-                return Err(AuthError::Expired);
-            }
-            if self.keys.load().contains(&memo.kid) {
-                return Ok(memo.account);
-            }
-            // Its key was withdrawn: check it afresh (and refuse it).
-            self.memo.invalidate(digest);
         }
         let header = read_header(token)?;
         let keys = self.keys.load();
