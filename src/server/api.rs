@@ -113,9 +113,11 @@ where
     check_framing(authed.req.headers())?;
     match authed.route {
         Route::Tokens | Route::ApiKeys => issue(state, authed, outcome).await,
+        // The cold routes are boxed: their futures (Redis, the relay's client) are kilobytes,
+        // and every hit would otherwise allocate and move room for them.
         Route::Invalidate => {
             let query = authed.req.uri().query().unwrap_or("");
-            invalidate(state, &authed.caller.id, query).await
+            Box::pin(invalidate(state, &authed.caller.id, query)).await
         }
         Route::Passthrough => {
             let passthrough = state.passthrough.as_ref().ok_or(RequestError::NotFound)?;
@@ -125,9 +127,7 @@ where
                 peer_ip,
                 ..
             } = authed;
-            passthrough
-                .relay(&caller.id, &caller.passthrough, req, peer_ip)
-                .await
+            Box::pin(passthrough.relay(&caller.id, &caller.passthrough, req, peer_ip)).await
         }
         Route::MethodNotAllowed(allow) => Err(RequestError::MethodNotAllowed { allow }.into()),
         Route::NotFound => Err(RequestError::NotFound.into()),
@@ -160,7 +160,7 @@ where
     };
     caller.policy.admit(&mut request)?;
     let issued = if new_process {
-        state.issuer.renew(&caller.id, &request, outcome).await?
+        Box::pin(state.issuer.renew(&caller.id, &request, outcome)).await?
     } else {
         state.issuer.issue(&caller.id, &request, outcome).await?
     };
