@@ -203,7 +203,14 @@ pub async fn drive<C: GracefulConnection>(
                 .min(old_at),
         };
         tokio::select! {
-            _ = conn.as_mut() => return closing.flatten(),
+            // hyper's own head-read timeout (the same `idle`) may close a silent connection a
+            // moment before this watchdog does: an end past the idle deadline is an idle close.
+            _ = conn.as_mut() => {
+                return closing.flatten().or_else(|| {
+                    let now = Instant::now();
+                    activity.idle_at(lifetime.idle).is_some_and(|at| now >= at).then_some("idle")
+                })
+            }
             () = tokio::time::sleep_until(wake) => {
                 let now = Instant::now();
                 match closing {
