@@ -150,12 +150,26 @@ where
 
 /// A request span's name (`{method} {route}`, HTTP's semantic conventions), method and route
 /// template: fixed strings, never the path a caller sent. Methods HTTP does not define are
-/// `_OTHER`, and a request matching no route is named by its method alone.
+/// `_OTHER` (the name says `HTTP`), and a request matching no route has no template and is named
+/// by its method alone.
 fn span_name(
     route: Route,
     method: &http::Method,
-) -> (std::borrow::Cow<'static, str>, &'static str, &'static str) {
+) -> (
+    std::borrow::Cow<'static, str>,
+    &'static str,
+    Option<&'static str>,
+) {
     use http::Method;
+    let template = match route {
+        Route::Tokens => return ("POST /v1/tokens".into(), "POST", Some("/v1/tokens")),
+        Route::Invalidate => return ("DELETE /v1/tokens".into(), "DELETE", Some("/v1/tokens")),
+        Route::ApiKeys => return ("POST /v1/api-keys".into(), "POST", Some("/v1/api-keys")),
+        Route::Passthrough => Some("/truora/*"),
+        Route::MethodNotAllowed("POST") => Some("/v1/api-keys"),
+        Route::MethodNotAllowed(_) => Some("/v1/tokens"),
+        Route::NotFound => None,
+    };
     let method = [
         Method::GET,
         Method::POST,
@@ -170,19 +184,10 @@ fn span_name(
     .iter()
     .find(|m| *m == method)
     .map_or("_OTHER", Method::as_str);
-    let template = match route {
-        Route::Tokens | Route::Invalidate => "/v1/tokens",
-        Route::ApiKeys => "/v1/api-keys",
-        Route::Passthrough => "/truora/*",
-        Route::MethodNotAllowed("POST") => "/v1/api-keys",
-        Route::MethodNotAllowed(_) => "/v1/tokens",
-        Route::NotFound => "",
-    };
-    let name = match (template, method) {
-        ("", "_OTHER") => "HTTP".into(),
-        ("", m) => m.into(),
-        (t, "_OTHER") => format!("HTTP {t}").into(),
-        (t, m) => format!("{m} {t}").into(),
+    let shown = if method == "_OTHER" { "HTTP" } else { method };
+    let name = match template {
+        Some(t) => format!("{shown} {t}").into(),
+        None => shown.into(),
     };
     (name, method, template)
 }
@@ -778,6 +783,46 @@ mod tests {
         assert_eq!(got, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(json["error"], "upstream_throttled");
         assert_eq!(headers[RETRY_AFTER], "9");
+    }
+
+    #[test]
+    fn span_names_are_the_method_and_route_template_never_the_path() {
+        let cases = [
+            ("POST", "/v1/tokens", "POST /v1/tokens", Some("/v1/tokens")),
+            (
+                "DELETE",
+                "/v1/tokens",
+                "DELETE /v1/tokens",
+                Some("/v1/tokens"),
+            ),
+            ("PUT", "/v1/tokens", "PUT /v1/tokens", Some("/v1/tokens")),
+            (
+                "GET",
+                "/v1/api-keys",
+                "GET /v1/api-keys",
+                Some("/v1/api-keys"),
+            ),
+            (
+                "GET",
+                "/truora/identity/v1/processes/IDP1/result",
+                "GET /truora/*",
+                Some("/truora/*"),
+            ),
+            (
+                "BREW",
+                "/truora/identity/x",
+                "HTTP /truora/*",
+                Some("/truora/*"),
+            ),
+            ("GET", "/v1/users/someone@example.com", "GET", None),
+            ("BREW", "/elsewhere", "HTTP", None),
+        ];
+        for (method, path, name, template) in cases {
+            let method = http::Method::from_bytes(method.as_bytes()).unwrap();
+            let (got, m, t) = span_name(Route::of(&method, path), &method);
+            assert_eq!((got.as_ref(), t), (name, template), "{method} {path}");
+            assert!(m == method.as_str() || m == "_OTHER");
+        }
     }
 
     #[tokio::test]

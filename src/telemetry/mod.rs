@@ -127,14 +127,15 @@ impl Telemetry {
         }))
     }
 
-    /// The span of one caller request, named `name` (`POST /v1/tokens`), a child of the
-    /// caller's trace when `headers` carry a valid `traceparent`, else the root of a new one.
-    /// Its status, caller and cache result are recorded by [`Telemetry::answered`].
+    /// The span of one caller request, named `name` (`POST /v1/tokens`), with its route
+    /// template when it has one, a child of the caller's trace when `headers` carry a valid
+    /// `traceparent`, else the root of a new one. Its status, caller and cache result are
+    /// recorded by [`Telemetry::answered`].
     pub fn request_span(
         &self,
         name: &str,
         method: &str,
-        route: &str,
+        route: Option<&str>,
         request_id: &str,
         headers: &HeaderMap,
     ) -> Span {
