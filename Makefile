@@ -16,7 +16,7 @@ run:
 
 ## The whole test suite: unit, service (no sockets), end-to-end (loopback) and CLI tests, then
 ## the Python checks of tests/py against the debug binary cargo test has just built: the OpenAPI
-## document against live answers, the README's shell snippets against the demo, the client
+## document against live answers (case by case, and Schemathesis on both listeners), the README's shell snippets against the demo, the client
 ## examples, the Dockerfile, the Kubernetes manifests and the systemd unit.
 ## tests/observability.rs runs promtool (check rules, test rules, check metrics on a live scrape)
 ## and headless Chromium on the status page. .ci/run installs all of it.

@@ -31,6 +31,7 @@
 //! | [`secret`] | Redacting, zeroizing holders for the master key and caller secrets; hex. |
 //! | [`logging`] | Log format and filter, the access line, batched writes to stderr. |
 //! | [`metrics`] | The Prometheus registry, every series, and their bounded label sets. |
+//! | [`telemetry`] | Traces: the request span and its children, their own dispatcher, OTLP/HTTP export, trace context in and out. |
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
@@ -49,6 +50,7 @@ pub mod rate;
 pub mod sandbox;
 pub mod secret;
 pub mod server;
+pub mod telemetry;
 pub mod truora;
 pub mod upstream;
 pub mod webhooks;

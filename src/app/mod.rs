@@ -23,7 +23,8 @@ use crate::metrics::Metrics;
 use crate::passthrough::{Forwarder, Passthrough, ResultCache};
 use crate::secret::MasterKey;
 use crate::server::{tls, Admin, ApiState, BindError, Listeners, SharedTls, WebhookListener};
-use crate::upstream::{ClientError, Guard, GuardSettings, TruoraClient};
+use crate::telemetry::{self, SpanMetrics, Telemetry, TelemetryError};
+use crate::upstream::{pooled_client, ClientError, Guard, GuardSettings, TruoraClient};
 use crate::webhooks::{self, Webhooks};
 
 pub mod cli;
@@ -51,6 +52,9 @@ pub enum StartError {
     /// The series could not be registered.
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    /// The trace exporter could not be set up.
+    #[error(transparent)]
+    Telemetry(#[from] TelemetryError),
     /// A listener could not be bound.
     #[error(transparent)]
     Bind(#[from] BindError),
@@ -232,6 +236,8 @@ pub struct Broker {
     webhooks: Option<(Arc<Webhooks>, Option<SharedTls>)>,
     /// Keeps `jwks_url`'s keys fresh while the broker runs; stops with it.
     refresher: Option<Refresher>,
+    /// The trace pipeline, with `[telemetry]`: flushed and stopped after the drain.
+    telemetry: Option<Arc<Telemetry>>,
 }
 
 impl Broker {
@@ -243,13 +249,19 @@ impl Broker {
             Some(t) => Some(Arc::new(arc_swap::ArcSwap::new(tls::server_config(t)?))),
             None => None,
         };
+        let spans = SpanMetrics::register(&registry)?;
+        let telemetry = Telemetry::start(
+            &config.telemetry,
+            pooled_client(telemetry::export::EXPORT_TIMEOUT)?,
+            spans,
+        )?
+        .map(Arc::new);
+        let propagate = telemetry.as_ref().is_some_and(|t| t.propagates_upstream());
         let u = &config.upstream;
-        let client = Arc::new(TruoraClient::new(
-            &u.account_url,
-            key,
-            u.connect_timeout,
-            u.timeout,
-        )?);
+        let client = Arc::new(
+            TruoraClient::new(&u.account_url, key, u.connect_timeout, u.timeout)?
+                .with_trace_propagation(propagate),
+        );
         let guard = Guard::new(GuardSettings::from_config(config), Arc::clone(&metrics));
         let shared = match &config.cache.shared {
             Some(shared) => Some(SharedTier::new(
@@ -292,13 +304,15 @@ impl Broker {
             u.connect_timeout,
             u.passthrough_timeout,
             u.passthrough_max_body_bytes,
-        )?;
+        )?
+        .with_trace_propagation(propagate);
         let c = &config.cache;
         let results =
             (!c.result_ttl.is_zero()).then(|| ResultCache::new(c.result_ttl, c.result_max_bytes));
         let mut state = ApiState::new(issuer, callers, Arc::clone(&metrics));
         state.max_body_bytes = config.server.max_body_bytes;
         state.body_read_timeout = config.server.body_read_timeout;
+        state.telemetry = telemetry.clone();
         state.passthrough = Some(Passthrough::new(
             forwarder,
             results,
@@ -334,6 +348,7 @@ impl Broker {
             tls,
             webhooks: webhooks.map(|(_, receiver, tls)| (receiver, tls)),
             refresher,
+            telemetry,
         })
     }
 
@@ -378,10 +393,14 @@ impl Broker {
         (self.listeners.caller_addr(), self.listeners.admin_addr())
     }
 
-    /// Serves until `shutdown` completes, then drains (see [`Listeners::run`]).
+    /// Serves until `shutdown` completes, then drains (see [`Listeners::run`]); with tracing,
+    /// then exports the last spans, for at most [`telemetry::FLUSH_LIMIT`].
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let _refresher = self.refresher;
         self.listeners.run(self.state, self.admin, shutdown).await;
+        if let Some(telemetry) = self.telemetry {
+            telemetry.shutdown(telemetry::FLUSH_LIMIT).await;
+        }
     }
 }
 

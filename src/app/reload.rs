@@ -293,6 +293,7 @@ fn restart_required(old: &Config, new: &Config) -> Vec<&'static str> {
     if webhooks_need_restart(old.webhooks.as_ref(), new.webhooks.as_ref()) {
         changed.push("webhooks");
     }
+    changed.extend((!same(&old.telemetry, &new.telemetry)).then_some("telemetry"));
     changed
 }
 

@@ -19,6 +19,7 @@ mod cache;
 mod clients;
 mod parse_error;
 mod server;
+mod telemetry;
 mod upstream;
 mod webhooks;
 
@@ -27,6 +28,7 @@ pub use cache::{redacted_url, CacheConfig, SharedCacheConfig, SharedMode};
 pub use clients::{is_service_account, is_spiffe_id, ClientConfig, Offered};
 pub use parse_error::ParseError;
 pub use server::{ServerConfig, TlsConfig};
+pub use telemetry::TelemetryConfig;
 pub use upstream::UpstreamConfig;
 pub use webhooks::{ClaimNames, WebhookTlsConfig, WebhooksConfig, EVENTS};
 
@@ -57,6 +59,9 @@ pub struct Config {
     /// (ended processes are then learnt only from results read through the pass-through).
     #[serde(default)]
     pub webhooks: Option<WebhooksConfig>,
+    /// Traces over OTLP/HTTP. Without `otlp_endpoint`: no tracing at all.
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
 }
 
 /// A configuration that cannot be used, naming the key and what is wrong with it.
@@ -114,6 +119,7 @@ impl Config {
         self.upstream.validate()?;
         self.cache.validate(self.upstream.deadline)?;
         self.auth.validate()?;
+        self.telemetry.validate()?;
         if let Some(webhooks) = &self.webhooks {
             webhooks.validate(&[
                 ("server.listen", self.server.listen),

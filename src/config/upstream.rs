@@ -216,7 +216,7 @@ impl UpstreamConfig {
 }
 
 /// A base URL: `http` or `https`, a host, no query or fragment, no user info.
-fn check_base_url(key: &str, value: &str) -> Result<(), ConfigError> {
+pub(super) fn check_base_url(key: &str, value: &str) -> Result<(), ConfigError> {
     let uri: http::Uri = value
         .parse()
         .map_err(|_| invalid(key, format!("\"{value}\" is not a URL")))?;

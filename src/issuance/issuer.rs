@@ -15,7 +15,9 @@
 //! 5. **Entry**: the token's lifetime is read from its claims and measured from receipt on the
 //!    local clock, so a skewed upstream clock cannot make the broker hand out a dead token.
 //!
-//! Rendering the answer is [`super::answer`]'s.
+//! Rendering the answer is [`super::answer`]'s. A mint's own task carries the request's span
+//! along ([`crate::telemetry::traced`]), so that the mint and the Redis calls it makes are
+//! children of the request that started it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -32,6 +34,7 @@ use crate::cache::{identity_prefix, CacheKey, Entry, Filter, Owner, Reason, Toke
 use crate::error::{BrokerError, UpstreamError};
 use crate::metrics::{CacheOutcome, Metrics};
 use crate::rate::KeyedBuckets;
+use crate::telemetry;
 use crate::truora::{token_lifetime, ArrayEncoding, DEFAULT_TOKEN_LIFETIME};
 use crate::upstream::{Guard, Mint};
 /// A token whose claims give a longer life than this is not believed.
@@ -204,9 +207,11 @@ impl Issuer {
             // cannot cut an upstream call (or a breaker probe) short.
             let this = Arc::clone(self);
             let subject = self.subject(caller, req);
-            let entry = tokio::spawn(async move { this.mint_entry(subject).await })
-                .await
-                .map_err(|_| BrokerError::Internal("the upstream call was lost"))??;
+            let entry = tokio::spawn(telemetry::traced(
+                async move { this.mint_entry(subject).await },
+            ))
+            .await
+            .map_err(|_| BrokerError::Internal("the upstream call was lost"))??;
             return Ok(self.answer(entry, CacheOutcome::Miss, Instant::now()));
         }
 
@@ -241,7 +246,11 @@ impl Issuer {
                     // A fresh flight takes the place of one already in the air: later
                     // requests wait on the new process's token.
                     inflight.insert(key, rx.clone());
-                    tokio::spawn(Arc::clone(self).fly(key, self.subject(caller, req), tx));
+                    tokio::spawn(telemetry::traced(Arc::clone(self).fly(
+                        key,
+                        self.subject(caller, req),
+                        tx,
+                    )));
                     rx
                 }
             }

@@ -3,8 +3,9 @@
 //! benchmarked and fuzzed without sockets; the HTTP side turns requests into calls on it and
 //! its results back into responses.
 //!
-//! - [`request`] and [`parse`]: the caller's form or JSON body, parsed once and validated into a
-//!   [`TokenRequest`]; the `DELETE /v1/tokens` query into an [`InvalidationFilter`].
+//! - [`request`] and [`parse`]: the caller's form or JSON body (read by `json`), parsed once and
+//!   validated into a [`TokenRequest`]; the `DELETE /v1/tokens` query into an
+//!   [`InvalidationFilter`].
 //! - [`policy`]: what each caller may ask for.
 //! - [`key`]: which requests share a token.
 //! - [`issuer`]: lookup, single flight, minting through the upstream guard; [`fleet`]: the same
@@ -16,6 +17,7 @@ pub mod answer;
 pub mod fleet;
 pub mod invalidate;
 pub mod issuer;
+mod json;
 pub mod key;
 pub mod parse;
 pub mod policy;

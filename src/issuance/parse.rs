@@ -10,9 +10,9 @@
 use std::borrow::Cow;
 use std::cell::RefCell;
 
-use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
+use super::json::{json_error, JsonObject, JsonValue};
 use super::request::TokenRequest;
 use crate::error::RequestError;
 use crate::truora::{
@@ -22,7 +22,7 @@ use crate::truora::{
 
 const MAX_URL_LEN: usize = 2048;
 const MAX_VALUE_LEN: usize = 1024;
-const MAX_LIST_LEN: usize = 10;
+pub(super) const MAX_LIST_LEN: usize = 10;
 const MAX_METADATA: usize = 32;
 
 impl<'a> TokenRequest<'a> {
@@ -42,10 +42,22 @@ impl<'a> TokenRequest<'a> {
         let mut de = serde_json::Deserializer::from_slice(body);
         let object = JsonObject::deserialize(&mut de).map_err(json_error)?;
         de.end().map_err(json_error)?;
+        // Metadata written both ways could name one entry twice with two values: one way only.
+        let has = |test: &dyn Fn(&str) -> bool| object.0.iter().any(|(name, _)| test(&name.0));
+        if has(&|n| n == "start_variables") && has(&|n| n.starts_with(METADATA_PREFIX)) {
+            return Err(RequestError::InvalidField {
+                field: "start_variables".into(),
+                rule: "metadata goes either nested in start_variables or flat, not both".into(),
+            });
+        }
         let mut fields = Fields::default();
         for (name, value) in object.0 {
             match value {
                 JsonValue::Str(v) => fields.push(name.0, v.0)?,
+                // The one field whose document allows a number; Truora's form reads its digits.
+                JsonValue::Number(n) if name.0 == "api_key_version" => {
+                    fields.push(name.0, Cow::Owned(n.to_string()))?
+                }
                 JsonValue::List(items) => {
                     if !is_list_field(&name.0) {
                         return Err(RequestError::InvalidField {
@@ -81,7 +93,16 @@ impl<'a> TokenRequest<'a> {
                         }
                     }
                 }
-                JsonValue::Object(_) | JsonValue::Other => {
+                JsonValue::NotStrings if is_list_field(&name.0) => {
+                    return Err(RequestError::InvalidField {
+                        field: field_name(&name.0),
+                        rule: "must be a list of strings".into(),
+                    })
+                }
+                JsonValue::Number(_)
+                | JsonValue::NotStrings
+                | JsonValue::Object(_)
+                | JsonValue::Other => {
                     return Err(RequestError::InvalidField {
                         field: field_name(&name.0),
                         rule: "must be a string".into(),
@@ -450,8 +471,10 @@ fn check_text(field: &'static str, value: &str) -> Result<(), RequestError> {
     check_text_len(field, value, MAX_VALUE_LEN)
 }
 
+/// At most `max` characters (as the API document counts them: a byte count over `max` is
+/// checked again in characters), valid UTF-8, no control characters.
 fn check_text_len(field: &str, value: &str, max: usize) -> Result<(), RequestError> {
-    let rule = if value.len() > max {
+    let rule = if value.len() > max && value.chars().count() > max {
         "is too long"
     } else if value.is_ascii() {
         // The common case, checked a byte at a time: the ASCII control characters are exactly
@@ -517,17 +540,60 @@ fn check_redirect_url(value: &str) -> Result<(), RequestError> {
 
 fn check_redirect_url_uncached(value: &str) -> Result<(), RequestError> {
     check_text_len("redirect_url", value, MAX_URL_LEN)?;
-    let bad = || RequestError::InvalidField {
-        field: "redirect_url".into(),
-        rule: "must be an absolute https URL with a host, such as https://example.com/done".into(),
-    };
-    let uri: http::Uri = value.parse().map_err(|_| bad())?;
-    let host = uri.host().unwrap_or("");
-    let authority = uri.authority().map(|a| a.as_str()).unwrap_or("");
-    if uri.scheme_str() != Some("https") || host.is_empty() || authority.contains('@') {
-        return Err(bad());
+    if !is_redirect_url(value) {
+        return Err(RequestError::InvalidField {
+            field: "redirect_url".into(),
+            rule: "must be an absolute https URL with a host, such as https://example.com/done"
+                .into(),
+        });
     }
     Ok(())
+}
+
+/// The redirect URL docs/openapi.yaml describes: `https://`, a host of dot-separated labels of
+/// `A-Z a-z 0-9 -`, an optional port of 1 to 5 digits, then an optional path or query and an
+/// optional fragment, written in RFC 3986's characters (unreserved, sub-delims, `:`, `@`, `/`,
+/// `?`) or `%XX` escapes. No user info, no IP literal, nothing a URL parser would have to guess.
+fn is_redirect_url(value: &str) -> bool {
+    let Some(rest) = value.strip_prefix("https://") else {
+        return false;
+    };
+    let (authority, tail) = rest.split_at(rest.find(['/', '?', '#']).unwrap_or(rest.len()));
+    let (host, port) = match authority.split_once(':') {
+        Some((host, port)) => (host, Some(port)),
+        None => (authority, None),
+    };
+    let host_ok = host.split('.').all(|label| {
+        !label.is_empty()
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    });
+    let port_ok =
+        port.is_none_or(|p| (1..=5).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()));
+    let (before, fragment) = tail.split_once('#').unwrap_or((tail, ""));
+    host_ok && port_ok && uri_text(before) && uri_text(fragment)
+}
+
+/// URI characters of a path, query or fragment, and `%XX` escapes.
+fn uri_text(text: &str) -> bool {
+    let b = text.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            if !(b.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
+                && b.get(i + 2).is_some_and(u8::is_ascii_hexdigit))
+            {
+                return false;
+            }
+            i += 3;
+        } else if b[i].is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?".contains(&b[i]) {
+            i += 1;
+        } else {
+            return false;
+        }
+    }
+    true
 }
 
 fn check_phone(field: &'static str, value: &str) -> Result<(), RequestError> {
@@ -570,120 +636,6 @@ fn valid_email(value: &str) -> bool {
                 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
         });
     local_ok && domain_ok
-}
-
-fn json_error(e: serde_json::Error) -> RequestError {
-    let what = match e.classify() {
-        serde_json::error::Category::Data => "must be a JSON object of string fields",
-        serde_json::error::Category::Eof => "JSON ends early",
-        serde_json::error::Category::Syntax | serde_json::error::Category::Io => "not valid JSON",
-    };
-    RequestError::MalformedBody {
-        reason: format!("{what} (line {}, column {})", e.line(), e.column()).into(),
-    }
-}
-
-/// A JSON string that borrows from the body when it holds no escapes.
-struct CowStr<'a>(Cow<'a, str>);
-
-impl<'de> Deserialize<'de> for CowStr<'de> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = CowStr<'de>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a string")
-            }
-            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
-                Ok(CowStr(Cow::Borrowed(v)))
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-                Ok(CowStr(Cow::Owned(v.to_owned())))
-            }
-            fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
-                Ok(CowStr(Cow::Owned(v)))
-            }
-        }
-        d.deserialize_str(V)
-    }
-}
-
-/// A JSON value as the token request accepts it.
-enum JsonValue<'a> {
-    Str(CowStr<'a>),
-    List(Vec<CowStr<'a>>),
-    Object(Vec<(CowStr<'a>, JsonValue<'a>)>),
-    Other,
-}
-
-/// A JSON object with its keys in order and duplicates kept, so they can be refused.
-struct JsonObject<'a>(Vec<(CowStr<'a>, JsonValue<'a>)>);
-
-impl<'de> Deserialize<'de> for JsonObject<'de> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        match JsonValue::deserialize(d)? {
-            JsonValue::Object(entries) => Ok(JsonObject(entries)),
-            _ => Err(de::Error::custom("expected an object")),
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for JsonValue<'de> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = JsonValue<'de>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a string, a number, a list of strings or an object")
-            }
-            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
-                Ok(JsonValue::Str(CowStr(Cow::Borrowed(v))))
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-                Ok(JsonValue::Str(CowStr(Cow::Owned(v.to_owned()))))
-            }
-            fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
-                Ok(JsonValue::Str(CowStr(Cow::Owned(v))))
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
-                Ok(JsonValue::Str(CowStr(Cow::Owned(v.to_string()))))
-            }
-            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
-                Ok(JsonValue::Other)
-            }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-                Ok(JsonValue::Other)
-            }
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-                Ok(JsonValue::Other)
-            }
-            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-                Ok(JsonValue::Other)
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-                let mut items = Vec::new();
-                while let Some(item) = seq.next_element::<CowStr<'de>>()? {
-                    if items.len() >= MAX_LIST_LEN {
-                        return Err(de::Error::custom("list too long"));
-                    }
-                    items.push(item);
-                }
-                Ok(JsonValue::List(items))
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                let mut entries = Vec::new();
-                while let Some(key) = map.next_key::<CowStr<'de>>()? {
-                    if entries.len() >= 64 {
-                        return Err(de::Error::custom("too many fields"));
-                    }
-                    let value = map.next_value::<JsonValue<'de>>()?;
-                    entries.push((key, value));
-                }
-                Ok(JsonValue::Object(entries))
-            }
-        }
-        d.deserialize_any(V)
-    }
 }
 
 #[cfg(test)]
@@ -843,6 +795,17 @@ mod tests {
             "https://",
             "https://user@evil.example/",
             "javascript:alert(1)",
+            "HTTPS://shop.example/",
+            "https://shop..example/",
+            "https://shop.example:/",
+            "https://shop.example:123456/",
+            "https://[::1]/done",
+            "https://shop.example/d\u{e9}j\u{e0}",
+            "https://shop.example/a b",
+            "https://shop.example/{x}",
+            "https://shop.example/%zz",
+            "https://shop.example/?q=%4",
+            "https://shop.example/#a#b",
         ] {
             let body = BASE.replace(
                 "redirect_url=https%3A%2F%2Fshop.example%2Fdone",
@@ -853,6 +816,45 @@ mod tests {
             );
             let err = form(&body).unwrap_err();
             assert_eq!(field_of(err), "redirect_url", "{url}");
+        }
+    }
+
+    /// The redirect URL pattern of docs/openapi.yaml, as written there.
+    fn documented_redirect_pattern() -> String {
+        let doc = include_str!("../../docs/openapi.yaml");
+        let section = &doc[doc.find("\n    RedirectUrl:").unwrap()..];
+        let line = section
+            .lines()
+            .find(|l| l.trim_start().starts_with("pattern:"))
+            .unwrap();
+        let quoted = line.trim_start().trim_start_matches("pattern:").trim();
+        quoted.trim_matches('\'').replace("''", "'")
+    }
+
+    #[test]
+    fn every_redirect_url_the_api_document_allows_is_accepted_and_read_for_its_host() {
+        use proptest::strategy::{Strategy, ValueTree};
+        let pattern = documented_redirect_pattern();
+        let inner = pattern.strip_prefix('^').and_then(|p| p.strip_suffix('$'));
+        let strategy = proptest::string::string_regex(inner.unwrap()).unwrap();
+        let mut runner = proptest::test_runner::TestRunner::deterministic();
+        for _ in 0..2000 {
+            let url = strategy.new_tree(&mut runner).unwrap().current();
+            assert!(is_redirect_url(&url), "{url}");
+            if url.len() <= MAX_URL_LEN {
+                check_redirect_url_uncached(&url).unwrap();
+            }
+            // The policy reads the host with http's parser: the same host.
+            let host = url["https://".len()..].split(['/', '?', '#', ':']).next();
+            assert_eq!(url.parse::<http::Uri>().unwrap().host(), host, "{url}");
+        }
+        for url in [
+            "https://a.b",
+            "https://shop-1.example.com:8443/done?x=1&y=%2F#top",
+            "https://1.2.3.4/a/b;c=d?e=f/g?h#i/j?k",
+            "https://a.b/!$&'()*+,;=:@~._-",
+        ] {
+            assert!(is_redirect_url(url), "{url}");
         }
     }
 
@@ -1044,10 +1046,73 @@ mod tests {
         let r = TokenRequest::from_json(json.as_bytes()).unwrap();
         assert_eq!(r.emails, vec!["a@x.com", "b@y.com"]);
         assert_eq!(r.api_key_version.as_deref(), Some("1"));
+        for whole in ["1.0", "1e0", "0.1e1"] {
+            let same = json.replace(
+                r#""api_key_version":1"#,
+                &format!(r#""api_key_version":{whole}"#),
+            );
+            assert_eq!(
+                TokenRequest::from_json(same.as_bytes()).unwrap(),
+                r,
+                "{whole}"
+            );
+        }
+        let empty = json.replace(r#""emails":["a@x.com","b@y.com"]"#, r#""emails":[]"#);
+        assert!(TokenRequest::from_json(empty.as_bytes())
+            .unwrap()
+            .emails
+            .is_empty());
         assert_eq!(r.metadata, vec![("order".into(), "42".into())]);
         let flat = r#"{"country":"CO","flow_id":"IPF1","redirect_url":"https://a.example",
             "emails":"a@x.com,b@y.com","api_key_version":"1","start_variables.metadata.order":"42"}"#;
         assert_eq!(TokenRequest::from_json(flat.as_bytes()).unwrap(), r);
+    }
+
+    #[test]
+    fn json_values_of_another_type_than_the_fields_are_refused_naming_the_field() {
+        let base = r#""country":"CO","flow_id":"IPF1","redirect_url":"https://a.example""#;
+        for (extra, field) in [
+            (r#""account_id":0"#, "account_id"),
+            (r#""account_id":7"#, "account_id"),
+            (r#""phone":573100000000"#, "phone"),
+            (r#""document_type":1"#, "document_type"),
+            (
+                r#""start_variables.metadata.order":42"#,
+                "start_variables.metadata.order",
+            ),
+            (
+                r#""start_variables":{"metadata":{"order":42}}"#,
+                "start_variables.metadata.order",
+            ),
+            (r#""emails":["a@x.com",1]"#, "emails"),
+            (r#""phones":[null]"#, "phones"),
+            (r#""emails":[["a@x.com"]]"#, "emails"),
+            (r#""account_id":["u1",2]"#, "account_id"),
+            (r#""api_key_version":-1"#, "api_key_version"),
+            (r#""api_key_version":1.5"#, "api_key_version"),
+        ] {
+            let body = format!("{{{base},{extra}}}");
+            let err = TokenRequest::from_json(body.as_bytes()).unwrap_err();
+            assert_eq!(field_of(err), field, "{body}");
+        }
+        let flow = br#"{"country":"CO","flow_id":1,"redirect_url":"https://a.example"}"#;
+        assert_eq!(
+            field_of(TokenRequest::from_json(flow).unwrap_err()),
+            "flow_id"
+        );
+    }
+
+    #[test]
+    fn json_metadata_is_written_nested_or_flat_never_both() {
+        let base = r#""country":"CO","flow_id":"IPF1","redirect_url":"https://a.example""#;
+        for both in [
+            r#""start_variables":{"metadata":{"a":"1"}},"start_variables.metadata.b":"2""#,
+            r#""start_variables.metadata.a":"1","start_variables":{}"#,
+        ] {
+            let body = format!("{{{base},{both}}}");
+            let err = TokenRequest::from_json(body.as_bytes()).unwrap_err();
+            assert_eq!(field_of(err), "start_variables", "{body}");
+        }
     }
 
     #[test]

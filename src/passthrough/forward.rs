@@ -1,5 +1,6 @@
-//! Relaying one request to Truora: the caller's credentials and the hop-by-hop headers
-//! stripped, Host rewritten, X-Forwarded-For appended, the master key injected, both bodies
+//! Relaying one request to Truora: the caller's credentials, the hop-by-hop headers and the
+//! caller's trace context stripped, Host rewritten, X-Forwarded-For appended, the master key
+//! injected (and with `telemetry.propagate_upstream` the broker's `traceparent`), both bodies
 //! streamed (the request's cut off past `upstream.passthrough_max_body_bytes`).
 
 use std::net::IpAddr;
@@ -19,6 +20,7 @@ use hyper_util::client::legacy::Client;
 use super::pattern::TruoraApi;
 use crate::error::{BrokerError, RequestError, UpstreamError};
 use crate::secret::MasterKey;
+use crate::telemetry;
 use crate::truora::API_KEY_HEADER;
 use crate::upstream::{pooled_client, ClientError};
 use crate::wire::BoxError;
@@ -102,6 +104,8 @@ pub struct Forwarder {
     key: Arc<arc_swap::ArcSwap<MasterKey>>,
     timeout: Duration,
     max_body: usize,
+    /// `telemetry.propagate_upstream`.
+    propagate_trace: bool,
 }
 
 /// A relayed answer: status, headers, and the body as a stream.
@@ -132,7 +136,15 @@ impl Forwarder {
             key,
             timeout,
             max_body,
+            propagate_trace: false,
         })
+    }
+
+    /// Sends the current span's `traceparent` with each relayed request
+    /// (`telemetry.propagate_upstream`); either way a caller's own trace headers are not relayed.
+    pub fn with_trace_propagation(mut self, on: bool) -> Self {
+        self.propagate_trace = on;
+        self
     }
 
     /// Relays `req` (already authorised) to Truora's `api` at `path`.
@@ -175,6 +187,8 @@ impl Forwarder {
             .map_err(|_| BrokerError::Internal("a pass-through URI did not parse"))?;
         strip_hop_by_hop(&mut parts.headers);
         strip_rewriting(&mut parts.headers);
+        // The caller's trace context stays inside; the broker's own goes only when asked for.
+        telemetry::propagate(&mut parts.headers, self.propagate_trace);
         // The client sets Host from the URI: Truora's, not the broker's.
         parts.headers.remove(HOST);
         append_forwarded_for(&mut parts.headers, peer);

@@ -7,7 +7,8 @@
 //! and user) drops that user's tokens for that flow, for every caller, as Truora's webhook
 //! would.
 //! Truora's status and body come back as they are (they are the caller's own results), except
-//! that a 401/403 (the master key refused) becomes 502, as for minting.
+//! that a 401/403 (the master key refused) becomes 502, as for minting. Inside a traced request
+//! the call to Truora is a span, `truora.passthrough` (method, pattern, status).
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -22,6 +23,7 @@ use crate::cache::Reason;
 use crate::error::{BrokerError, RequestError};
 use crate::issuance::{Ended, Issuer};
 use crate::metrics::{CacheOutcome, Metrics};
+use crate::telemetry;
 use crate::wire::{full, x_cache, HttpResponse};
 
 pub mod forward;
@@ -128,10 +130,31 @@ impl Passthrough {
             }
         }
         let started = Instant::now();
-        let relayed = self
-            .forwarder
-            .forward(api, upstream_path, req, peer_ip)
-            .await;
+        let span = telemetry::child(|| {
+            tracing::info_span!(
+                "truora.passthrough",
+                otel.kind = "client",
+                http.request.method = method.as_str(),
+                token_broker.passthrough.pattern = &*pattern,
+                http.response.status_code = tracing::field::Empty,
+                otel.status_code = tracing::field::Empty,
+            )
+        });
+        let relayed = tracing::Instrument::instrument(
+            self.forwarder.forward(api, upstream_path, req, peer_ip),
+            span.clone(),
+        )
+        .await;
+        if !span.is_none() {
+            let (status, failed) = match &relayed {
+                Ok(r) => (r.status(), r.status().is_server_error()),
+                Err(e) => (e.status(), true),
+            };
+            span.record("http.response.status_code", status.as_u16());
+            if failed {
+                span.record("otel.status_code", "error");
+            }
+        }
         metrics
             .passthrough_duration
             .with_label_values(&[&pattern])

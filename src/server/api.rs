@@ -24,6 +24,7 @@ use crate::error::{BrokerError, RequestError};
 use crate::issuance::{invalidation_filter, Issuer, TokenRequest};
 use crate::metrics::{CacheOutcome, Metrics};
 use crate::passthrough::Passthrough;
+use crate::telemetry::Telemetry;
 use crate::wire::{
     asks_no_cache, check_framing, json_response, read_body, x_cache, Answer, BodyFormat, Failure,
     HttpResponse, Note, Route,
@@ -45,6 +46,8 @@ pub struct ApiState {
     pub body_read_timeout: Duration,
     /// Relays `/truora/...` to Truora; absent: those paths are 404.
     pub passthrough: Option<Passthrough>,
+    /// The trace pipeline, with `[telemetry]`: each request gets a span.
+    pub telemetry: Option<Arc<Telemetry>>,
 }
 
 impl ApiState {
@@ -58,6 +61,7 @@ impl ApiState {
             max_body_bytes: defaults.max_body_bytes,
             body_read_timeout: defaults.body_read_timeout,
             passthrough: None,
+            telemetry: None,
         }
     }
 }

@@ -1,8 +1,9 @@
 //! The caller API as one tower stack, built in [`caller_service`], layers outermost first:
 //!
-//! 1. [`ObserveLayer`]: decides the route once, makes the request id, and when the answer comes
-//!    back, whatever it is, counts and times it, counts it for its caller, writes the access line
-//!    and sets `X-Request-Id`.
+//! 1. [`ObserveLayer`]: decides the route once, makes the request id, with `[telemetry]` opens
+//!    the request's span (continuing the caller's `traceparent`), and when the answer comes
+//!    back, whatever it is, counts and times it, counts it for its caller, records it on the span,
+//!    writes the access line and sets `X-Request-Id`.
 //! 2. [`CatchPanicLayer`]: a panic below answers 500 to that request alone.
 //! 3. [`ErrorLayer`]: turns every [`Failure`] below into the route's JSON error shape.
 //! 4. [`AuthLayer`]: who the caller is, before the body is read.
@@ -32,6 +33,7 @@ use crate::auth::{AuthLayer, Peer};
 use crate::error::{BrokerError, RequestError, WebhookError};
 use crate::logging::AccessLine;
 use crate::metrics::Metrics;
+use crate::telemetry::{Telemetry, Traced};
 use crate::wire::{full, Answer, Failure, HttpResponse, Note, Route, Routed, JSON, NO_STORE};
 
 /// The caller API for one connection from `peer`, as one tower stack, layers outermost first.
@@ -47,7 +49,10 @@ where
     ServiceBuilder::new()
         // Outermost: decides the route once and counts and times every answer, errors
         // included, so `requests_total` and the latency histogram see exactly what callers see.
-        .layer(ObserveLayer(Arc::clone(&state.metrics)))
+        .layer(ObserveLayer::new(
+            Arc::clone(&state.metrics),
+            state.telemetry.clone(),
+        ))
         // A panic below answers 500 to that request alone; the connection and the process
         // carry on.
         .layer(CatchPanicLayer)
@@ -64,16 +69,27 @@ where
         .service(Api::new(state))
 }
 
-/// Layer: route, count and time. See [`caller_service`].
+/// Layer: route, count, time and trace. See [`caller_service`].
 #[derive(Clone)]
-pub struct ObserveLayer(pub Arc<Metrics>);
+pub struct ObserveLayer {
+    metrics: Arc<Metrics>,
+    telemetry: Option<Arc<Telemetry>>,
+}
+
+impl ObserveLayer {
+    /// Counts into `metrics`; with `telemetry`, each request also gets its span.
+    pub fn new(metrics: Arc<Metrics>, telemetry: Option<Arc<Telemetry>>) -> Self {
+        Self { metrics, telemetry }
+    }
+}
 
 impl<S> Layer<S> for ObserveLayer {
     type Service = Observe<S>;
     fn layer(&self, inner: S) -> Observe<S> {
         Observe {
             inner,
-            metrics: Arc::clone(&self.0),
+            metrics: Arc::clone(&self.metrics),
+            telemetry: self.telemetry.clone(),
         }
     }
 }
@@ -83,6 +99,7 @@ impl<S> Layer<S> for ObserveLayer {
 pub struct Observe<S> {
     inner: S,
     metrics: Arc<Metrics>,
+    telemetry: Option<Arc<Telemetry>>,
 }
 
 impl<S, B> Service<Request<B>> for Observe<S>
@@ -102,31 +119,97 @@ where
         let route = Route::of(req.method(), req.uri().path());
         let request_id = access::request_id(req.headers());
         let in_flight = InFlight::enter(Arc::clone(&self.metrics));
+        let Some(telemetry) = &self.telemetry else {
+            return ObserveFuture {
+                inner: Traced::plain(self.inner.call(Routed { route, req })),
+                route,
+                started,
+                request_id,
+                in_flight,
+                span: tracing::Span::none(),
+            };
+        };
+        let (name, method, template) = span_name(route, req.method());
+        let span = telemetry.request_span(
+            &name,
+            method,
+            template,
+            request_id.to_str().unwrap_or("-"),
+            req.headers(),
+        );
         ObserveFuture {
-            inner: self.inner.call(Routed { route, req }),
+            inner: telemetry.within(span.clone(), self.inner.call(Routed { route, req })),
             route,
             started,
             request_id,
             in_flight,
+            span,
         }
     }
+}
+
+/// A request span's name (`{method} {route}`, HTTP's semantic conventions), method and route
+/// template: fixed strings, never the path a caller sent. Methods HTTP does not define are
+/// `_OTHER` (the name says `HTTP`), and a request matching no route has no template and is named
+/// by its method alone.
+fn span_name(
+    route: Route,
+    method: &http::Method,
+) -> (
+    std::borrow::Cow<'static, str>,
+    &'static str,
+    Option<&'static str>,
+) {
+    use http::Method;
+    let template = match route {
+        Route::Tokens => return ("POST /v1/tokens".into(), "POST", Some("/v1/tokens")),
+        Route::Invalidate => return ("DELETE /v1/tokens".into(), "DELETE", Some("/v1/tokens")),
+        Route::ApiKeys => return ("POST /v1/api-keys".into(), "POST", Some("/v1/api-keys")),
+        Route::Passthrough => Some("/truora/*"),
+        Route::MethodNotAllowed("POST") => Some("/v1/api-keys"),
+        Route::MethodNotAllowed(_) => Some("/v1/tokens"),
+        Route::NotFound => None,
+    };
+    let method = [
+        Method::GET,
+        Method::POST,
+        Method::PUT,
+        Method::DELETE,
+        Method::PATCH,
+        Method::HEAD,
+        Method::OPTIONS,
+        Method::TRACE,
+        Method::CONNECT,
+    ]
+    .iter()
+    .find(|m| *m == method)
+    .map_or("_OTHER", Method::as_str);
+    let shown = if method == "_OTHER" { "HTTP" } else { method };
+    let name = match template {
+        Some(t) => format!("{shown} {t}").into(),
+        None => shown.into(),
+    };
+    (name, method, template)
 }
 
 pin_project_lite::pin_project! {
     /// The future of [`Observe`]. Named rather than boxed, so it costs no allocation.
     ///
-    /// - Built: the request is counted in flight and its id decided.
+    /// - Built: the request is counted in flight and its id decided; with tracing, its span is
+    ///   open and the inner future runs inside it.
     /// - Each poll: polls the inner future.
     /// - Ready: counts and times the answer by route and status, counts it for the caller its
-    ///   note names (by what the cache did), writes the access line and sets `X-Request-Id`.
-    /// - Dropped (answered or abandoned): leaves in flight.
+    ///   note names (by what the cache did), records the same on the span, writes the access
+    ///   line and sets `X-Request-Id`.
+    /// - Dropped (answered or abandoned): leaves in flight; the span ends.
     pub struct ObserveFuture<F> {
         #[pin]
-        inner: F,
+        inner: Traced<F>,
         route: Route,
         started: Instant,
         request_id: HeaderValue,
         in_flight: InFlight,
+        span: tracing::Span,
     }
 }
 
@@ -147,6 +230,14 @@ where
         let caller = note.caller.and_then(|slot| metrics.caller(slot));
         if let Some(c) = caller {
             c.count(note.cache);
+        }
+        if !this.span.is_none() {
+            Telemetry::answered(
+                this.span,
+                status,
+                caller.map(|c| &*c.id),
+                note.cache.label(),
+            );
         }
         // Ready once: the id moves to the response, leaving a placeholder that costs nothing.
         let request_id = std::mem::replace(this.request_id, HeaderValue::from_static("-"));
@@ -694,6 +785,46 @@ mod tests {
         assert_eq!(headers[RETRY_AFTER], "9");
     }
 
+    #[test]
+    fn span_names_are_the_method_and_route_template_never_the_path() {
+        let cases = [
+            ("POST", "/v1/tokens", "POST /v1/tokens", Some("/v1/tokens")),
+            (
+                "DELETE",
+                "/v1/tokens",
+                "DELETE /v1/tokens",
+                Some("/v1/tokens"),
+            ),
+            ("PUT", "/v1/tokens", "PUT /v1/tokens", Some("/v1/tokens")),
+            (
+                "GET",
+                "/v1/api-keys",
+                "GET /v1/api-keys",
+                Some("/v1/api-keys"),
+            ),
+            (
+                "GET",
+                "/truora/identity/v1/processes/IDP1/result",
+                "GET /truora/*",
+                Some("/truora/*"),
+            ),
+            (
+                "BREW",
+                "/truora/identity/x",
+                "HTTP /truora/*",
+                Some("/truora/*"),
+            ),
+            ("GET", "/v1/users/someone@example.com", "GET", None),
+            ("BREW", "/elsewhere", "HTTP", None),
+        ];
+        for (method, path, name, template) in cases {
+            let method = http::Method::from_bytes(method.as_bytes()).unwrap();
+            let (got, m, t) = span_name(Route::of(&method, path), &method);
+            assert_eq!((got.as_ref(), t), (name, template), "{method} {path}");
+            assert!(m == method.as_str() || m == "_OTHER");
+        }
+    }
+
     #[tokio::test]
     async fn unknown_paths_are_404_and_wrong_methods_405_with_allow() {
         let (state, _) = state();
@@ -787,7 +918,7 @@ mod tests {
             }
         });
         let svc = ServiceBuilder::new()
-            .layer(ObserveLayer(Arc::clone(&state.metrics)))
+            .layer(ObserveLayer::new(Arc::clone(&state.metrics), None))
             .layer(CatchPanicLayer)
             .service(panicking);
         for path in ["/build", "/poll"] {

@@ -22,6 +22,7 @@ use zeroize::Zeroizing;
 use super::{Mint, MintFuture};
 use crate::error::UpstreamError;
 use crate::secret::MasterKey;
+use crate::telemetry;
 use crate::truora::{plausible_token, API_KEY_HEADER, MINT_PATH};
 
 /// Largest answer read from Truora; a token answer is well under 16 KiB.
@@ -38,6 +39,9 @@ pub struct TruoraClient {
     url: Uri,
     key: Arc<arc_swap::ArcSwap<MasterKey>>,
     timeout: Duration,
+    /// `telemetry.propagate_upstream`: a `traceparent` goes with each call made inside a
+    /// traced request.
+    propagate_trace: bool,
 }
 
 impl TruoraClient {
@@ -61,7 +65,14 @@ impl TruoraClient {
             url,
             key: Arc::new(arc_swap::ArcSwap::from_pointee(key)),
             timeout,
+            propagate_trace: false,
         })
+    }
+
+    /// Sends the current span's `traceparent` with each mint (`telemetry.propagate_upstream`).
+    pub fn with_trace_propagation(mut self, on: bool) -> Self {
+        self.propagate_trace = on;
+        self
     }
 
     /// The master key slot, shared with the pass-through forwarder so a rotation reaches both.
@@ -81,7 +92,7 @@ impl TruoraClient {
             }
         })?;
         key.set_sensitive(true);
-        let request = Request::builder()
+        let mut request = Request::builder()
             .method(Method::POST)
             .uri(self.url.clone())
             .header(API_KEY_HEADER, key)
@@ -93,6 +104,7 @@ impl TruoraClient {
             )
             .body(Full::new(Bytes::from(form)))
             .map_err(|_| UpstreamError::Unreachable)?;
+        telemetry::propagate(request.headers_mut(), self.propagate_trace);
         let exchange = async {
             let response = self.client.request(request).await.map_err(|e| {
                 if e.is_connect() {

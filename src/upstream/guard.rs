@@ -23,6 +23,9 @@
 //! (a rejected master key raises a metric, cleared by the next success, and logs at most once a
 //! minute); with fleet limits a 429's window is told to every replica. Time is tokio's, so tests
 //! run on a paused clock.
+//!
+//! Inside a traced request the whole of it is one span, `truora.mint`, with the attempts made
+//! and the outcome (`ok` or the error's code).
 
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
@@ -37,6 +40,7 @@ use crate::breaker::{Breaker, BreakerState, Change, Health};
 use crate::config::Config;
 use crate::error::{BrokerError, Refusal, UpstreamError};
 use crate::metrics::Metrics;
+use crate::telemetry;
 
 /// How often a rejected master key is logged at most.
 const CREDENTIAL_LOG_EVERY: Duration = Duration::from_secs(60);
@@ -191,6 +195,40 @@ impl Guard {
         mint: &dyn Mint,
         form: &str,
     ) -> Result<String, BrokerError> {
+        let span = telemetry::child(|| {
+            tracing::info_span!(
+                "truora.mint",
+                otel.kind = "client",
+                token_broker.caller = caller,
+                token_broker.upstream.attempts = tracing::field::Empty,
+                token_broker.upstream.outcome = tracing::field::Empty,
+                otel.status_code = tracing::field::Empty,
+            )
+        });
+        let mut attempts = 0;
+        let result = self.attempt(caller, mint, form, &span, &mut attempts).await;
+        if !span.is_none() {
+            span.record("token_broker.upstream.attempts", attempts);
+            match &result {
+                Ok(_) => span.record("token_broker.upstream.outcome", "ok"),
+                Err(e) => span
+                    .record("token_broker.upstream.outcome", e.code())
+                    .record("otel.status_code", "error"),
+            };
+        }
+        result
+    }
+
+    /// [`Guard::call`] itself; `attempts` counts the calls made to Truora, each inside `span`
+    /// (so that the client sends its `traceparent`).
+    async fn attempt(
+        &self,
+        caller: &str,
+        mint: &dyn Mint,
+        form: &str,
+        span: &tracing::Span,
+        attempts: &mut u32,
+    ) -> Result<String, BrokerError> {
         let deadline = Instant::now() + self.settings.deadline;
         self.check_throttle()?;
         let admitted = self.breaker.admit();
@@ -221,7 +259,10 @@ impl Guard {
             let result = if left.is_zero() {
                 Err(UpstreamError::Timeout)
             } else {
-                tokio::time::timeout(left, mint.mint(form.to_owned()))
+                *attempts += 1;
+                let call =
+                    tracing::Instrument::instrument(mint.mint(form.to_owned()), span.clone());
+                tokio::time::timeout(left, call)
                     .await
                     .unwrap_or(Err(UpstreamError::Timeout))
             };

@@ -34,6 +34,7 @@ use super::{CacheKey, TokenCache};
 use crate::breaker::{Breaker, Change, Health};
 use crate::config::{SharedCacheConfig, SharedMode};
 use crate::secret::hex;
+use crate::telemetry;
 
 mod conn;
 pub mod invalidate;
@@ -316,19 +317,38 @@ impl SharedTier {
     }
 }
 
+/// Says on a Redis call's span that it failed, and how.
+fn failed(span: &tracing::Span, e: SharedError) {
+    span.record("token_broker.outcome", e.label())
+        .record("otel.status_code", "error");
+}
+
 impl Inner {
     /// One Redis call: skipped while the breaker is open, bounded by the timeout, timed,
     /// counted when it fails. Errors are logged only when they open the breaker, and never with
-    /// Redis's own text (which could quote a key or the URL).
+    /// Redis's own text (which could quote a key or the URL). Inside a traced request it is a
+    /// span, `redis`, with the operation and its outcome (never a key or a value); the span is
+    /// made and closed here, never entered, as nothing below it has spans of its own.
     async fn call<T: redis::FromRedisValue>(
         &self,
         op: &'static str,
         cmd: redis::Cmd,
     ) -> Result<T, SharedError> {
+        let span = telemetry::child(|| {
+            tracing::info_span!(
+                "redis",
+                otel.kind = "client",
+                db.system.name = "redis",
+                db.operation.name = op,
+                token_broker.outcome = tracing::field::Empty,
+                otel.status_code = tracing::field::Empty,
+            )
+        });
         let admitted = self.breaker.admit();
         self.metrics.breaker_state.set(self.breaker.state().gauge());
         let Ok(mut admitted) = admitted else {
             self.fail(op, SharedError::BreakerOpen);
+            failed(&span, SharedError::BreakerOpen);
             return Err(SharedError::BreakerOpen);
         };
         let started = Instant::now();
@@ -364,8 +384,14 @@ impl Inner {
             None => {}
         }
         self.metrics.breaker_state.set(self.breaker.state().gauge());
-        if let Err(e) = result {
-            self.fail(op, e);
+        match &result {
+            Ok(_) => {
+                span.record("token_broker.outcome", "ok");
+            }
+            Err(e) => {
+                self.fail(op, *e);
+                failed(&span, *e);
+            }
         }
         result
     }
