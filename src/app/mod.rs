@@ -15,9 +15,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::audit::{Audit, AuditStartError, TagKey};
 use crate::auth::{Callers, JwksError, JwksSource, Refresher, ServiceAccounts};
 use crate::cache::shared::{SharedSecrets, SharedTier, TierError};
-use crate::config::{Config, ConfigError, JWKS_MIN_INTERVAL};
+use crate::config::{AuditConfig, Config, ConfigError, JWKS_MIN_INTERVAL};
 use crate::issuance::{fleet_limits, Issuer, IssuerSettings};
 use crate::metrics::Metrics;
 use crate::passthrough::{Forwarder, Passthrough, ResultCache};
@@ -51,6 +52,10 @@ pub enum StartError {
     /// The series could not be registered.
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    /// The audit trail could not be set up (never because of its file: the broker starts
+    /// without it, and says why).
+    #[error(transparent)]
+    Audit(#[from] AuditStartError),
     /// A listener could not be bound.
     #[error(transparent)]
     Bind(#[from] BindError),
@@ -127,6 +132,7 @@ pub fn secret_files_others_can_read(config: &Config) -> Vec<String> {
             "webhooks.tls.key_file",
             hooks.and_then(|w| w.tls.as_ref()).map(|t| &t.key_file),
         ),
+        ("audit.hmac_key_file", config.audit.hmac_key_file.as_ref()),
     ];
     let previous = shared
         .map(|s| s.previous_encryption_key_files.as_slice())
@@ -165,8 +171,22 @@ fn readable_by_others(path: &Path) -> Option<u32> {
     }
 }
 
+/// The user tags' key of `[audit]`, read from `hmac_key_file`; `None` without one (a key is
+/// then made at start).
+pub fn audit_key(config: &AuditConfig) -> Result<Option<TagKey>, ConfigError> {
+    config
+        .hmac_key_file
+        .as_deref()
+        .map(|path| {
+            TagKey::load(path)
+                .map_err(|e| ConfigError::invalid("audit.hmac_key_file", e.to_string()))
+        })
+        .transpose()
+}
+
 /// What only the owners of the runtime types can check of a validated config.
 fn check(config: &Config) -> Result<(), ConfigError> {
+    audit_key(&config.audit)?;
     Callers::from_config(&config.clients)?;
     if let Some(shared) = &config.cache.shared {
         SharedSecrets::load(shared)?;
@@ -239,6 +259,13 @@ impl Broker {
     pub async fn from_config(config: &Config, key: MasterKey) -> Result<Self, StartError> {
         let registry = prometheus::Registry::new();
         let metrics = Arc::new(Metrics::new(registry.clone())?);
+        let tag_key = match audit_key(&config.audit)? {
+            Some(key) => key,
+            None => TagKey::generate().map_err(|_| StartError::Random)?,
+        };
+        // Opened before anything is bound; a file that cannot be written does not stop the
+        // start (its series and logs say why).
+        let audit = Audit::start(&config.audit, tag_key, &registry).await?;
         let tls = match &config.server.tls {
             Some(t) => Some(Arc::new(arc_swap::ArcSwap::new(tls::server_config(t)?))),
             None => None,
@@ -263,7 +290,7 @@ impl Broker {
         if let Some(limits) = shared.as_ref().and_then(fleet_limits) {
             guard.share_limits(limits, &registry)?;
         }
-        let issuer = Issuer::with_shared(
+        let issuer = Issuer::with_audit(
             IssuerSettings {
                 min_remaining: config.cache.min_remaining,
                 max_entries: config.cache.max_entries,
@@ -275,6 +302,7 @@ impl Broker {
             guard,
             Arc::clone(&metrics),
             shared,
+            audit,
         );
         let (verifier, refresher) = service_accounts(config, &metrics).await?;
         let callers = Callers::from_config(&config.clients)?.with_service_accounts(verifier);
@@ -378,10 +406,13 @@ impl Broker {
         (self.listeners.caller_addr(), self.listeners.admin_addr())
     }
 
-    /// Serves until `shutdown` completes, then drains (see [`Listeners::run`]).
+    /// Serves until `shutdown` completes, then drains (see [`Listeners::run`]), and writes the
+    /// audit events still queued.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let _refresher = self.refresher;
+        let audit = Arc::clone(self.state.issuer.audit());
         self.listeners.run(self.state, self.admin, shutdown).await;
+        let _ = tokio::task::spawn_blocking(move || audit.close()).await;
     }
 }
 

@@ -34,13 +34,36 @@ use http::StatusCode;
 use tokio::sync::Mutex;
 
 use super::{load, Loaded};
+use crate::audit::Event;
 use crate::auth::{Callers, ServiceAccounts};
 use crate::cache::{Filter, Reason};
-use crate::config::{AuthConfig, Config, ConfigError, WebhooksConfig};
+use crate::config::{AuditConfig, AuthConfig, Config, ConfigError, WebhooksConfig};
 use crate::server::{tls, ApiState, Reload, SharedTls};
 use crate::upstream::guard::caller_rates;
 use crate::upstream::TruoraClient;
 use crate::webhooks::{self, Webhooks};
+
+/// What started a reload, as the audit trail and the logs say it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// SIGHUP.
+    Sighup,
+    /// `POST /admin/reload`.
+    Admin,
+    /// A watched secret or certificate file changed (`server.watch_files`).
+    Watch,
+}
+
+impl Trigger {
+    /// `sighup`, `admin` or `watch`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Trigger::Sighup => "sighup",
+            Trigger::Admin => "admin",
+            Trigger::Watch => "watch",
+        }
+    }
+}
 
 /// What a successful reload did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,15 +110,42 @@ impl Reloader {
         }
     }
 
-    /// Reloads, logs and counts the outcome.
+    /// Reloads as SIGHUP does, logs, counts and audits the outcome.
     pub async fn reload(&self) -> Result<Reloaded, ConfigError> {
-        let outcome = self.try_reload().await;
+        self.reload_by(Trigger::Sighup, &[]).await
+    }
+
+    /// Reloads for `trigger` (with `files`, the config keys of the watched files whose change
+    /// started it), logs, counts and audits the outcome.
+    pub async fn reload_by(
+        &self,
+        trigger: Trigger,
+        files: &[&str],
+    ) -> Result<Reloaded, ConfigError> {
+        // Boxed: the reading, checking and revoking make a deep future, and every caller would
+        // carry its layout.
+        let outcome = Box::pin(self.try_reload()).await;
         let metrics = &self.state.metrics;
+        let audit = self.state.issuer.audit();
+        let error = outcome.as_ref().err().map(ToString::to_string);
+        let done = outcome.as_ref().ok();
+        audit.record(&Event::Reload {
+            trigger: trigger.name(),
+            result: if done.is_some() { "applied" } else { "refused" },
+            files,
+            callers: done.map(|d| d.callers),
+            revoked: done.map_or(&[], |d| d.revoked.as_slice()),
+            restart_required: done.map_or(&[], |d| d.restart_required.as_slice()),
+            key_fingerprint: done.map(|d| d.key_fingerprint.as_str()),
+            tag_key: audit.key().id(),
+            error: error.as_deref(),
+        });
         match &outcome {
             Ok(done) => {
                 metrics.config_reloads.with_label_values(&["ok"]).inc();
                 metrics.config_last_reload_success.set(unix_now());
                 tracing::info!(
+                    trigger = trigger.name(),
                     callers = done.callers,
                     revoked = ?done.revoked,
                     restart_required = ?done.restart_required,
@@ -105,7 +155,11 @@ impl Reloader {
             }
             Err(e) => {
                 metrics.config_reloads.with_label_values(&["error"]).inc();
-                tracing::error!("configuration reload refused, the running one is kept: {e}");
+                tracing::error!(
+                    trigger = trigger.name(),
+                    files = ?files,
+                    "configuration reload refused, the running one is kept: {e}"
+                );
             }
         }
         outcome
@@ -113,7 +167,7 @@ impl Reloader {
 
     /// [`Reloader::reload`] as the status and JSON body of `POST /admin/reload`.
     async fn answer(&self) -> (StatusCode, String) {
-        match self.reload().await {
+        match self.reload_by(Trigger::Admin, &[]).await {
             Ok(done) => (
                 StatusCode::OK,
                 serde_json::json!({
@@ -177,17 +231,30 @@ impl Reloader {
                 )),
                 _ => None,
             };
-            Ok::<_, ConfigError>((config, key, tls, auth, hooks))
+            let tag_key = super::audit_key(&config.audit)?;
+            Ok::<_, ConfigError>((config, key, tls, auth, hooks, tag_key))
         });
-        let (new, key, tls, auth, hooks) = read.await.map_err(|_| ConfigError::Read {
-            path: self.path.clone(),
-            reason: "the reading task stopped".into(),
-        })??;
+        let (new, key, tls, auth, hooks, tag_key) =
+            read.await.map_err(|_| ConfigError::Read {
+                path: self.path.clone(),
+                reason: "the reading task stopped".into(),
+            })??;
         let callers = Callers::from_config(&new.clients)?.with_service_accounts(verifier.clone());
         let restart_required = restart_required(&running, &new);
 
         let key_fingerprint = key.fingerprint();
         self.client.set_key(key);
+        if let Some(tag_key) = tag_key {
+            let audit = self.state.issuer.audit();
+            if tag_key.id() != audit.key().id() {
+                tracing::info!(
+                    from = audit.key().id(),
+                    to = tag_key.id(),
+                    "audit.hmac_key_file: user tags are made with a new key from now on"
+                );
+            }
+            audit.set_key(tag_key);
+        }
         if let (Some(slot), Some(tls)) = (&self.tls, tls) {
             slot.store(tls);
         }
@@ -239,20 +306,20 @@ impl Reloader {
         if let Some(passthrough) = &self.state.passthrough {
             passthrough.forget_caller(id);
         }
-        match self
-            .state
-            .issuer
+        let issuer = &self.state.issuer;
+        let dropped = issuer
             .invalidate_everywhere(&Filter::caller(id), Reason::Revoked)
-            .await
-        {
-            Ok(dropped) => {
-                tracing::info!(target: "audit", caller = %id, dropped = dropped.tokens, "caller revoked")
-            }
-            Err(_) => tracing::warn!(
-                target: "audit",
+            .await;
+        issuer.audit().record(&Event::Revocation {
+            caller: id,
+            invalidated: dropped.as_ref().ok().map(|d| d.tokens),
+            everywhere: dropped.is_ok(),
+        });
+        if dropped.is_err() {
+            tracing::warn!(
                 caller = %id,
                 "caller revoked; its tokens are dropped here, but the shared cache could not be reached: other replicas refuse the caller from their next reload, and its values in Redis expire with the tokens"
-            ),
+            );
         }
     }
 }
@@ -293,7 +360,18 @@ fn restart_required(old: &Config, new: &Config) -> Vec<&'static str> {
     if webhooks_need_restart(old.webhooks.as_ref(), new.webhooks.as_ref()) {
         changed.push("webhooks");
     }
+    if audit_needs_restart(&old.audit, &new.audit) {
+        changed.push("audit");
+    }
     changed
+}
+
+/// Whether `[audit]` changed beyond what a reload applies (the key, re-read from
+/// `hmac_key_file`): its file, `on_failure`, `include_hits`, or the key file taken away (the
+/// running key is kept).
+fn audit_needs_restart(old: &AuditConfig, new: &AuditConfig) -> bool {
+    (&old.file, old.on_failure, old.include_hits) != (&new.file, new.on_failure, new.include_hits)
+        || (old.hmac_key_file.is_some() && new.hmac_key_file.is_none())
 }
 
 /// Whether `[webhooks]` changed beyond what a reload applies: turned on or off, or its

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 
 use crate::secret::MasterKey;
 
+mod audit;
 mod auth;
 mod cache;
 mod clients;
@@ -22,6 +23,7 @@ mod server;
 mod upstream;
 mod webhooks;
 
+pub use audit::{AuditConfig, OnFailure};
 pub use auth::{AuthConfig, KubernetesConfig, JWKS_MIN_INTERVAL};
 pub use cache::{redacted_url, CacheConfig, SharedCacheConfig, SharedMode};
 pub use clients::{is_service_account, is_spiffe_id, ClientConfig, Offered};
@@ -57,6 +59,10 @@ pub struct Config {
     /// (ended processes are then learnt only from results read through the pass-through).
     #[serde(default)]
     pub webhooks: Option<WebhooksConfig>,
+    /// The audit trail: where its events go, the key of its user tags, and whether a mint that
+    /// cannot be recorded is refused.
+    #[serde(default)]
+    pub audit: AuditConfig,
 }
 
 /// A configuration that cannot be used, naming the key and what is wrong with it.
@@ -114,6 +120,7 @@ impl Config {
         self.upstream.validate()?;
         self.cache.validate(self.upstream.deadline)?;
         self.auth.validate()?;
+        self.audit.validate()?;
         if let Some(webhooks) = &self.webhooks {
             webhooks.validate(&[
                 ("server.listen", self.server.listen),

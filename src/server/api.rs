@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body::Body;
 
+use crate::audit::Origin;
 use crate::auth::{Authed, Callers, SharedCallers};
 use crate::config::ServerConfig;
 use crate::error::{BrokerError, RequestError};
@@ -119,14 +120,14 @@ where
         }
         Route::Passthrough => {
             let passthrough = state.passthrough.as_ref().ok_or(RequestError::NotFound)?;
-            let Authed {
-                caller,
-                req,
-                peer_ip,
-                ..
-            } = authed;
+            let request_id = authed.request_id.clone();
+            let origin = Origin {
+                request_id: request_id.to_str().unwrap_or("-"),
+                peer: authed.peer_ip,
+            };
+            let Authed { caller, req, .. } = authed;
             passthrough
-                .relay(&caller.id, &caller.passthrough, req, peer_ip)
+                .relay(&caller.id, &caller.passthrough, req, origin)
                 .await
         }
         Route::MethodNotAllowed(allow) => Err(RequestError::MethodNotAllowed { allow }.into()),
@@ -146,8 +147,16 @@ where
     B::Error: std::error::Error + Send + Sync + 'static,
 {
     let Authed {
-        route, caller, req, ..
+        route,
+        caller,
+        req,
+        peer_ip,
+        request_id,
     } = authed;
+    let origin = Origin {
+        request_id: request_id.to_str().unwrap_or("-"),
+        peer: peer_ip,
+    };
     if route == Route::ApiKeys {
         caller.policy.check_drop_in()?;
     }
@@ -160,9 +169,15 @@ where
     };
     caller.policy.admit(&mut request)?;
     let issued = if new_process {
-        state.issuer.renew(&caller.id, &request, outcome).await?
+        state
+            .issuer
+            .renew_for(&caller.id, &request, origin, outcome)
+            .await?
     } else {
-        state.issuer.issue(&caller.id, &request, outcome).await?
+        state
+            .issuer
+            .issue_for(&caller.id, &request, origin, outcome)
+            .await?
     };
     let body = match route {
         Route::ApiKeys => issued.dropin_body(),

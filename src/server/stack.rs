@@ -60,6 +60,7 @@ where
             Arc::clone(&state.callers),
             peer,
             Arc::clone(&state.metrics),
+            Arc::clone(state.issuer.audit()),
         ))
         .service(Api::new(state))
 }
@@ -103,7 +104,11 @@ where
         let request_id = access::request_id(req.headers());
         let in_flight = InFlight::enter(Arc::clone(&self.metrics));
         ObserveFuture {
-            inner: self.inner.call(Routed { route, req }),
+            inner: self.inner.call(Routed {
+                route,
+                req,
+                request_id: request_id.clone(),
+            }),
             route,
             started,
             request_id,
