@@ -66,6 +66,8 @@ impl Audited {
         cfg.upstream.api_key_file = Some(key_file(dir, "api-key", MASTER_KEY));
         cfg.audit.file = Some(dir.join("audit.jsonl"));
         cfg.audit.hmac_key_file = Some(key_file(dir, "tag-key", TAG_KEY));
+        // These tests reload by hand; tests/rotation.rs has the watcher's.
+        cfg.server.watch_files = false;
         tweak(&mut cfg);
         let path = dir.join("broker.toml");
         std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();

@@ -31,6 +31,7 @@ pub mod cli;
 pub mod demo;
 pub mod process;
 pub mod reload;
+pub mod watch;
 
 pub use reload::Reloader;
 
@@ -90,7 +91,12 @@ pub struct Loaded {
 /// its secrets, and with `[auth.kubernetes]` its `jwks_file` or its `ca_file` (`jwks_url` is
 /// fetched by `serve` only).
 pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
-    let config = Config::load(path)?;
+    loaded(Config::load(path)?)
+}
+
+/// [`load`] of a file already read and validated: the master key, what only the runtime types
+/// check, and the warnings.
+pub fn loaded(config: Config) -> Result<Loaded, ConfigError> {
     let key = config.master_key()?;
     check(&config)?;
     let warnings = secret_files_others_can_read(&config);
@@ -105,51 +111,13 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
 /// group or others): the broker still starts, but the file should be `0600` (or `0400`; on
 /// Kubernetes, `defaultMode: 0400` on the Secret's volume).
 pub fn secret_files_others_can_read(config: &Config) -> Vec<String> {
-    let shared = config.cache.shared.as_ref();
-    let hooks = config.webhooks.as_ref();
-    let files = [
-        (
-            "upstream.api_key_file",
-            config.upstream.api_key_file.as_ref(),
-        ),
-        (
-            "server.tls.key_file",
-            config.server.tls.as_ref().map(|t| &t.key_file),
-        ),
-        (
-            "cache.shared.password_file",
-            shared.and_then(|s| s.password_file.as_ref()),
-        ),
-        (
-            "cache.shared.encryption_key_file",
-            shared.and_then(|s| s.encryption_key_file.as_ref()),
-        ),
-        (
-            "webhooks.signing_secret_file",
-            hooks.and_then(|w| w.signing_secret_file.as_ref()),
-        ),
-        (
-            "webhooks.tls.key_file",
-            hooks.and_then(|w| w.tls.as_ref()).map(|t| &t.key_file),
-        ),
-        ("audit.hmac_key_file", config.audit.hmac_key_file.as_ref()),
-    ];
-    let previous = shared
-        .map(|s| s.previous_encryption_key_files.as_slice())
-        .unwrap_or_default()
-        .iter()
-        .map(|p| ("cache.shared.previous_encryption_key_files", Some(p)));
-    let sentinel = (
-        "cache.shared.sentinel_password_file",
-        shared.and_then(|s| s.sentinel_password_file.as_ref()),
-    );
     let mut warnings = Vec::new();
-    for (key, path) in files.into_iter().chain([sentinel]).chain(previous) {
-        let Some(path) = path else { continue };
-        if let Some(mode) = readable_by_others(path) {
+    for file in watch::secret_files(config).iter().filter(|f| f.secret) {
+        if let Some(mode) = readable_by_others(&file.path) {
             warnings.push(format!(
-                "{key}: {} is readable by other users (mode {mode:o}); make it 0600 or 0400",
-                path.display()
+                "{}: {} is readable by other users (mode {mode:o}); make it 0600 or 0400",
+                file.key,
+                file.path.display()
             ));
         }
     }
@@ -252,6 +220,8 @@ pub struct Broker {
     webhooks: Option<(Arc<Webhooks>, Option<SharedTls>)>,
     /// Keeps `jwks_url`'s keys fresh while the broker runs; stops with it.
     refresher: Option<Refresher>,
+    /// The secret-file watcher's series (exported whether it watches or not).
+    watch_metrics: Arc<watch::WatchMetrics>,
 }
 
 impl Broker {
@@ -266,6 +236,7 @@ impl Broker {
         // Opened before anything is bound; a file that cannot be written does not stop the
         // start (its series and logs say why).
         let audit = Audit::start(&config.audit, tag_key, &registry).await?;
+        let watch_metrics = watch::WatchMetrics::new(&registry)?;
         let tls = match &config.server.tls {
             Some(t) => Some(Arc::new(arc_swap::ArcSwap::new(tls::server_config(t)?))),
             None => None,
@@ -362,12 +333,14 @@ impl Broker {
             tls,
             webhooks: webhooks.map(|(_, receiver, tls)| (receiver, tls)),
             refresher,
+            watch_metrics,
         })
     }
 
     /// Lets SIGHUP and `POST /admin/reload` re-read `path` (the file this broker was built from,
-    /// as `config`).
+    /// as `config`), and with `server.watch_files` a change of a secret or certificate file.
     pub fn reload_from(&self, path: PathBuf, config: Config) -> Option<Arc<Reloader>> {
+        let watch_files = config.server.watch_files;
         let reloader = Arc::new(Reloader::new(
             path,
             config,
@@ -375,10 +348,18 @@ impl Broker {
             Arc::clone(&self.client),
             self.tls.clone(),
             self.webhooks.clone(),
+            Arc::clone(&self.watch_metrics),
         ));
-        self.admin
+        if !self
+            .admin
             .set_reload(Arc::clone(&reloader) as Arc<dyn crate::server::Reload>)
-            .then_some(reloader)
+        {
+            return None;
+        }
+        if watch_files {
+            reloader.watch_files();
+        }
+        Some(reloader)
     }
 
     /// The caller API's state, for tests.

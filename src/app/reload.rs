@@ -23,17 +23,18 @@
 //! older file never overwrites a newer one. A revoked caller's tokens are dropped everywhere
 //! (this replica, Redis, the other replicas) and so are its cached pass-through results.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use http::StatusCode;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, Notify};
 
-use super::{load, Loaded};
+use super::watch::{self, secret_files, ContentDigest, SecretFile, WatchMetrics, Watcher};
+use super::{loaded, Loaded};
 use crate::audit::Event;
 use crate::auth::{Callers, ServiceAccounts};
 use crate::cache::{Filter, Reason};
@@ -87,6 +88,14 @@ pub struct Reloader {
     tls: Option<SharedTls>,
     /// The webhook receiver and its listener's TLS, with `[webhooks]`.
     webhooks: Option<(Arc<Webhooks>, Option<SharedTls>)>,
+    /// The digest of each secret file's content in force: read before the file was loaded, so
+    /// that a change racing a reload is seen again rather than taken as applied.
+    in_force: std::sync::Mutex<HashMap<PathBuf, ContentDigest>>,
+    /// With `server.watch_files`: what keeps the watch alive.
+    watcher: OnceLock<Watcher>,
+    /// Wakes the watcher: its events, and every reload (so that it recounts what is pending).
+    poke: Arc<Notify>,
+    watch_metrics: Arc<WatchMetrics>,
 }
 
 impl Reloader {
@@ -98,8 +107,12 @@ impl Reloader {
         client: Arc<TruoraClient>,
         tls: Option<SharedTls>,
         webhooks: Option<(Arc<Webhooks>, Option<SharedTls>)>,
+        watch_metrics: Arc<WatchMetrics>,
     ) -> Self {
         state.metrics.config_last_reload_success.set(unix_now());
+        // What the broker read at start (a change in the moment since is taken as read: the
+        // next one is seen).
+        let in_force = watch::digests(&secret_files(&config));
         Self {
             path,
             running: Mutex::new(config),
@@ -107,7 +120,47 @@ impl Reloader {
             client,
             tls,
             webhooks,
+            in_force: std::sync::Mutex::new(in_force),
+            watcher: OnceLock::new(),
+            poke: Arc::new(Notify::new()),
+            watch_metrics,
         }
+    }
+
+    /// Watches the secret and certificate files and applies their changes (see
+    /// [`super::watch`]); once.
+    pub fn watch_files(self: &Arc<Self>) {
+        if self.watcher.get().is_some() {
+            return;
+        }
+        if let Some(watcher) = watch::watcher(&self.poke) {
+            if self.watcher.set(watcher).is_ok() {
+                watch::spawn(self, Arc::clone(&self.poke));
+            }
+        }
+    }
+
+    /// The watcher, when files are watched.
+    pub(super) fn watcher(&self) -> Option<&Watcher> {
+        self.watcher.get()
+    }
+
+    /// The watcher's series.
+    pub(super) fn watch_metrics(&self) -> &WatchMetrics {
+        &self.watch_metrics
+    }
+
+    /// The secret files of the running configuration.
+    pub(super) async fn secret_files(&self) -> Vec<SecretFile> {
+        secret_files(&*self.running.lock().await)
+    }
+
+    /// The digests of the secret files' contents in force.
+    pub(super) fn in_force(&self) -> HashMap<PathBuf, ContentDigest> {
+        self.in_force
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Reloads as SIGHUP does, logs, counts and audits the outcome.
@@ -125,6 +178,8 @@ impl Reloader {
         // Boxed: the reading, checking and revoking make a deep future, and every caller would
         // carry its layout.
         let outcome = Box::pin(self.try_reload()).await;
+        // The watcher recounts what is pending against what is in force now.
+        self.poke.notify_one();
         let metrics = &self.state.metrics;
         let audit = self.state.issuer.audit();
         let error = outcome.as_ref().err().map(ToString::to_string);
@@ -203,11 +258,14 @@ impl Reloader {
         let running_hooks = running.webhooks.clone();
         let hooks_tls = self.webhooks.as_ref().is_some_and(|(_, t)| t.is_some());
         let read = tokio::task::spawn_blocking(move || {
+            let config = Config::load(&path)?;
+            // Before the files are read: a change racing this reload is then seen again.
+            let digests = watch::digests(secret_files(&config).iter().filter(|f| f.reloadable));
             let Loaded {
                 config,
                 key,
                 warnings,
-            } = load(&path)?;
+            } = loaded(config)?;
             for warning in warnings {
                 tracing::warn!("{warning}");
             }
@@ -232,9 +290,9 @@ impl Reloader {
                 _ => None,
             };
             let tag_key = super::audit_key(&config.audit)?;
-            Ok::<_, ConfigError>((config, key, tls, auth, hooks, tag_key))
+            Ok::<_, ConfigError>((config, key, tls, auth, hooks, tag_key, digests))
         });
-        let (new, key, tls, auth, hooks, tag_key) =
+        let (new, key, tls, auth, hooks, tag_key, digests) =
             read.await.map_err(|_| ConfigError::Read {
                 path: self.path.clone(),
                 reason: "the reading task stopped".into(),
@@ -287,6 +345,18 @@ impl Reloader {
             .set_caller_rates(&caller_rates(&new));
         for id in &revoked {
             self.revoke(id).await;
+        }
+        {
+            // Files a reload read are in force as read; those only a restart reads keep the
+            // digest of what the broker started with.
+            let mut in_force = self.in_force.lock().unwrap_or_else(|p| p.into_inner());
+            let mut now = digests;
+            for f in secret_files(&new).iter().filter(|f| !f.reloadable) {
+                if let Some(d) = in_force.get(&f.path) {
+                    now.insert(f.path.clone(), *d);
+                }
+            }
+            *in_force = now;
         }
         let callers = new.clients.len();
         *running = new;
