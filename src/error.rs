@@ -271,6 +271,10 @@ pub enum Refusal {
         scope: BudgetScope,
         retry_after: Duration,
     },
+    /// `audit.on_failure = "refuse"` and the audit trail cannot be written: nothing is minted
+    /// (or relayed) that would go unrecorded.
+    #[error("the audit trail cannot be written, and this broker mints nothing it cannot record; retry shortly")]
+    AuditUnavailable,
 }
 
 /// Whose mint budget ran out.
@@ -299,6 +303,7 @@ impl Refusal {
             Refusal::Saturated => "saturated",
             Refusal::SharedCacheUnavailable => "shared_cache_unavailable",
             Refusal::InvalidationRateExceeded { .. } => "invalidation_rate",
+            Refusal::AuditUnavailable => "audit_unavailable",
             Refusal::BudgetExceeded {
                 scope: BudgetScope::Global,
                 ..
@@ -372,7 +377,8 @@ impl BrokerError {
             BrokerError::Refused(r) => match r {
                 Refusal::CircuitOpen { .. }
                 | Refusal::Saturated
-                | Refusal::SharedCacheUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+                | Refusal::SharedCacheUnavailable
+                | Refusal::AuditUnavailable => StatusCode::SERVICE_UNAVAILABLE,
                 Refusal::BudgetExceeded { .. } | Refusal::InvalidationRateExceeded { .. } => {
                     StatusCode::TOO_MANY_REQUESTS
                 }
@@ -428,6 +434,7 @@ impl BrokerError {
                 Refusal::SharedCacheUnavailable => "shared_cache_unavailable",
                 Refusal::InvalidationRateExceeded { .. } => "invalidation_rate_exceeded",
                 Refusal::BudgetExceeded { .. } => "mint_budget_exceeded",
+                Refusal::AuditUnavailable => "audit_unavailable",
             },
             BrokerError::Webhook(w) => match w {
                 WebhookError::Unauthorized => "unauthorized",
@@ -467,6 +474,8 @@ impl BrokerError {
                 Some(retry_after.as_secs_f64().ceil().max(1.0) as u64)
             }
             BrokerError::Refused(Refusal::Saturated | Refusal::SharedCacheUnavailable) => Some(1),
+            // The trail retries every second; a caller need not come back sooner than this.
+            BrokerError::Refused(Refusal::AuditUnavailable) => Some(5),
             _ => None,
         }
     }
@@ -741,6 +750,14 @@ mod tests {
         let err = BrokerError::from(Refusal::SharedCacheUnavailable);
         assert_eq!(err.retry_after(), Some(1));
         check(err, 503, "shared_cache_unavailable");
+    }
+
+    #[test]
+    fn an_unwritable_audit_trail_under_refuse_is_503_audit_unavailable_with_retry_after() {
+        let err = BrokerError::from(Refusal::AuditUnavailable);
+        assert_eq!(err.retry_after(), Some(5));
+        assert!(err.to_string().contains("audit trail"), "{err}");
+        check(err, 503, "audit_unavailable");
     }
 
     #[test]

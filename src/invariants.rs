@@ -13,6 +13,7 @@
 
 use std::sync::OnceLock;
 
+use crate::audit::{KeySource, TagKey};
 use crate::auth::kubernetes::{read_header, ServiceAccounts, MAX_TOKEN_BYTES};
 use crate::auth::KeySet;
 use crate::config::KubernetesConfig;
@@ -43,7 +44,12 @@ fn round_trip(req: &TokenRequest<'_>) {
     assert_eq!(&again, req, "the upstream form changes the request");
     assert_eq!(key("c", &again), key("c", req));
     assert_ne!(key("c", req), key("d", req));
-    let _ = req.user_tag();
+    // The user's tags: one per identifier, the same after the trip.
+    static KEY: OnceLock<TagKey> = OnceLock::new();
+    let tag_key = KEY.get_or_init(|| TagKey::new(&[0x42; 32], KeySource::File));
+    let tags = req.user_tags(tag_key);
+    assert_eq!(tags.tags.len(), req.identifiers().count());
+    assert_eq!(again.user_tags(tag_key), tags);
 }
 
 /// Splits `data` on newlines into field values (country, flow_id, host, account_id, then

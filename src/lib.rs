@@ -32,10 +32,12 @@
 //! | [`logging`] | Log format and filter, the access line, batched writes to stderr. |
 //! | [`metrics`] | The Prometheus registry, every series, and their bounded label sets. |
 //! | [`telemetry`] | Traces: the request span and its children, their own dispatcher, OTLP/HTTP export, trace context in and out. |
+//! | [`audit`] | The audit trail: its events, the keyed user tags, the JSON-lines file and its writer. |
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod app;
+pub mod audit;
 pub mod auth;
 pub mod breaker;
 pub mod cache;

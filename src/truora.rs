@@ -85,13 +85,25 @@ pub const MAX_TOKEN_LEN: usize = 8 * 1024;
 struct Claims {
     exp: Option<f64>,
     iat: Option<f64>,
+    /// Any JSON value: a number here must not make the lifetime unreadable.
+    jti: Option<serde_json::Value>,
 }
 
-/// The lifetime the token's own claims give (`exp - iat`), if it is a JWT that carries both.
-///
-/// `None` for an opaque token or one without the claims; `Some(Duration::ZERO)` when `exp` is not
-/// after `iat`.
-pub fn token_lifetime(token: &str) -> Option<Duration> {
+/// The longest `jti` the audit trail takes from a token.
+pub const MAX_JTI_LEN: usize = 128;
+
+/// What the broker reads of a minted token's claims.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenClaims {
+    /// `exp - iat`, when the claims carry both (zero when `exp` is not after `iat`).
+    pub lifetime: Option<Duration>,
+    /// The token's id, when it is a string of 1 to [`MAX_JTI_LEN`] of `A-Z a-z 0-9 . _ : -`
+    /// (anything else is not written into the audit trail).
+    pub jti: Option<String>,
+}
+
+/// The claims of a token that is a JWT; `None` for an opaque token or unreadable claims.
+pub fn token_claims(token: &str) -> Option<TokenClaims> {
     let mut parts = token.split('.');
     let (_header, payload, _sig) = (parts.next()?, parts.next()?, parts.next()?);
     if parts.next().is_some() || payload.len() > MAX_TOKEN_LEN {
@@ -101,11 +113,33 @@ pub fn token_lifetime(token: &str) -> Option<Duration> {
         .decode(payload.trim_end_matches('='))
         .ok()?;
     let claims: Claims = serde_json::from_slice(&bytes).ok()?;
-    let (exp, iat) = (claims.exp?, claims.iat?);
-    if !exp.is_finite() || !iat.is_finite() {
-        return None;
-    }
-    Some(Duration::from_secs_f64((exp - iat).clamp(0.0, 1e9)))
+    let lifetime = match (claims.exp, claims.iat) {
+        (Some(exp), Some(iat)) if exp.is_finite() && iat.is_finite() => {
+            Some(Duration::from_secs_f64((exp - iat).clamp(0.0, 1e9)))
+        }
+        _ => None,
+    };
+    let jti = match claims.jti {
+        Some(serde_json::Value::String(j)) if is_jti(&j) => Some(j),
+        _ => None,
+    };
+    Some(TokenClaims { lifetime, jti })
+}
+
+/// True for a `jti` the audit trail may carry as it is.
+pub fn is_jti(value: &str) -> bool {
+    (1..=MAX_JTI_LEN).contains(&value.len())
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
+/// The lifetime the token's own claims give (`exp - iat`), if it is a JWT that carries both.
+///
+/// `None` for an opaque token or one without the claims; `Some(Duration::ZERO)` when `exp` is not
+/// after `iat`.
+pub fn token_lifetime(token: &str) -> Option<Duration> {
+    token_claims(token)?.lifetime
 }
 
 /// True when every byte may appear in a token we pass on unescaped (JWT and base64 alphabets).
@@ -128,6 +162,28 @@ mod tests {
             e.encode(r#"{"alg":"HS256","typ":"JWT"}"#),
             e.encode(payload)
         )
+    }
+
+    #[test]
+    fn the_jti_is_read_when_it_is_a_plain_string_and_never_spoils_the_lifetime() {
+        let t = jwt(r#"{"exp":1700007200,"iat":1700000000,"jti":"a1b2-c3"}"#);
+        let c = token_claims(&t).unwrap();
+        assert_eq!(c.jti.as_deref(), Some("a1b2-c3"));
+        assert_eq!(c.lifetime, Some(Duration::from_secs(7200)));
+        for odd in [
+            r#""a b""#,
+            "42",
+            r#""""#,
+            &format!(r#""{}""#, "x".repeat(129)),
+        ] {
+            let t = jwt(&format!(
+                r#"{{"exp":1700007200,"iat":1700000000,"jti":{odd}}}"#
+            ));
+            let c = token_claims(&t).unwrap();
+            assert_eq!(c.jti, None, "{odd}");
+            assert_eq!(c.lifetime, Some(Duration::from_secs(7200)), "{odd}");
+        }
+        assert_eq!(token_claims("opaque"), None);
     }
 
     #[test]

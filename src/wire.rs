@@ -132,6 +132,9 @@ pub struct Routed<B> {
     pub route: Route,
     /// The request.
     pub req: Request<B>,
+    /// The request id (given or made), for the audit trail. A clone of the outermost layer's:
+    /// sharing its bytes, so passing it down costs no allocation.
+    pub request_id: HeaderValue,
 }
 
 /// What the layers under the outermost one learn about a request, handed back up with its

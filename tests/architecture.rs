@@ -15,7 +15,8 @@
 //!   sandbox                     the fake Truora: only the composition root (and tests) use it
 //!   invariants                  the fuzz targets' checks: the core, the upstream reader, the
 //!                               service-account token reader
-//!   leaves: wire, logging, config, telemetry, then error, metrics, breaker, rate, truora, secret
+//!   leaves: wire, logging, config, telemetry, audit, then error, metrics, breaker, rate, truora,
+//!   secret
 //! ```
 //!
 //! [`ALLOWED`] is the whole rule: each room with the rooms it may import. Every `crate::` path
@@ -32,6 +33,7 @@ const LEAVES: &[&str] = &[
     "logging",
     "config",
     "telemetry",
+    "audit",
     "error",
     "metrics",
     "breaker",
@@ -85,6 +87,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "logging",
             "config",
             "telemetry",
+            "audit",
             "error",
             "metrics",
             "breaker",
@@ -100,7 +103,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     (
         "invariants",
         &[
-            "auth", "webhooks", "issuance", "upstream", "config", "secret", "truora",
+            "auth", "webhooks", "issuance", "upstream", "config", "audit", "secret", "truora",
         ],
     ),
     // Leaves, from the top of the bottom floor down.
@@ -109,6 +112,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("config", &["truora", "secret"]),
     // Traces: built from its config section; spans and headers, no domain type.
     ("telemetry", &["config"]),
+    // The trail is built from its config section and writes hex through `secret`.
+    ("audit", &["config", "secret"]),
     ("error", &[]),
     ("metrics", &[]),
     ("breaker", &[]),

@@ -15,9 +15,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::audit::{Audit, AuditStartError, TagKey};
 use crate::auth::{Callers, JwksError, JwksSource, Refresher, ServiceAccounts};
 use crate::cache::shared::{SharedSecrets, SharedTier, TierError};
-use crate::config::{Config, ConfigError, JWKS_MIN_INTERVAL};
+use crate::config::{AuditConfig, Config, ConfigError, JWKS_MIN_INTERVAL};
 use crate::issuance::{fleet_limits, Issuer, IssuerSettings};
 use crate::metrics::Metrics;
 use crate::passthrough::{Forwarder, Passthrough, ResultCache};
@@ -31,6 +32,7 @@ pub mod cli;
 pub mod demo;
 pub mod process;
 pub mod reload;
+pub mod watch;
 
 pub use reload::Reloader;
 
@@ -55,6 +57,10 @@ pub enum StartError {
     /// The trace exporter could not be set up.
     #[error(transparent)]
     Telemetry(#[from] TelemetryError),
+    /// The audit trail could not be set up (never because of its file: the broker starts
+    /// without it, and says why).
+    #[error(transparent)]
+    Audit(#[from] AuditStartError),
     /// A listener could not be bound.
     #[error(transparent)]
     Bind(#[from] BindError),
@@ -89,7 +95,12 @@ pub struct Loaded {
 /// its secrets, and with `[auth.kubernetes]` its `jwks_file` or its `ca_file` (`jwks_url` is
 /// fetched by `serve` only).
 pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
-    let config = Config::load(path)?;
+    loaded(Config::load(path)?)
+}
+
+/// [`load`] of a file already read and validated: the master key, what only the runtime types
+/// check, and the warnings.
+pub fn loaded(config: Config) -> Result<Loaded, ConfigError> {
     let key = config.master_key()?;
     check(&config)?;
     let warnings = secret_files_others_can_read(&config);
@@ -104,50 +115,13 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
 /// group or others): the broker still starts, but the file should be `0600` (or `0400`; on
 /// Kubernetes, `defaultMode: 0400` on the Secret's volume).
 pub fn secret_files_others_can_read(config: &Config) -> Vec<String> {
-    let shared = config.cache.shared.as_ref();
-    let hooks = config.webhooks.as_ref();
-    let files = [
-        (
-            "upstream.api_key_file",
-            config.upstream.api_key_file.as_ref(),
-        ),
-        (
-            "server.tls.key_file",
-            config.server.tls.as_ref().map(|t| &t.key_file),
-        ),
-        (
-            "cache.shared.password_file",
-            shared.and_then(|s| s.password_file.as_ref()),
-        ),
-        (
-            "cache.shared.encryption_key_file",
-            shared.and_then(|s| s.encryption_key_file.as_ref()),
-        ),
-        (
-            "webhooks.signing_secret_file",
-            hooks.and_then(|w| w.signing_secret_file.as_ref()),
-        ),
-        (
-            "webhooks.tls.key_file",
-            hooks.and_then(|w| w.tls.as_ref()).map(|t| &t.key_file),
-        ),
-    ];
-    let previous = shared
-        .map(|s| s.previous_encryption_key_files.as_slice())
-        .unwrap_or_default()
-        .iter()
-        .map(|p| ("cache.shared.previous_encryption_key_files", Some(p)));
-    let sentinel = (
-        "cache.shared.sentinel_password_file",
-        shared.and_then(|s| s.sentinel_password_file.as_ref()),
-    );
     let mut warnings = Vec::new();
-    for (key, path) in files.into_iter().chain([sentinel]).chain(previous) {
-        let Some(path) = path else { continue };
-        if let Some(mode) = readable_by_others(path) {
+    for file in watch::secret_files(config).iter().filter(|f| f.secret) {
+        if let Some(mode) = readable_by_others(&file.path) {
             warnings.push(format!(
-                "{key}: {} is readable by other users (mode {mode:o}); make it 0600 or 0400",
-                path.display()
+                "{}: {} is readable by other users (mode {mode:o}); make it 0600 or 0400",
+                file.key,
+                file.path.display()
             ));
         }
     }
@@ -169,8 +143,22 @@ fn readable_by_others(path: &Path) -> Option<u32> {
     }
 }
 
+/// The user tags' key of `[audit]`, read from `hmac_key_file`; `None` without one (a key is
+/// then made at start).
+pub fn audit_key(config: &AuditConfig) -> Result<Option<TagKey>, ConfigError> {
+    config
+        .hmac_key_file
+        .as_deref()
+        .map(|path| {
+            TagKey::load(path)
+                .map_err(|e| ConfigError::invalid("audit.hmac_key_file", e.to_string()))
+        })
+        .transpose()
+}
+
 /// What only the owners of the runtime types can check of a validated config.
 fn check(config: &Config) -> Result<(), ConfigError> {
+    audit_key(&config.audit)?;
     Callers::from_config(&config.clients)?;
     if let Some(shared) = &config.cache.shared {
         SharedSecrets::load(shared)?;
@@ -238,6 +226,8 @@ pub struct Broker {
     refresher: Option<Refresher>,
     /// The trace pipeline, with `[telemetry]`: flushed and stopped after the drain.
     telemetry: Option<Arc<Telemetry>>,
+    /// The secret-file watcher's series (exported whether it watches or not).
+    watch_metrics: Arc<watch::WatchMetrics>,
 }
 
 impl Broker {
@@ -245,6 +235,14 @@ impl Broker {
     pub async fn from_config(config: &Config, key: MasterKey) -> Result<Self, StartError> {
         let registry = prometheus::Registry::new();
         let metrics = Arc::new(Metrics::new(registry.clone())?);
+        let tag_key = match audit_key(&config.audit)? {
+            Some(key) => key,
+            None => TagKey::generate().map_err(|_| StartError::Random)?,
+        };
+        // Opened before anything is bound; a file that cannot be written does not stop the
+        // start (its series and logs say why).
+        let audit = Audit::start(&config.audit, tag_key, &registry).await?;
+        let watch_metrics = watch::WatchMetrics::new(&registry)?;
         let tls = match &config.server.tls {
             Some(t) => Some(Arc::new(arc_swap::ArcSwap::new(tls::server_config(t)?))),
             None => None,
@@ -275,7 +273,7 @@ impl Broker {
         if let Some(limits) = shared.as_ref().and_then(fleet_limits) {
             guard.share_limits(limits, &registry)?;
         }
-        let issuer = Issuer::with_shared(
+        let issuer = Issuer::with_audit(
             IssuerSettings {
                 min_remaining: config.cache.min_remaining,
                 max_entries: config.cache.max_entries,
@@ -287,6 +285,7 @@ impl Broker {
             guard,
             Arc::clone(&metrics),
             shared,
+            audit,
         );
         let (verifier, refresher) = service_accounts(config, &metrics).await?;
         let callers = Callers::from_config(&config.clients)?.with_service_accounts(verifier);
@@ -349,12 +348,14 @@ impl Broker {
             webhooks: webhooks.map(|(_, receiver, tls)| (receiver, tls)),
             refresher,
             telemetry,
+            watch_metrics,
         })
     }
 
     /// Lets SIGHUP and `POST /admin/reload` re-read `path` (the file this broker was built from,
-    /// as `config`).
+    /// as `config`), and with `server.watch_files` a change of a secret or certificate file.
     pub fn reload_from(&self, path: PathBuf, config: Config) -> Option<Arc<Reloader>> {
+        let watch_files = config.server.watch_files;
         let reloader = Arc::new(Reloader::new(
             path,
             config,
@@ -362,10 +363,18 @@ impl Broker {
             Arc::clone(&self.client),
             self.tls.clone(),
             self.webhooks.clone(),
+            Arc::clone(&self.watch_metrics),
         ));
-        self.admin
+        if !self
+            .admin
             .set_reload(Arc::clone(&reloader) as Arc<dyn crate::server::Reload>)
-            .then_some(reloader)
+        {
+            return None;
+        }
+        if watch_files {
+            reloader.watch_files();
+        }
+        Some(reloader)
     }
 
     /// The caller API's state, for tests.
@@ -393,14 +402,17 @@ impl Broker {
         (self.listeners.caller_addr(), self.listeners.admin_addr())
     }
 
-    /// Serves until `shutdown` completes, then drains (see [`Listeners::run`]); with tracing,
-    /// then exports the last spans, for at most [`telemetry::FLUSH_LIMIT`].
+    /// Serves until `shutdown` completes, then drains (see [`Listeners::run`]), writes the
+    /// audit events still queued and, with tracing, exports the last spans, for at most
+    /// [`telemetry::FLUSH_LIMIT`].
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let _refresher = self.refresher;
+        let audit = Arc::clone(self.state.issuer.audit());
         self.listeners.run(self.state, self.admin, shutdown).await;
         if let Some(telemetry) = self.telemetry {
             telemetry.shutdown(telemetry::FLUSH_LIMIT).await;
         }
+        let _ = tokio::task::spawn_blocking(move || audit.close()).await;
     }
 }
 

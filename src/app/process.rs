@@ -29,7 +29,9 @@ pub fn reload_on_sighup(reloader: std::sync::Arc<Reloader>) {
                     while hup.recv().await.is_some() {
                         tracing::info!("SIGHUP: reloading the configuration");
                         // Reads its files on the blocking pool.
-                        let _ = reloader.reload().await;
+                        let _ = reloader
+                            .reload_by(super::reload::Trigger::Sighup, &[])
+                            .await;
                     }
                 });
             }

@@ -23,24 +23,48 @@
 //! older file never overwrites a newer one. A revoked caller's tokens are dropped everywhere
 //! (this replica, Redis, the other replicas) and so are its cached pass-through results.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use http::StatusCode;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, Notify};
 
-use super::{load, Loaded};
+use super::watch::{self, secret_files, ContentDigest, SecretFile, WatchMetrics, Watcher};
+use super::{loaded, Loaded};
+use crate::audit::Event;
 use crate::auth::{Callers, ServiceAccounts};
 use crate::cache::{Filter, Reason};
-use crate::config::{AuthConfig, Config, ConfigError, WebhooksConfig};
+use crate::config::{AuditConfig, AuthConfig, Config, ConfigError, WebhooksConfig};
 use crate::server::{tls, ApiState, Reload, SharedTls};
 use crate::upstream::guard::caller_rates;
 use crate::upstream::TruoraClient;
 use crate::webhooks::{self, Webhooks};
+
+/// What started a reload, as the audit trail and the logs say it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// SIGHUP.
+    Sighup,
+    /// `POST /admin/reload`.
+    Admin,
+    /// A watched secret or certificate file changed (`server.watch_files`).
+    Watch,
+}
+
+impl Trigger {
+    /// `sighup`, `admin` or `watch`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Trigger::Sighup => "sighup",
+            Trigger::Admin => "admin",
+            Trigger::Watch => "watch",
+        }
+    }
+}
 
 /// What a successful reload did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,6 +88,14 @@ pub struct Reloader {
     tls: Option<SharedTls>,
     /// The webhook receiver and its listener's TLS, with `[webhooks]`.
     webhooks: Option<(Arc<Webhooks>, Option<SharedTls>)>,
+    /// The digest of each secret file's content in force: read before the file was loaded, so
+    /// that a change racing a reload is seen again rather than taken as applied.
+    in_force: std::sync::Mutex<HashMap<PathBuf, ContentDigest>>,
+    /// With `server.watch_files`: what keeps the watch alive.
+    watcher: OnceLock<Watcher>,
+    /// Wakes the watcher: its events, and every reload (so that it recounts what is pending).
+    poke: Arc<Notify>,
+    watch_metrics: Arc<WatchMetrics>,
 }
 
 impl Reloader {
@@ -75,8 +107,12 @@ impl Reloader {
         client: Arc<TruoraClient>,
         tls: Option<SharedTls>,
         webhooks: Option<(Arc<Webhooks>, Option<SharedTls>)>,
+        watch_metrics: Arc<WatchMetrics>,
     ) -> Self {
         state.metrics.config_last_reload_success.set(unix_now());
+        // What the broker read at start (a change in the moment since is taken as read: the
+        // next one is seen).
+        let in_force = watch::digests(&secret_files(&config));
         Self {
             path,
             running: Mutex::new(config),
@@ -84,18 +120,87 @@ impl Reloader {
             client,
             tls,
             webhooks,
+            in_force: std::sync::Mutex::new(in_force),
+            watcher: OnceLock::new(),
+            poke: Arc::new(Notify::new()),
+            watch_metrics,
         }
     }
 
-    /// Reloads, logs and counts the outcome.
+    /// Watches the secret and certificate files and applies their changes (see
+    /// [`super::watch`]); once.
+    pub fn watch_files(self: &Arc<Self>) {
+        if self.watcher.get().is_some() {
+            return;
+        }
+        if let Some(watcher) = watch::watcher(&self.poke) {
+            if self.watcher.set(watcher).is_ok() {
+                watch::spawn(self, Arc::clone(&self.poke));
+            }
+        }
+    }
+
+    /// The watcher, when files are watched.
+    pub(super) fn watcher(&self) -> Option<&Watcher> {
+        self.watcher.get()
+    }
+
+    /// The watcher's series.
+    pub(super) fn watch_metrics(&self) -> &WatchMetrics {
+        &self.watch_metrics
+    }
+
+    /// The secret files of the running configuration.
+    pub(super) async fn secret_files(&self) -> Vec<SecretFile> {
+        secret_files(&*self.running.lock().await)
+    }
+
+    /// The digests of the secret files' contents in force.
+    pub(super) fn in_force(&self) -> HashMap<PathBuf, ContentDigest> {
+        self.in_force
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Reloads as SIGHUP does, logs, counts and audits the outcome.
     pub async fn reload(&self) -> Result<Reloaded, ConfigError> {
-        let outcome = self.try_reload().await;
+        self.reload_by(Trigger::Sighup, &[]).await
+    }
+
+    /// Reloads for `trigger` (with `files`, the config keys of the watched files whose change
+    /// started it), logs, counts and audits the outcome.
+    pub async fn reload_by(
+        &self,
+        trigger: Trigger,
+        files: &[&str],
+    ) -> Result<Reloaded, ConfigError> {
+        // Boxed: the reading, checking and revoking make a deep future, and every caller would
+        // carry its layout.
+        let outcome = Box::pin(self.try_reload()).await;
+        // The watcher recounts what is pending against what is in force now.
+        self.poke.notify_one();
         let metrics = &self.state.metrics;
+        let audit = self.state.issuer.audit();
+        let error = outcome.as_ref().err().map(ToString::to_string);
+        let done = outcome.as_ref().ok();
+        audit.record(&Event::Reload {
+            trigger: trigger.name(),
+            result: if done.is_some() { "applied" } else { "refused" },
+            files,
+            callers: done.map(|d| d.callers),
+            revoked: done.map_or(&[], |d| d.revoked.as_slice()),
+            restart_required: done.map_or(&[], |d| d.restart_required.as_slice()),
+            key_fingerprint: done.map(|d| d.key_fingerprint.as_str()),
+            tag_key: audit.key().id(),
+            error: error.as_deref(),
+        });
         match &outcome {
             Ok(done) => {
                 metrics.config_reloads.with_label_values(&["ok"]).inc();
                 metrics.config_last_reload_success.set(unix_now());
                 tracing::info!(
+                    trigger = trigger.name(),
                     callers = done.callers,
                     revoked = ?done.revoked,
                     restart_required = ?done.restart_required,
@@ -105,7 +210,11 @@ impl Reloader {
             }
             Err(e) => {
                 metrics.config_reloads.with_label_values(&["error"]).inc();
-                tracing::error!("configuration reload refused, the running one is kept: {e}");
+                tracing::error!(
+                    trigger = trigger.name(),
+                    files = ?files,
+                    "configuration reload refused, the running one is kept: {e}"
+                );
             }
         }
         outcome
@@ -113,7 +222,7 @@ impl Reloader {
 
     /// [`Reloader::reload`] as the status and JSON body of `POST /admin/reload`.
     async fn answer(&self) -> (StatusCode, String) {
-        match self.reload().await {
+        match self.reload_by(Trigger::Admin, &[]).await {
             Ok(done) => (
                 StatusCode::OK,
                 serde_json::json!({
@@ -149,11 +258,14 @@ impl Reloader {
         let running_hooks = running.webhooks.clone();
         let hooks_tls = self.webhooks.as_ref().is_some_and(|(_, t)| t.is_some());
         let read = tokio::task::spawn_blocking(move || {
+            let config = Config::load(&path)?;
+            // Before the files are read: a change racing this reload is then seen again.
+            let digests = watch::digests(secret_files(&config).iter().filter(|f| f.reloadable));
             let Loaded {
                 config,
                 key,
                 warnings,
-            } = load(&path)?;
+            } = loaded(config)?;
             for warning in warnings {
                 tracing::warn!("{warning}");
             }
@@ -177,17 +289,30 @@ impl Reloader {
                 )),
                 _ => None,
             };
-            Ok::<_, ConfigError>((config, key, tls, auth, hooks))
+            let tag_key = super::audit_key(&config.audit)?;
+            Ok::<_, ConfigError>((config, key, tls, auth, hooks, tag_key, digests))
         });
-        let (new, key, tls, auth, hooks) = read.await.map_err(|_| ConfigError::Read {
-            path: self.path.clone(),
-            reason: "the reading task stopped".into(),
-        })??;
+        let (new, key, tls, auth, hooks, tag_key, digests) =
+            read.await.map_err(|_| ConfigError::Read {
+                path: self.path.clone(),
+                reason: "the reading task stopped".into(),
+            })??;
         let callers = Callers::from_config(&new.clients)?.with_service_accounts(verifier.clone());
         let restart_required = restart_required(&running, &new);
 
         let key_fingerprint = key.fingerprint();
         self.client.set_key(key);
+        if let Some(tag_key) = tag_key {
+            let audit = self.state.issuer.audit();
+            if tag_key.id() != audit.key().id() {
+                tracing::info!(
+                    from = audit.key().id(),
+                    to = tag_key.id(),
+                    "audit.hmac_key_file: user tags are made with a new key from now on"
+                );
+            }
+            audit.set_key(tag_key);
+        }
         if let (Some(slot), Some(tls)) = (&self.tls, tls) {
             slot.store(tls);
         }
@@ -221,6 +346,18 @@ impl Reloader {
         for id in &revoked {
             self.revoke(id).await;
         }
+        {
+            // Files a reload read are in force as read; those only a restart reads keep the
+            // digest of what the broker started with.
+            let mut in_force = self.in_force.lock().unwrap_or_else(|p| p.into_inner());
+            let mut now = digests;
+            for f in secret_files(&new).iter().filter(|f| !f.reloadable) {
+                if let Some(d) = in_force.get(&f.path) {
+                    now.insert(f.path.clone(), *d);
+                }
+            }
+            *in_force = now;
+        }
         let callers = new.clients.len();
         *running = new;
         Ok(Reloaded {
@@ -239,20 +376,20 @@ impl Reloader {
         if let Some(passthrough) = &self.state.passthrough {
             passthrough.forget_caller(id);
         }
-        match self
-            .state
-            .issuer
+        let issuer = &self.state.issuer;
+        let dropped = issuer
             .invalidate_everywhere(&Filter::caller(id), Reason::Revoked)
-            .await
-        {
-            Ok(dropped) => {
-                tracing::info!(target: "audit", caller = %id, dropped = dropped.tokens, "caller revoked")
-            }
-            Err(_) => tracing::warn!(
-                target: "audit",
+            .await;
+        issuer.audit().record(&Event::Revocation {
+            caller: id,
+            invalidated: dropped.as_ref().ok().map(|d| d.tokens),
+            everywhere: dropped.is_ok(),
+        });
+        if dropped.is_err() {
+            tracing::warn!(
                 caller = %id,
                 "caller revoked; its tokens are dropped here, but the shared cache could not be reached: other replicas refuse the caller from their next reload, and its values in Redis expire with the tokens"
-            ),
+            );
         }
     }
 }
@@ -294,7 +431,18 @@ fn restart_required(old: &Config, new: &Config) -> Vec<&'static str> {
         changed.push("webhooks");
     }
     changed.extend((!same(&old.telemetry, &new.telemetry)).then_some("telemetry"));
+    if audit_needs_restart(&old.audit, &new.audit) {
+        changed.push("audit");
+    }
     changed
+}
+
+/// Whether `[audit]` changed beyond what a reload applies (the key, re-read from
+/// `hmac_key_file`): its file, `on_failure`, `include_hits`, or the key file taken away (the
+/// running key is kept).
+fn audit_needs_restart(old: &AuditConfig, new: &AuditConfig) -> bool {
+    (&old.file, old.on_failure, old.include_hits) != (&new.file, new.on_failure, new.include_hits)
+        || (old.hmac_key_file.is_some() && new.hmac_key_file.is_none())
 }
 
 /// Whether `[webhooks]` changed beyond what a reload applies: turned on or off, or its

@@ -18,9 +18,11 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use arc_swap::ArcSwap;
+use http::header::HeaderValue;
 use http::Request;
 use tower::{Layer, Service};
 
+use crate::audit::Audit;
 use crate::error::RequestError;
 use crate::metrics::Metrics;
 use crate::truora::API_KEY_HEADER;
@@ -44,6 +46,8 @@ pub struct Authed<B> {
     pub req: Request<B>,
     /// The caller's IP address, when the connection has one.
     pub peer_ip: Option<std::net::IpAddr>,
+    /// The request id, for the audit trail.
+    pub request_id: HeaderValue,
 }
 
 /// The callers as of the last (re)load, swapped whole by a reload.
@@ -55,15 +59,23 @@ pub struct AuthLayer {
     callers: SharedCallers,
     peer: Arc<Peer>,
     metrics: Arc<Metrics>,
+    audit: Arc<Audit>,
 }
 
 impl AuthLayer {
-    /// A layer for one connection from `peer`, accepting the current `callers`.
-    pub fn new(callers: SharedCallers, peer: Arc<Peer>, metrics: Arc<Metrics>) -> Self {
+    /// A layer for one connection from `peer`, accepting the current `callers`; a peer that
+    /// fails again and again is recorded in `audit`.
+    pub fn new(
+        callers: SharedCallers,
+        peer: Arc<Peer>,
+        metrics: Arc<Metrics>,
+        audit: Arc<Audit>,
+    ) -> Self {
         Self {
             callers,
             peer,
             metrics,
+            audit,
         }
     }
 }
@@ -76,6 +88,7 @@ impl<S> Layer<S> for AuthLayer {
             callers: Arc::clone(&self.callers),
             peer: Arc::clone(&self.peer),
             metrics: Arc::clone(&self.metrics),
+            audit: Arc::clone(&self.audit),
         }
     }
 }
@@ -87,6 +100,7 @@ pub struct AuthService<S> {
     callers: SharedCallers,
     peer: Arc<Peer>,
     metrics: Arc<Metrics>,
+    audit: Arc<Audit>,
 }
 
 impl<S, B> Service<Routed<B>> for AuthService<S>
@@ -103,7 +117,11 @@ where
     }
 
     fn call(&mut self, routed: Routed<B>) -> Self::Future {
-        let Routed { route, req } = routed;
+        let Routed {
+            route,
+            req,
+            request_id,
+        } = routed;
         if req.headers().contains_key(API_KEY_HEADER) {
             return AuthFuture::Refused(std::future::ready(Err(
                 RequestError::MasterKeyHeader.into()
@@ -121,6 +139,7 @@ where
                         caller,
                         req,
                         peer_ip,
+                        request_id,
                     }),
                     slot,
                 }
@@ -130,6 +149,8 @@ where
                     .auth_failures
                     .with_label_values(&[e.reason()])
                     .inc();
+                self.audit
+                    .auth_failure(self.peer.addr.map(|a| a.ip()), e.reason());
                 AuthFuture::Refused(std::future::ready(Err(e.into())))
             }
         }

@@ -84,6 +84,11 @@ impl Entry {
         }
     }
 
+    /// The token's `jti` claim, when it has a plain one (for the audit trail's hit events).
+    pub fn jti(&self) -> Option<String> {
+        crate::truora::token_claims(&self.token)?.jti
+    }
+
     /// Life left at `now`.
     pub fn remaining(&self, now: Instant) -> Duration {
         self.expires.saturating_duration_since(now)

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 
 use crate::secret::MasterKey;
 
+mod audit;
 mod auth;
 mod cache;
 mod clients;
@@ -23,6 +24,7 @@ mod telemetry;
 mod upstream;
 mod webhooks;
 
+pub use audit::{AuditConfig, OnFailure};
 pub use auth::{AuthConfig, KubernetesConfig, JWKS_MIN_INTERVAL};
 pub use cache::{redacted_url, CacheConfig, SharedCacheConfig, SharedMode};
 pub use clients::{is_service_account, is_spiffe_id, ClientConfig, Offered};
@@ -62,6 +64,10 @@ pub struct Config {
     /// Traces over OTLP/HTTP. Without `otlp_endpoint`: no tracing at all.
     #[serde(default)]
     pub telemetry: TelemetryConfig,
+    /// The audit trail: where its events go, the key of its user tags, and whether a mint that
+    /// cannot be recorded is refused.
+    #[serde(default)]
+    pub audit: AuditConfig,
 }
 
 /// A configuration that cannot be used, naming the key and what is wrong with it.
@@ -120,6 +126,7 @@ impl Config {
         self.cache.validate(self.upstream.deadline)?;
         self.auth.validate()?;
         self.telemetry.validate()?;
+        self.audit.validate()?;
         if let Some(webhooks) = &self.webhooks {
             webhooks.validate(&[
                 ("server.listen", self.server.listen),

@@ -61,6 +61,12 @@ pub struct ServerConfig {
     /// TLS on the caller listener. Absent: plain HTTP (behind a trusted network only).
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// Watch every file a secret or certificate is read from (through its directory, so a
+    /// Kubernetes Secret's `..data` swap is seen too) and reload, as SIGHUP does, once a changed
+    /// file has been quiet for a moment. A change that is not valid keeps what runs, and says
+    /// why; a file only a restart reads (the Redis ones) is reported as needing one.
+    #[serde(default = "default_watch_files")]
+    pub watch_files: bool,
 }
 
 /// `[server.tls]`
@@ -113,6 +119,9 @@ fn default_admin_max_connections() -> usize {
 fn default_http2_max_streams() -> u32 {
     128
 }
+fn default_watch_files() -> bool {
+    true
+}
 
 impl Default for ServerConfig {
     fn default() -> Self {
@@ -131,6 +140,7 @@ impl Default for ServerConfig {
             admin_max_connections: default_admin_max_connections(),
             http2_max_streams: default_http2_max_streams(),
             tls: None,
+            watch_files: default_watch_files(),
         }
     }
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use super::issuer::{Flown, Issuer, Subject};
+use crate::audit::UserTags;
 use crate::cache::shared::{
     FleetHandle, LimitVerdict, LockOutcome, PutOutcome, SharedTier, SharedToken,
 };
@@ -162,8 +163,11 @@ impl Issuer {
             caller: Arc::clone(&subject.caller),
             flow_id: subject.flow_id.clone(),
             account_id: subject.account_id.clone(),
-            user: String::new(),
             form: String::new(),
+            user: UserTags::default(),
+            request_id: Box::default(),
+            peer: None,
+            cache: "hit",
         };
         let minted_at = found.owner().minted_at;
         Some(self.entry(

@@ -2,8 +2,8 @@
 //! caller asking for a new process, Truora saying a process ended (webhook or result read), a
 //! reload revoking a caller. Each drop reaches the local cache, the shared tier and every other
 //! replica, wins over the mints in flight that it matches, is counted in
-//! `token_broker_cache_invalidations_total{reason}` and leaves one audit line (how many tokens and
-//! callers, the flow, a one-way tag of the user: never a token).
+//! `token_broker_cache_invalidations_total{reason}` and leaves one audit event (how many tokens and
+//! callers, the flow, the user's keyed tag: never a token).
 //!
 //! A process that ended drops only its own tokens: those minted before it ended (when the news
 //! says when), and only once (when it names the process): a retried webhook, or the result read
@@ -12,7 +12,7 @@
 use std::time::SystemTime;
 
 use super::issuer::Issuer;
-use super::request::TokenRequest;
+use crate::audit::{Event, Identifier, UserTags};
 use crate::cache::{Dropped, Filter, Reason};
 use crate::error::{BrokerError, Refusal};
 
@@ -47,7 +47,7 @@ impl Issuer {
                 Err(_) => (local, Err(Refusal::SharedCacheUnavailable.into())),
             },
         };
-        self.audit(filter, reason, dropped);
+        self.record_invalidation(filter, reason, dropped, reached.is_ok());
         reached.map(|()| dropped)
     }
 
@@ -90,31 +90,36 @@ impl Issuer {
         self.invalidate_everywhere(&filter, reason).await
     }
 
-    /// Counts the invalidation (revocations are not: they are reloads, counted there) and
-    /// writes its audit line.
-    fn audit(&self, filter: &Filter, reason: Reason, dropped: Dropped) {
-        if reason != Reason::Revoked {
-            self.metrics
-                .cache_invalidations
-                .with_label_values(&[reason.label()])
-                .inc();
+    /// Counts the invalidation and records it in the audit trail (revocations are neither: a
+    /// reload counts them, and records its own `revocation` event).
+    fn record_invalidation(
+        &self,
+        filter: &Filter,
+        reason: Reason,
+        dropped: Dropped,
+        everywhere: bool,
+    ) {
+        if reason == Reason::Revoked {
+            return;
         }
-        let user = filter.account_id.as_deref().map(|a| {
-            TokenRequest {
-                account_id: Some(a.into()),
-                ..Default::default()
-            }
-            .user_tag()
-        });
-        tracing::info!(
-            target: "audit",
-            reason = reason.label(),
-            caller = filter.caller.as_deref().unwrap_or("*"),
-            flow_id = filter.flow_id.as_deref(),
-            user = user.as_deref().unwrap_or("-"),
-            invalidated = dropped.tokens,
-            callers = dropped.callers,
-            "tokens invalidated"
+        self.metrics
+            .cache_invalidations
+            .with_label_values(&[reason.label()])
+            .inc();
+        let key = self.audit.key();
+        let user = UserTags::of(
+            &key,
+            filter.account_id.as_deref().map(Identifier::AccountId),
         );
+        self.audit.record(&Event::Invalidation {
+            reason: reason.label(),
+            caller: filter.caller.as_deref().unwrap_or("*"),
+            flow_id: filter.flow_id.as_deref(),
+            user: &user,
+            tag_key: &user.key,
+            invalidated: dropped.tokens,
+            callers: u64::try_from(dropped.callers).unwrap_or(u64::MAX),
+            everywhere,
+        });
     }
 }

@@ -20,6 +20,7 @@
 //! children of the request that started it.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -29,13 +30,14 @@ use zeroize::Zeroizing;
 use super::answer::Issued;
 use super::key::key;
 use super::request::TokenRequest;
+use crate::audit::{Audit, Event, Origin, UserTags};
 use crate::cache::shared::{SharedTier, SharedToken};
 use crate::cache::{identity_prefix, CacheKey, Entry, Filter, Owner, Reason, TokenCache};
-use crate::error::{BrokerError, UpstreamError};
+use crate::error::{BrokerError, Refusal, UpstreamError};
 use crate::metrics::{CacheOutcome, Metrics};
 use crate::rate::KeyedBuckets;
 use crate::telemetry;
-use crate::truora::{token_lifetime, ArrayEncoding, DEFAULT_TOKEN_LIFETIME};
+use crate::truora::{token_claims, ArrayEncoding, DEFAULT_TOKEN_LIFETIME};
 use crate::upstream::{Guard, Mint};
 /// A token whose claims give a longer life than this is not believed.
 pub const MAX_PLAUSIBLE_LIFETIME: Duration = Duration::from_secs(7 * 24 * 60 * 60);
@@ -88,15 +90,24 @@ pub struct Issuer {
     identity_prefix: Arc<str>,
     /// `[cache.shared]`: consulted only on a local miss and on invalidation.
     pub(super) shared: Option<SharedTier>,
+    /// The audit trail: every mint, every drop, and with `include_hits` every hit.
+    pub(super) audit: Arc<Audit>,
 }
 
-/// What a flight needs to build its entry, owned so the flight outlives the request.
+/// What a flight needs to build its entry and its mint event, owned so the flight outlives the
+/// request.
 pub(super) struct Subject {
     pub(super) caller: Arc<str>,
     pub(super) flow_id: Box<str>,
     pub(super) account_id: Option<Box<str>>,
-    pub(super) user: String,
     pub(super) form: String,
+    /// The user's tags, under the trail's key of the request's time.
+    pub(super) user: UserTags,
+    /// The request that started the flight.
+    pub(super) request_id: Box<str>,
+    pub(super) peer: Option<IpAddr>,
+    /// `miss`, `uncacheable` or `no_cache`: why this request minted.
+    pub(super) cache: &'static str,
 }
 
 impl Issuer {
@@ -117,6 +128,18 @@ impl Issuer {
         guard: Guard,
         metrics: Arc<Metrics>,
         shared: Option<SharedTier>,
+    ) -> Arc<Self> {
+        Self::with_audit(settings, mint, guard, metrics, shared, Audit::stderr())
+    }
+
+    /// [`Issuer::with_shared`], recording in `audit` (the broker's trail, from `[audit]`).
+    pub fn with_audit(
+        settings: IssuerSettings,
+        mint: Arc<dyn Mint>,
+        guard: Guard,
+        metrics: Arc<Metrics>,
+        shared: Option<SharedTier>,
+        audit: Arc<Audit>,
     ) -> Arc<Self> {
         let cache = TokenCache::observed(settings.max_entries, Arc::clone(&metrics));
         let shared = shared.map(|mut tier| {
@@ -146,7 +169,13 @@ impl Issuer {
             identity_prefix: identity_prefix(&settings.web_url),
             settings,
             shared,
+            audit,
         })
+    }
+
+    /// The audit trail, for the rooms that record through the core's.
+    pub fn audit(&self) -> &Arc<Audit> {
+        &self.audit
     }
 
     /// The guard around upstream calls, for `/readyz`, the gauges and reloads.
@@ -168,7 +197,20 @@ impl Issuer {
         req: &TokenRequest<'_>,
         outcome: &mut CacheOutcome,
     ) -> Result<Issued, BrokerError> {
-        self.issue_from(caller, req, outcome, Lookup::Cache).await
+        self.issue_from(caller, req, Origin::NONE, outcome, Lookup::Cache)
+            .await
+    }
+
+    /// [`Issuer::issue`] for the request `origin` (its id and peer go into the audit trail).
+    pub async fn issue_for(
+        self: &Arc<Self>,
+        caller: &Arc<str>,
+        req: &TokenRequest<'_>,
+        origin: Origin<'_>,
+        outcome: &mut CacheOutcome,
+    ) -> Result<Issued, BrokerError> {
+        self.issue_from(caller, req, origin, outcome, Lookup::Cache)
+            .await
     }
 
     /// A new process for a caller that asked for one (`Cache-Control: no-cache`): its cached
@@ -183,13 +225,26 @@ impl Issuer {
         req: &TokenRequest<'_>,
         outcome: &mut CacheOutcome,
     ) -> Result<Issued, BrokerError> {
+        self.renew_for(caller, req, Origin::NONE, outcome).await
+    }
+
+    /// [`Issuer::renew`] for the request `origin`.
+    pub async fn renew_for(
+        self: &Arc<Self>,
+        caller: &Arc<str>,
+        req: &TokenRequest<'_>,
+        origin: Origin<'_>,
+        outcome: &mut CacheOutcome,
+    ) -> Result<Issued, BrokerError> {
         if req.names_user() {
             let filter = Filter::key(caller, key(caller, req));
             if let Err(e) = self.invalidate_everywhere(&filter, Reason::NoCache).await {
                 tracing::warn!(caller = &**caller, error = %e, "a new process was asked for while the shared cache is unreachable: other replicas may serve the old token until it is back");
             }
         }
-        let mut issued = self.issue_from(caller, req, outcome, Lookup::Fresh).await?;
+        let mut issued = self
+            .issue_from(caller, req, origin, outcome, Lookup::Fresh)
+            .await?;
         issued.cache = CacheOutcome::Miss;
         Ok(issued)
     }
@@ -198,6 +253,7 @@ impl Issuer {
         self: &Arc<Self>,
         caller: &Arc<str>,
         req: &TokenRequest<'_>,
+        origin: Origin<'_>,
         outcome: &mut CacheOutcome,
         lookup: Lookup,
     ) -> Result<Issued, BrokerError> {
@@ -206,7 +262,7 @@ impl Issuer {
             // In its own task like a shared flight, so that a caller going away mid-call
             // cannot cut an upstream call (or a breaker probe) short.
             let this = Arc::clone(self);
-            let subject = self.subject(caller, req);
+            let subject = self.subject(caller, req, origin, "uncacheable");
             let entry = tokio::spawn(telemetry::traced(
                 async move { this.mint_entry(subject).await },
             ))
@@ -222,6 +278,9 @@ impl Issuer {
         };
         if let Some(entry) = cached(self) {
             self.noted(outcome, CacheOutcome::Hit);
+            if self.audit.include_hits() {
+                self.record_hit(caller, req, origin, &entry, "hit");
+            }
             return Ok(self.answer(entry, CacheOutcome::Hit, Instant::now()));
         }
 
@@ -239,6 +298,9 @@ impl Issuer {
                     if let Some(entry) = cached(self) {
                         // A flight finished between our lookup and taking the lock.
                         self.noted(outcome, CacheOutcome::Hit);
+                        if self.audit.include_hits() {
+                            self.record_hit(caller, req, origin, &entry, "hit");
+                        }
                         return Ok(self.answer(entry, CacheOutcome::Hit, Instant::now()));
                     }
                     self.noted(outcome, CacheOutcome::Miss);
@@ -246,11 +308,12 @@ impl Issuer {
                     // A fresh flight takes the place of one already in the air: later
                     // requests wait on the new process's token.
                     inflight.insert(key, rx.clone());
-                    tokio::spawn(telemetry::traced(Arc::clone(self).fly(
-                        key,
-                        self.subject(caller, req),
-                        tx,
-                    )));
+                    let why = match lookup {
+                        Lookup::Cache => "miss",
+                        Lookup::Fresh => "no_cache",
+                    };
+                    let subject = self.subject(caller, req, origin, why);
+                    tokio::spawn(telemetry::traced(Arc::clone(self).fly(key, subject, tx)));
                     rx
                 }
             }
@@ -263,7 +326,16 @@ impl Issuer {
             .clone();
         match result {
             // The flight's own answer: a hit when it found the token in the shared tier.
-            Some(Ok((entry, cache))) => Ok(self.answer(entry, cache, Instant::now())),
+            Some(Ok((entry, cache))) => {
+                // A mint of this request's own was recorded by the flight; a token it did not
+                // mint (an identical request's, or another replica's) is a hit.
+                let joined = *outcome == CacheOutcome::Coalesced;
+                if self.audit.include_hits() && (joined || cache == CacheOutcome::Hit) {
+                    let how = if joined { "coalesced" } else { "hit" };
+                    self.record_hit(caller, req, origin, &entry, how);
+                }
+                Ok(self.answer(entry, cache, Instant::now()))
+            }
             Some(Err(e)) => Err(e),
             None => Err(BrokerError::Internal("the upstream call was lost")),
         }
@@ -331,14 +403,46 @@ impl Issuer {
         tx.send_replace(Some(result));
     }
 
-    fn subject(&self, caller: &Arc<str>, req: &TokenRequest<'_>) -> Subject {
+    fn subject(
+        &self,
+        caller: &Arc<str>,
+        req: &TokenRequest<'_>,
+        origin: Origin<'_>,
+        cache: &'static str,
+    ) -> Subject {
         Subject {
             caller: Arc::clone(caller),
             flow_id: req.flow_id.as_ref().into(),
             account_id: req.account_id.as_deref().map(Into::into),
-            user: req.user_tag(),
             form: req.upstream_form(self.settings.array_encoding),
+            user: req.user_tags(&self.audit.key()),
+            request_id: origin.request_id.into(),
+            peer: origin.peer,
+            cache,
         }
+    }
+
+    /// Records a token handed out again (`audit.include_hits`).
+    fn record_hit(
+        &self,
+        caller: &str,
+        req: &TokenRequest<'_>,
+        origin: Origin<'_>,
+        entry: &Entry,
+        cache: &'static str,
+    ) {
+        let user = req.user_tags(&self.audit.key());
+        let jti = entry.jti();
+        self.audit.record(&Event::Hit {
+            caller,
+            flow_id: &req.flow_id,
+            user: &user,
+            tag_key: &user.key,
+            jti: jti.as_deref(),
+            request_id: origin.request_id,
+            peer: origin.peer,
+            cache,
+        });
     }
 
     /// Mints a token upstream (through the guard) and builds its entry.
@@ -351,6 +455,10 @@ impl Issuer {
         &self,
         subject: Subject,
     ) -> Result<(Arc<Entry>, SharedToken), BrokerError> {
+        // `on_failure = "refuse"`: nothing is minted while the trail cannot record it.
+        if !self.audit.available("mint") {
+            return Err(Refusal::AuditUnavailable.into());
+        }
         let token = Zeroizing::new(
             self.guard
                 .call(&subject.caller, &*self.mint, &subject.form)
@@ -364,7 +472,8 @@ impl Issuer {
         {
             series.mints.inc();
         }
-        let lifetime = match token_lifetime(&token) {
+        let claims = token_claims(&token);
+        let lifetime = match claims.as_ref().and_then(|c| c.lifetime) {
             None => DEFAULT_TOKEN_LIFETIME,
             Some(l) if l.is_zero() => {
                 return Err(UpstreamError::BadResponse {
@@ -388,14 +497,32 @@ impl Issuer {
         }
         let expires = received + lifetime;
         let expires_at = received_wall + lifetime;
-        tracing::info!(
-            target: "audit",
-            caller = &*subject.caller,
-            flow_id = &*subject.flow_id,
-            user = %subject.user,
-            lifetime_s = lifetime.as_secs(),
-            "token minted"
-        );
+        let jti = claims.and_then(|c| c.jti);
+        let event = Event::Mint {
+            caller: &subject.caller,
+            flow_id: &subject.flow_id,
+            user: &subject.user,
+            tag_key: &subject.user.key,
+            jti: jti.as_deref(),
+            request_id: &subject.request_id,
+            peer: subject.peer,
+            lifetime_s: lifetime.as_secs(),
+            cache: subject.cache,
+        };
+        if self.audit.refuses() {
+            // Handed out only once its event is on disk.
+            if self.audit.record_durable(&event).await.is_err() {
+                self.audit.count_refusal("mint");
+                tracing::warn!(
+                    caller = &*subject.caller,
+                    jti = jti.as_deref().unwrap_or("-"),
+                    "a token was minted but its audit event could not be written: it is not handed out (audit.on_failure = refuse)"
+                );
+                return Err(Refusal::AuditUnavailable.into());
+            }
+        } else {
+            self.audit.record(&event);
+        }
         let shared = SharedToken {
             token: Zeroizing::new(token.as_str().to_owned()),
             expires_at,

@@ -8,9 +8,7 @@
 
 use std::borrow::Cow;
 
-use sha2::{Digest, Sha256};
-
-use crate::secret::hex;
+use crate::audit::{Identifier, TagKey, UserTags};
 use crate::truora::{ArrayEncoding, GRANT, KEY_TYPE, METADATA_PREFIX};
 
 /// A validated token request. Lists keep the caller's order; metadata is sorted by name.
@@ -77,27 +75,31 @@ impl<'a> TokenRequest<'a> {
         }
     }
 
-    /// A short, stable, one-way tag of the user this request names, for audit lines: the first
-    /// 16 hex digits of a SHA-256 over account_id, emails and phones. `-` when none is named.
-    pub fn user_tag(&self) -> String {
-        if !self.names_user() {
-            return "-".to_owned();
-        }
-        let mut h = Sha256::new();
-        for (name, values) in [
-            ("account_id", self.account_id.as_slice()),
-            ("emails", self.emails.as_slice()),
-            ("phone", self.phone.as_slice()),
-            ("phones", self.phones.as_slice()),
-        ] {
-            for v in values {
-                h.update(name.as_bytes());
-                h.update([0]);
-                h.update((v.len() as u32).to_be_bytes());
-                h.update(v.as_bytes());
-            }
-        }
-        hex(&h.finalize()[..8])
+    /// The identifiers of the user this request names, in canonical order: `account_id`, each
+    /// email, `phone`, each of `phones`. Empty when it names none.
+    pub fn identifiers(&self) -> impl Iterator<Item = Identifier<'_>> {
+        let account = self.account_id.as_deref().map(Identifier::AccountId);
+        let emails = self.emails.iter().map(|e| Identifier::Email(e));
+        let phone = self.phone.as_deref().map(Identifier::Phone);
+        let phones = self.phones.iter().map(|p| Identifier::Phone(p));
+        account.into_iter().chain(emails).chain(phone).chain(phones)
+    }
+
+    /// The keyed tags of the user this request names, for the audit trail (see
+    /// [`crate::audit::tag`]): one per identifier, none when it names no user.
+    pub fn user_tags(&self, key: &TagKey) -> UserTags {
+        UserTags::of(key, self.identifiers())
+    }
+
+    /// The tag of the first identifier under a fixed key, `-` when none: what the parser's
+    /// tests check of the tags (stable, one-way, user-specific).
+    #[cfg(test)]
+    pub(crate) fn user_tag(&self) -> String {
+        let key = TagKey::new(&[0x5a; 32], crate::audit::KeySource::File);
+        self.user_tags(&key)
+            .tags
+            .first()
+            .map_or_else(|| "-".to_owned(), ToString::to_string)
     }
 
     /// True when the request names its user (account_id, an email or a phone). Only such

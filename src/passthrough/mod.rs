@@ -10,7 +10,6 @@
 //! that a 401/403 (the master key refused) becomes 502, as for minting. Inside a traced request
 //! the call to Truora is a span, `truora.passthrough` (method, pattern, status).
 
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -19,8 +18,9 @@ use http::{Request, StatusCode};
 use http_body::Body;
 use http_body_util::Either;
 
+use crate::audit::{Event, Origin};
 use crate::cache::Reason;
-use crate::error::{BrokerError, RequestError};
+use crate::error::{BrokerError, Refusal, RequestError};
 use crate::issuance::{Ended, Issuer};
 use crate::metrics::{CacheOutcome, Metrics};
 use crate::telemetry;
@@ -68,13 +68,14 @@ impl Passthrough {
     }
 
     /// Relays an authenticated `caller`'s request, if its `allowlist` allows it, counting and
-    /// auditing the call.
+    /// auditing the call (`origin`: the request's id and the caller's address). Under
+    /// `audit.on_failure = "refuse"` nothing is relayed while the trail cannot be written.
     pub async fn relay<B>(
         &self,
         caller: &Arc<str>,
         allowlist: &[Pattern],
         req: Request<B>,
-        peer_ip: Option<IpAddr>,
+        origin: Origin<'_>,
     ) -> Result<HttpResponse, BrokerError>
     where
         B: Body<Data = Bytes> + Send + 'static,
@@ -105,6 +106,14 @@ impl Passthrough {
             .into());
         };
         let pattern = Arc::clone(pattern.text());
+        let audit = self.issuer.audit();
+        if !audit.available("passthrough") {
+            metrics
+                .passthrough_requests
+                .with_label_values(&[&pattern, "503"])
+                .inc();
+            return Err(Refusal::AuditUnavailable.into());
+        }
         let cacheable = ResultCache::cacheable(req.method(), api, upstream_path);
         let method = req.method().clone();
         let count = |status: StatusCode| {
@@ -112,14 +121,14 @@ impl Passthrough {
                 .passthrough_requests
                 .with_label_values(&[&pattern, status.as_str()])
                 .inc();
-            tracing::info!(
-                target: "audit",
-                caller = &**caller,
-                method = %method,
-                pattern = &*pattern,
-                status = status.as_u16(),
-                "pass-through"
-            );
+            audit.record(&Event::Passthrough {
+                caller,
+                method: method.as_str(),
+                pattern: &pattern,
+                status: status.as_u16(),
+                request_id: origin.request_id,
+                peer: origin.peer,
+            });
         };
         if let (true, Some(results)) = (cacheable, &self.results) {
             if let Some(mut hit) = results.get(caller, &path) {
@@ -141,7 +150,7 @@ impl Passthrough {
             )
         });
         let relayed = tracing::Instrument::instrument(
-            self.forwarder.forward(api, upstream_path, req, peer_ip),
+            self.forwarder.forward(api, upstream_path, req, origin.peer),
             span.clone(),
         )
         .await;

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body::Body;
 
+use crate::audit::Origin;
 use crate::auth::{Authed, Callers, SharedCallers};
 use crate::config::ServerConfig;
 use crate::error::{BrokerError, RequestError};
@@ -125,13 +126,13 @@ where
         }
         Route::Passthrough => {
             let passthrough = state.passthrough.as_ref().ok_or(RequestError::NotFound)?;
-            let Authed {
-                caller,
-                req,
-                peer_ip,
-                ..
-            } = authed;
-            Box::pin(passthrough.relay(&caller.id, &caller.passthrough, req, peer_ip)).await
+            let request_id = authed.request_id.clone();
+            let origin = Origin {
+                request_id: request_id.to_str().unwrap_or("-"),
+                peer: authed.peer_ip,
+            };
+            let Authed { caller, req, .. } = authed;
+            Box::pin(passthrough.relay(&caller.id, &caller.passthrough, req, origin)).await
         }
         Route::MethodNotAllowed(allow) => Err(RequestError::MethodNotAllowed { allow }.into()),
         Route::NotFound => Err(RequestError::NotFound.into()),
@@ -150,8 +151,16 @@ where
     B::Error: std::error::Error + Send + Sync + 'static,
 {
     let Authed {
-        route, caller, req, ..
+        route,
+        caller,
+        req,
+        peer_ip,
+        request_id,
     } = authed;
+    let origin = Origin {
+        request_id: request_id.to_str().unwrap_or("-"),
+        peer: peer_ip,
+    };
     if route == Route::ApiKeys {
         caller.policy.check_drop_in()?;
     }
@@ -164,9 +173,17 @@ where
     };
     caller.policy.admit(&mut request)?;
     let issued = if new_process {
-        Box::pin(state.issuer.renew(&caller.id, &request, outcome)).await?
+        Box::pin(
+            state
+                .issuer
+                .renew_for(&caller.id, &request, origin, outcome),
+        )
+        .await?
     } else {
-        state.issuer.issue(&caller.id, &request, outcome).await?
+        state
+            .issuer
+            .issue_for(&caller.id, &request, origin, outcome)
+            .await?
     };
     let body = match route {
         Route::ApiKeys => issued.dropin_body(),

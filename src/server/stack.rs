@@ -65,6 +65,7 @@ where
             Arc::clone(&state.callers),
             peer,
             Arc::clone(&state.metrics),
+            Arc::clone(state.issuer.audit()),
         ))
         .service(Api::new(state))
 }
@@ -121,7 +122,11 @@ where
         let in_flight = InFlight::enter(Arc::clone(&self.metrics));
         let Some(telemetry) = &self.telemetry else {
             return ObserveFuture {
-                inner: Traced::plain(self.inner.call(Routed { route, req })),
+                inner: Traced::plain(self.inner.call(Routed {
+                    route,
+                    req,
+                    request_id: request_id.clone(),
+                })),
                 route,
                 started,
                 request_id,
@@ -138,7 +143,14 @@ where
             req.headers(),
         );
         ObserveFuture {
-            inner: telemetry.within(span.clone(), self.inner.call(Routed { route, req })),
+            inner: telemetry.within(
+                span.clone(),
+                self.inner.call(Routed {
+                    route,
+                    req,
+                    request_id: request_id.clone(),
+                }),
+            ),
             route,
             started,
             request_id,

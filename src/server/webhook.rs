@@ -10,7 +10,7 @@
 //! the broker's error shape.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -98,10 +98,12 @@ impl WebhookConnections {
         let (lifetime, stopping) = (self.lifetime, self.stopping.clone());
         let (handshake_timeout, body_timeout) = (self.handshake_timeout, self.body_read_timeout);
         let tls = self.tls.as_ref().map(|t| t.load_full());
+        let peer = stream.peer_addr().ok().map(|a| a.ip());
         tokio::spawn(async move {
             let activity = Activity::new();
-            let svc =
-                tower::service_fn(move |req| answer(Arc::clone(&webhooks), req, body_timeout));
+            let svc = tower::service_fn(move |req| {
+                answer(Arc::clone(&webhooks), req, body_timeout, peer)
+            });
             let svc = TowerToHyperService::new(Counted::new(svc, Arc::clone(&activity)));
             let closed = match tls {
                 None => {
@@ -136,21 +138,23 @@ async fn answer(
     webhooks: Arc<Webhooks>,
     req: Request<hyper::body::Incoming>,
     body_timeout: Duration,
+    peer: Option<IpAddr>,
 ) -> Result<HttpResponse, Infallible> {
-    Ok(deliver(&webhooks, req, body_timeout).await)
+    Ok(deliver(&webhooks, req, body_timeout, peer).await)
 }
 
-/// One request on the webhook listener, answered whatever happens.
+/// One request on the webhook listener from `peer`, answered whatever happens.
 pub async fn deliver<B>(
     webhooks: &Webhooks,
     req: Request<B>,
     body_timeout: Duration,
+    peer: Option<IpAddr>,
 ) -> HttpResponse
 where
     B: Body<Data = Bytes>,
     B::Error: std::error::Error + Send + Sync + 'static,
 {
-    match take(webhooks, req, body_timeout).await {
+    match take(webhooks, req, body_timeout, peer).await {
         Ok(response) => response,
         Err(e) => error_response(Route::NotFound, &e),
     }
@@ -160,6 +164,7 @@ async fn take<B>(
     webhooks: &Webhooks,
     req: Request<B>,
     body_timeout: Duration,
+    peer: Option<IpAddr>,
 ) -> Result<HttpResponse, BrokerError>
 where
     B: Body<Data = Bytes>,
@@ -181,7 +186,7 @@ where
         .headers()
         .get(http::header::AUTHORIZATION)
         .map(|v| v.as_bytes());
-    webhooks.authenticate(authorization, query_event)?;
+    webhooks.authenticate(authorization, query_event, peer)?;
     let body = read_body(req, MAX_DELIVERY_BYTES, body_timeout)
         .await
         .inspect_err(|e| {
@@ -189,9 +194,9 @@ where
                 RequestError::PayloadTooLarge { .. } => "too_large",
                 _ => "error",
             };
-            webhooks.refused(query_event, outcome);
+            webhooks.refused(query_event, outcome, peer);
         })?;
-    let taken = webhooks.take(&body, query_event).await?;
+    let taken = webhooks.take(&body, query_event, peer).await?;
     let outcome = if taken.event.ends_process() {
         "taken"
     } else {

@@ -14,6 +14,7 @@
 //! The HTTP side (`crate::server::webhook`) carries deliveries here from the webhook listener;
 //! every delivery is counted in `token_broker_webhook_deliveries_total{event,outcome}`.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -126,36 +127,47 @@ impl Webhooks {
         &self,
         authorization: Option<&[u8]>,
         query_event: Option<&str>,
+        peer: Option<IpAddr>,
     ) -> Result<(), WebhookError> {
         let presented = authorization.and_then(crate::wire::bearer_value);
         let expected = self.settings.load().token;
         if presented.is_some_and(|secret| SecretDigest::of(secret).ct_eq(&expected)) {
             return Ok(());
         }
-        self.refused(query_event, "unauthorized");
+        self.refused(query_event, "unauthorized", peer);
         Err(WebhookError::Unauthorized)
     }
 
-    /// Counts a delivery refused before its event was read (`outcome`: unauthorized,
-    /// too_large, error), labelled with the query's event when the rule's URL carries one.
-    pub fn refused(&self, query_event: Option<&str>, outcome: &str) {
+    /// Counts and audits a delivery of `peer` refused before its event was read (`outcome`:
+    /// unauthorized, too_large, error), labelled with the query's event when the rule's URL
+    /// carries one.
+    pub fn refused(&self, query_event: Option<&str>, outcome: &str, peer: Option<IpAddr>) {
         let event = query_event.map_or("unknown", |name| {
             self.settings.load().rules.event(name).label()
         });
         self.count(event, outcome);
+        self.issuer.audit().webhook_refused(event, outcome, peer);
     }
 
     /// Reads an authenticated delivery's body and acts on it: an ended process's tokens are
     /// dropped everywhere. Fails with what is wrong with the delivery (nothing dropped), or
     /// when the shared cache cannot be reached (the local tokens are dropped; a retry of the
     /// delivery finishes the job).
-    pub async fn take(&self, body: &[u8], query_event: Option<&str>) -> Result<Taken, BrokerError> {
+    pub async fn take(
+        &self,
+        body: &[u8],
+        query_event: Option<&str>,
+        peer: Option<IpAddr>,
+    ) -> Result<Taken, BrokerError> {
         let settings = self.settings.load_full();
         let delivery = match delivery::read(body, query_event, &settings.rules, SystemTime::now()) {
             Ok(d) => d,
             Err(e) => {
                 let event = query_event.map_or("unknown", |n| settings.rules.event(n).label());
                 self.count(event, e.outcome());
+                self.issuer
+                    .audit()
+                    .webhook_refused(event, e.outcome(), peer);
                 tracing::info!(outcome = e.outcome(), "webhook delivery refused: {e}");
                 return Err(e.into());
             }
