@@ -5,7 +5,7 @@ PYTHON ?= python3
 HEALTHCHECK := --manifest-path deploy/docker/healthcheck/Cargo.toml
 HEALTHCHECK_TARGET := --target-dir $(or $(CARGO_TARGET_DIR),target)/healthcheck
 
-.PHONY: run test test-deps test-py lint-deploy check fmt fmt-check clippy build bench bench-e2e bench-misses bench-memory profile clean fuzz deny rules status-screenshot
+.PHONY: run test test-deps test-py test-instructions lint-deploy check fmt fmt-check clippy build bench bench-e2e bench-misses bench-memory profile clean fuzz deny rules status-screenshot
 
 FUZZ_TARGETS = form_body json_body cache_key upstream_answer service_account_token webhook_delivery
 FUZZ_SECONDS ?= 60
@@ -19,10 +19,12 @@ run:
 ## document against live answers (case by case, and Schemathesis on both listeners), the README's shell snippets against the demo, the client
 ## examples, the Dockerfile, the Kubernetes manifests and the systemd unit.
 ## tests/observability.rs runs promtool (check rules, test rules, check metrics on a live scrape)
-## and headless Chromium on the status page. .ci/run installs all of it.
+## and headless Chromium on the status page. Last, the instruction budget of a cache hit under
+## callgrind. .ci/run installs all of it.
 test: test-deps
 	$(CARGO) test --locked
 	$(MAKE) --no-print-directory test-py
+	$(MAKE) --no-print-directory test-instructions
 
 ## What the tests need beyond cargo (promtool, Chromium, curl, Python packages...), installed when
 ## missing (as root; otherwise it says what to install). Quick when all is there.
@@ -32,6 +34,11 @@ test-deps:
 ## Only the Python checks (needs target/debug/token-broker: `cargo build` or `make test`).
 test-py:
 	PYTHONDONTWRITEBYTECODE=1 $(PYTHON) -m unittest discover --start-directory tests/py --top-level-directory tests/py
+
+## Instructions per cache hit under callgrind against benches/instructions.budget: a count, not a
+## timing, so a busy machine cannot fail it (x86_64 only; elsewhere it says so and passes).
+test-instructions:
+	benches/profile.sh --check
 
 ## Only the static checks of deploy/ (Dockerfile conventions, Kubernetes schemas, systemd unit).
 lint-deploy:

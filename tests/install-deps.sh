@@ -15,6 +15,7 @@ command -v systemd-analyze >/dev/null || apt+=(systemd)     # verifies deploy/sy
 command -v node >/dev/null || apt+=(nodejs)                 # runs docs/examples/token-client.mjs
 command -v redis-server >/dev/null || apt+=(redis-server)   # tests/shared_cache.rs starts its own
 command -v redis-cli >/dev/null || apt+=(redis-tools)       # tests/redis_modes.rs: redis-cli --cluster create
+command -v valgrind >/dev/null || apt+=(valgrind)           # make test-instructions: callgrind
 command -v pip3 >/dev/null || python3 -m pip --version >/dev/null 2>&1 || apt+=(python3-pip)
 command -v promtool >/dev/null || apt_slim+=(prometheus)    # tests/observability.rs: rules, metrics
 command -v chromium >/dev/null || apt_slim+=(chromium fonts-liberation)  # the status page test

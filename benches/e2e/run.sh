@@ -410,7 +410,7 @@ encryption_key_file = \"$work/cache.key\""
             for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] < a[i]) { t = a[i]; a[i] = a[j]; a[j] = t }
             return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
         }
-        { k = ++count[$2]; rps[$2, k] = $3; p50[$2, k] = $4; p99[$2, k] = $5; cpu[$2, k] = $6; pre[$2, k] = $7; by_round[$1, $2] = $3; rounds[$1] = 1 }
+        { k = ++count[$2]; rps[$2, k] = $3; p50[$2, k] = $4; p99[$2, k] = $5; cpu[$2, k] = $6; pre[$2, k] = $7; by_round[$1, $2] = $3; cpu_by_round[$1, $2] = $6; rounds[$1] = 1 }
         END {
             printf "| server | requests/s | p50 ms | p99 ms | server CPU us/req | preempted /1k req |\n|---|---:|---:|---:|---:|---:|\n"
             ns = split("floor " work " broker nginx nginx-nolog" extra " broker-redis", names, " ")
@@ -421,20 +421,34 @@ encryption_key_file = \"$work/cache.key\""
                 m_rps[name] = median(a, n); m_p99[name] = median(c, n)
                 printf "| %s | %d | %.3f | %.3f | %.1f | %d |\n", name, m_rps[name], median(b, n), m_p99[name], median(d, n), median(e, n)
             }
+            # The targets of the performance issue, each a median of per-round ratios.
             n = 0
             for (r in rounds) {
-                n++; f[n] = by_round[r, "broker"] / by_round[r, "floor"]; g[n] = by_round[r, "broker"] / by_round[r, "nginx"]
+                n++
+                f[n] = cpu_by_round[r, "broker"] / cpu_by_round[r, "floor"]
+                g[n] = by_round[r, "broker"] / by_round[r, "nginx"]
                 h[n] = by_round[r, "broker"] / by_round[r, "nginx-nolog"]
+                if ((r, "floor+2000ns") in by_round) w2[n] = by_round[r, "broker"] / by_round[r, "floor+2000ns"]
+                if ((r, "broker-redis") in by_round) rc[n] = cpu_by_round[r, "broker-redis"] / cpu_by_round[r, "broker"]
             }
             bf = median(f, n); bn = median(g, n); bq = median(h, n)
-            printf "\nbroker/floor %.2f (target >= 0.85: %s)   broker/nginx %.2f (target >= 1.75: %s)   broker p99 %.3f ms (target < 5 ms: %s)\n", \
-                bf, (bf >= 0.85 ? "met" : "NOT met"), bn, (bn >= 1.75 ? "met" : "NOT met"), m_p99["broker"], (m_p99["broker"] < 5 ? "met" : "NOT met")
-            printf "broker/nginx-nolog %.2f (nginx logging nothing, where the broker logs every request)\n", bq
+            printf "\nbroker/floor server CPU per request %.2f (target <= 1.3: %s)\n", bf, (bf <= 1.3 ? "met" : "NOT met")
+            if (length(w2) == n && n > 0) {
+                b2 = median(w2, n)
+                printf "broker/floor+2000ns requests/s %.2f (target >= 1: %s)\n", b2, (b2 >= 1 ? "met" : "NOT met")
+            } else printf "broker/floor+2000ns requests/s: not measured (BENCH_FLOOR_WORK leaves out 2000)\n"
+            printf "broker/nginx requests/s %.2f (nginx logging each request; target >= 1.4: %s)\n", bn, (bn >= 1.4 ? "met" : "NOT met")
+            printf "broker p99 %.3f ms (target < 5 ms: %s)\n", m_p99["broker"], (m_p99["broker"] < 5 ? "met" : "NOT met")
+            if (length(rc) == n && n > 0) {
+                rr = median(rc, n)
+                printf "broker-redis/broker server CPU per request %.2f (target <= 2: %s)\n", rr, (rr <= 2 ? "met" : "NOT met")
+            }
+            printf "broker/nginx-nolog requests/s %.2f (nginx logging nothing, where the broker logs every request)\n", bq
             nw = split(work, wn, " ")
             for (w = 1; w <= nw; w++) {
                 n = 0
                 for (r in rounds) { n++; f[n] = by_round[r, wn[w]] / by_round[r, "floor"] }
-                printf "%s/floor %.2f (the floor with that much CPU added to each request)\n", wn[w], median(f, n)
+                printf "%s/floor requests/s %.2f (the floor with that much CPU added to each request)\n", wn[w], median(f, n)
             }
             printf "(ratios are medians of the per-round ratios; each round ran the servers back to back)\n"
         }' "$work/results"
