@@ -3,6 +3,8 @@
 //! hand each other ([`Routed`], [`Answer`], [`Failure`]), and the checks on a request's framing
 //! and body. A leaf: nothing here knows the core, the cache or Truora.
 
+use std::future::Future;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -226,9 +228,17 @@ where
     B: Body<Data = Bytes>,
     B::Error: std::error::Error + Send + Sync + 'static,
 {
-    tokio::time::timeout(timeout, read_limited(req, limit))
-        .await
-        .map_err(|_| RequestError::BodyTimeout)?
+    // A small body nearly always came in with the head: a first poll reads it without arming
+    // a timer (a timer entry per request was a measurable part of a cache hit); only a body
+    // still on its way gets the deadline.
+    let mut read = std::pin::pin!(read_limited(req, limit));
+    let first = std::future::poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await;
+    match first {
+        Poll::Ready(done) => done,
+        Poll::Pending => tokio::time::timeout(timeout, read)
+            .await
+            .map_err(|_| RequestError::BodyTimeout)?,
+    }
 }
 
 async fn read_limited<B>(req: Request<B>, limit: usize) -> Result<Bytes, RequestError>
