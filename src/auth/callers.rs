@@ -20,7 +20,7 @@ use std::sync::Arc;
 use http::header::AUTHORIZATION;
 use http::HeaderMap;
 
-use super::kubernetes::{looks_like_jwt, ServiceAccounts};
+use super::kubernetes::{expired, looks_like_jwt, ServiceAccounts, Verified};
 use crate::config::{ClientConfig, ConfigError};
 use crate::error::AuthError;
 use crate::issuance::CallerPolicy;
@@ -142,7 +142,9 @@ impl Caller {
 /// is set.
 #[derive(Clone)]
 pub struct Callers {
-    list: Arc<[Caller]>,
+    /// Each behind its own `Arc`: a request takes its caller with one reference count, not one
+    /// per field (the two workers otherwise bounce every field's count between their cores).
+    list: Arc<[Arc<Caller>]>,
     service_accounts: Option<Arc<ServiceAccounts>>,
 }
 
@@ -169,7 +171,7 @@ impl Callers {
     /// These callers.
     pub fn new(list: Vec<Caller>) -> Self {
         Self {
-            list: list.into(),
+            list: list.into_iter().map(Arc::new).collect(),
             service_accounts: None,
         }
     }
@@ -197,11 +199,39 @@ impl Callers {
 
     /// The callers, for the reload that replaces them.
     pub fn iter(&self) -> impl Iterator<Item = &Caller> {
-        self.list.iter()
+        self.list.iter().map(|c| &**c)
     }
 
     /// The caller presenting the secret or token in `headers` and/or the certificate of `peer`.
-    pub fn authenticate(&self, headers: &HeaderMap, peer: &Peer) -> Result<&Caller, AuthError> {
+    pub fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        peer: &Peer,
+    ) -> Result<&Arc<Caller>, AuthError> {
+        self.check(headers, peer, None)
+    }
+
+    /// [`Callers::authenticate`] for a request on a connection that remembers the
+    /// service-account token it last proved itself with (`known`): the same token again costs
+    /// no lookup in the verifier's shared memo. The connection's memo holds only for these very
+    /// callers (a reload swaps them: a revoked caller is refused on its next request), while
+    /// the verifier's generation has not moved (a reload or new keys) and until the token's
+    /// `exp`.
+    pub fn authenticate_on(
+        self: &Arc<Self>,
+        headers: &HeaderMap,
+        peer: &Peer,
+        known: &mut KnownToken,
+    ) -> Result<&Arc<Caller>, AuthError> {
+        self.check(headers, peer, Some((self, known)))
+    }
+
+    fn check(
+        &self,
+        headers: &HeaderMap,
+        peer: &Peer,
+        connection: Option<(&Arc<Self>, &mut KnownToken)>,
+    ) -> Result<&Arc<Caller>, AuthError> {
         let Some(value) = headers.get(AUTHORIZATION) else {
             return self.by_certificate(peer);
         };
@@ -216,11 +246,9 @@ impl Callers {
         let client = match (found, &self.service_accounts) {
             (Some(client), _) => client,
             (None, Some(verifier)) => {
-                // A token verified before costs one lookup; only an unknown one is read.
-                let account = match verifier.remembered(&presented) {
-                    Some(known) => known?,
-                    None if looks_like_jwt(secret) => verifier.verify_afresh(secret, &presented)?,
-                    None => return Err(AuthError::Unknown),
+                let account = match connection {
+                    Some((this, known)) => known.account(this, verifier, secret, &presented)?,
+                    None => service_account(verifier, secret, &presented)?.account,
                 };
                 self.list
                     .iter()
@@ -236,7 +264,7 @@ impl Callers {
     }
 
     /// Without a bearer value: the one caller the peer's certificate identifies alone.
-    fn by_certificate(&self, peer: &Peer) -> Result<&Caller, AuthError> {
+    fn by_certificate(&self, peer: &Peer) -> Result<&Arc<Caller>, AuthError> {
         if peer.certificate.is_none() {
             return Err(AuthError::Missing);
         }
@@ -251,6 +279,72 @@ impl Callers {
             // A certificate valid for several callers (a wildcard, say) names none of them.
             (Some(_), Some(_)) => Err(AuthError::Unknown),
         }
+    }
+}
+
+/// The service account a bearer value that matched no secret names: a token verified before
+/// costs one lookup; only an unknown one is read.
+fn service_account(
+    verifier: &ServiceAccounts,
+    token: &[u8],
+    digest: &SecretDigest,
+) -> Result<Verified, AuthError> {
+    match verifier.remembered(digest) {
+        Some(known) => known,
+        None if looks_like_jwt(token) => verifier.verify_afresh(token, digest),
+        None => Err(AuthError::Unknown),
+    }
+}
+
+/// The service-account token one connection last proved itself with (see
+/// [`Callers::authenticate_on`]); empty at first.
+#[derive(Debug, Clone, Default)]
+pub struct KnownToken(Option<Known>);
+
+#[derive(Debug, Clone)]
+struct Known {
+    /// The callers it was checked against, held so that their address cannot be reused.
+    callers: Arc<Callers>,
+    /// The verifier's generation when it was checked.
+    generation: u64,
+    digest: SecretDigest,
+    verified: Verified,
+}
+
+impl KnownToken {
+    /// The service account of the token whose SHA-256 is `digest`: from this connection's memo
+    /// when it still holds, else from the verifier (and remembered here).
+    fn account(
+        &mut self,
+        callers: &Arc<Callers>,
+        verifier: &ServiceAccounts,
+        token: &[u8],
+        digest: &SecretDigest,
+    ) -> Result<Arc<str>, AuthError> {
+        // Read before the verifier is asked: a reload meanwhile leaves this memo stale, never
+        // the other way round.
+        let generation = verifier.generation();
+        if let Some(known) = &self.0 {
+            if Arc::ptr_eq(&known.callers, callers)
+                && known.generation == generation
+                && known.digest.ct_eq(digest)
+            {
+                if expired(known.verified.exp) {
+                    self.0 = None;
+                    return Err(AuthError::Expired);
+                }
+                return Ok(Arc::clone(&known.verified.account));
+            }
+        }
+        let verified = service_account(verifier, token, digest)?;
+        let account = Arc::clone(&verified.account);
+        self.0 = Some(Known {
+            callers: Arc::clone(callers),
+            generation,
+            digest: *digest,
+            verified,
+        });
+        Ok(account)
     }
 }
 

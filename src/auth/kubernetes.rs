@@ -180,6 +180,10 @@ pub struct ServiceAccounts {
     /// A token named an unknown key since the last fetch: one wake-up is enough for any number.
     refresh_wanted: AtomicBool,
     signature_checks: AtomicU64,
+    /// Moves on whenever what was remembered may no longer hold (every token forgotten, or
+    /// another key set): a connection's own memo ([`super::callers::KnownToken`]) holds only
+    /// while it has not moved.
+    generation: AtomicU64,
 }
 
 impl ServiceAccounts {
@@ -203,6 +207,7 @@ impl ServiceAccounts {
             unknown_key: Arc::new(Notify::new()),
             refresh_wanted: AtomicBool::new(false),
             signature_checks: AtomicU64::new(0),
+            generation: AtomicU64::new(0),
         }
     }
 
@@ -230,6 +235,13 @@ impl ServiceAccounts {
     /// Forgets every remembered token: the next request with each pays a full check.
     pub fn forget_all(&self) {
         self.memo.invalidate_all();
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Where the verifier stands: it moves on when remembered tokens are forgotten or the keys
+    /// change, and with it every connection's memo lapses.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// Puts `keys` (from `source`: `file` or `url`) in use. A remembered token whose key is no
@@ -240,6 +252,7 @@ impl ServiceAccounts {
             .with_label_values(&[source])
             .set(i64::try_from(keys.len()).unwrap_or(i64::MAX));
         self.keys.store(Arc::new(keys));
+        self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
     /// The keys in use.
@@ -269,20 +282,24 @@ impl ServiceAccounts {
             Some(known) => known,
             None => self.verify_afresh(token, digest),
         }
+        .map(|v| v.account)
     }
 
     /// What a token verified before (known by its SHA-256, `digest`) is now: its service
     /// account, or `Expired` past its `exp`. `None` when it is not remembered, or its key was
     /// withdrawn (then it must be checked afresh, and is refused). Checked before anything is
     /// read of the token, so that a known token costs one lookup.
-    pub fn remembered(&self, digest: &SecretDigest) -> Option<Result<Arc<str>, AuthError>> {
+    pub fn remembered(&self, digest: &SecretDigest) -> Option<Result<Verified, AuthError>> {
         let memo = self.memo.get(digest)?;
-        if unix_now() > memo.exp + LEEWAY_SECS {
+        if expired(memo.exp) {
             self.memo.invalidate(digest);
             return Some(Err(AuthError::Expired));
         }
         if self.keys.load().contains(&memo.kid) {
-            return Some(Ok(memo.account));
+            return Some(Ok(Verified {
+                account: memo.account,
+                exp: memo.exp,
+            }));
         }
         self.memo.invalidate(digest);
         None
@@ -294,7 +311,7 @@ impl ServiceAccounts {
         &self,
         token: &[u8],
         digest: &SecretDigest,
-    ) -> Result<Arc<str>, AuthError> {
+    ) -> Result<Verified, AuthError> {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(AuthError::Malformed);
         }
@@ -333,8 +350,25 @@ impl ServiceAccounts {
                 exp: claims.exp,
             },
         );
-        Ok(account)
+        Ok(Verified {
+            account,
+            exp: claims.exp,
+        })
     }
+}
+
+/// A token found good: the service account it names, and its `exp` (Unix seconds).
+#[derive(Debug, Clone)]
+pub struct Verified {
+    /// `namespace:name`.
+    pub account: Arc<str>,
+    /// The token's `exp`.
+    pub exp: u64,
+}
+
+/// True once a token whose `exp` this is may no longer be accepted (the leeway past it).
+pub fn expired(exp: u64) -> bool {
+    unix_now() > exp + LEEWAY_SECS
 }
 
 /// The refusal reason of jsonwebtoken's error: what an operator would fix.
@@ -368,6 +402,9 @@ fn unix_now() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::auth::callers::{Caller, Callers, KnownToken, Peer};
+    use crate::config::ClientConfig;
+    use http::HeaderMap;
     use ring::rand::SystemRandom;
     use ring::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
     use serde_json::json;
@@ -521,6 +558,89 @@ mod tests {
             "url",
         );
         assert_eq!(check(&v, &token), Err(AuthError::UnknownKey));
+    }
+
+    /// One caller, `shop:checkout`, whose tokens `v` verifies; and a request with `token`.
+    fn on_a_connection(v: &Arc<ServiceAccounts>, token: &str) -> (Arc<Callers>, HeaderMap) {
+        let client = Caller::from_config(
+            0,
+            &ClientConfig {
+                id: "checkout".into(),
+                service_account: Some("shop:checkout".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let callers = Callers::new(vec![client]).with_service_accounts(Some(Arc::clone(v)));
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            http::header::AUTHORIZATION,
+            format!("Bearer {token}").parse().unwrap(),
+        );
+        (Arc::new(callers), headers)
+    }
+
+    #[test]
+    fn a_connection_checks_its_token_again_once_the_verifier_forgets() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = Ec::new("k1");
+        let v = Arc::new(verifier(dir.path(), &[&key]));
+        let token = key.token(claims("system:serviceaccount:shop:checkout"));
+        let (callers, headers) = on_a_connection(&v, &token);
+        let mut known = KnownToken::default();
+        let peer = Peer::default();
+        for _ in 0..3 {
+            let caller = Callers::authenticate_on(&callers, &headers, &peer, &mut known).unwrap();
+            assert_eq!(&*caller.id, "checkout");
+        }
+        assert_eq!(v.signature_checks(), 1);
+        v.forget_all();
+        Callers::authenticate_on(&callers, &headers, &peer, &mut known).unwrap();
+        assert_eq!(
+            v.signature_checks(),
+            2,
+            "a reload forgets on every connection too"
+        );
+    }
+
+    #[test]
+    fn a_connection_whose_token_key_was_withdrawn_is_refused_on_its_next_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let (old, new) = (Ec::new("old"), Ec::new("new"));
+        let v = Arc::new(verifier(dir.path(), &[&old]));
+        let token = old.token(claims("system:serviceaccount:shop:checkout"));
+        let (callers, headers) = on_a_connection(&v, &token);
+        let mut known = KnownToken::default();
+        let peer = Peer::default();
+        Callers::authenticate_on(&callers, &headers, &peer, &mut known).unwrap();
+        let metrics = Metrics::new(prometheus::Registry::new()).unwrap();
+        v.set_keys(
+            KeySet::parse(json!({"keys":[new.jwk()]}).to_string().as_bytes()).unwrap(),
+            &metrics,
+            "url",
+        );
+        assert_eq!(
+            Callers::authenticate_on(&callers, &headers, &peer, &mut known).unwrap_err(),
+            AuthError::UnknownKey
+        );
+    }
+
+    #[test]
+    fn a_connection_whose_caller_was_revoked_is_refused_on_its_next_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = Ec::new("k1");
+        let v = Arc::new(verifier(dir.path(), &[&key]));
+        let token = key.token(claims("system:serviceaccount:shop:checkout"));
+        let (callers, headers) = on_a_connection(&v, &token);
+        let mut known = KnownToken::default();
+        let peer = Peer::default();
+        Callers::authenticate_on(&callers, &headers, &peer, &mut known).unwrap();
+        let reloaded =
+            Arc::new(Callers::new(Vec::new()).with_service_accounts(Some(Arc::clone(&v))));
+        assert_eq!(
+            Callers::authenticate_on(&reloaded, &headers, &peer, &mut known).unwrap_err(),
+            AuthError::UnknownServiceAccount
+        );
     }
 
     #[test]

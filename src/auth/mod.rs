@@ -32,7 +32,7 @@ pub mod callers;
 pub mod jwks;
 pub mod kubernetes;
 
-pub use callers::{Caller, Callers, Peer};
+pub use callers::{Caller, Callers, KnownToken, Peer};
 pub use jwks::{JwksError, JwksSource, KeySet, Refresher};
 pub use kubernetes::ServiceAccounts;
 
@@ -41,7 +41,7 @@ pub struct Authed<B> {
     /// The endpoint, from [`Route::of`].
     pub route: Route,
     /// The authenticated caller.
-    pub caller: Caller,
+    pub caller: Arc<Caller>,
     /// The request, body unread.
     pub req: Request<B>,
     /// The caller's IP address, when the connection has one.
@@ -89,6 +89,7 @@ impl<S> Layer<S> for AuthLayer {
             peer: Arc::clone(&self.peer),
             metrics: Arc::clone(&self.metrics),
             audit: Arc::clone(&self.audit),
+            known: KnownToken::default(),
         }
     }
 }
@@ -101,6 +102,8 @@ pub struct AuthService<S> {
     peer: Arc<Peer>,
     metrics: Arc<Metrics>,
     audit: Arc<Audit>,
+    /// The service-account token this connection last proved itself with.
+    known: KnownToken,
 }
 
 impl<S, B> Service<Routed<B>> for AuthService<S>
@@ -128,10 +131,10 @@ where
             )));
         }
         let callers = self.callers.load();
-        match callers.authenticate(req.headers(), &self.peer) {
+        match Callers::authenticate_on(&callers, req.headers(), &self.peer, &mut self.known) {
             Ok(caller) => {
                 let slot = self.metrics.caller_slot(&caller.id);
-                let caller = caller.clone();
+                let caller = Arc::clone(caller);
                 let peer_ip = self.peer.addr.map(|a| a.ip());
                 AuthFuture::Authed {
                     inner: self.inner.call(Authed {
