@@ -26,10 +26,6 @@ use tower::Service;
 
 use support::*;
 
-/// The broker's own allocator (src/main.rs), so that the count is the binary's.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() {
     let mut args = std::env::args().skip(1);
     let what = args.next().unwrap_or_default();
