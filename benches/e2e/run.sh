@@ -53,6 +53,10 @@ NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
 work=$(mktemp -d /tmp/token-broker-bench.XXXXXX)
 chmod 711 "$work"   # nginx's workers must reach their cache directory, nothing else
+# The files the broker reads its keys from live in a directory of their own, as a mounted
+# Secret does: the broker watches their directory (server.watch_files), and the logs written
+# next to them would wake its watcher on every batch.
+mkdir -m 700 "$work/keys"
 pids=()
 
 # Drops PID (exactly) from the processes to stop on exit.
@@ -180,7 +184,7 @@ build() {
 
 secrets() {
     (umask 077
-     head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$work/master.key"
+     head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$work/keys/master.key"
      head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$work/secret")
     SECRET_DIGEST=$("$BROKER" hash-secret <"$work/secret")
     # curl reads the header from this file, so the secret is not in any process's arguments.
@@ -188,7 +192,7 @@ secrets() {
 }
 
 start_fake() {
-    target/release/examples/fake_truora "$work/master.key" "$work/fake.addr" 2>"$work/fake.log" &
+    target/release/examples/fake_truora "$work/keys/master.key" "$work/fake.addr" 2>"$work/fake.log" &
     pids+=($!)
     FAKE_PID=$!
     wait_file "$work/fake.addr"
@@ -211,7 +215,7 @@ shutdown_timeout = "1s"
 [upstream]
 account_url = "$FAKE_URL"
 web_url = "https://identity.truora.com"
-api_key_file = "$work/master.key"
+api_key_file = "$work/keys/master.key"
 timeout = "5s"
 # The benchmark fills caches of 10,000 and misses 100,000 times as fast as it can: the real
 # budget (50 mints a second) would throttle it.
@@ -309,7 +313,7 @@ hits() {
         [[ $nolog_port != "$nginx_port" ]] || nolog_port=$((nginx_port + 1))
         sed -e "s|@WORK@|$work|g" -e "s|@PORT@|$nginx_port|g" -e "s|@NOLOG_PORT@|$nolog_port|g" \
             -e "s|@FAKE@|${FAKE_URL#http://}|g" \
-            -e "s|@SECRET@|$(cat "$work/secret")|g" -e "s|@KEY@|$(cat "$work/master.key")|g" \
+            -e "s|@SECRET@|$(cat "$work/secret")|g" -e "s|@KEY@|$(cat "$work/keys/master.key")|g" \
             "$here/nginx.conf.in" >"$work/nginx.conf"
         chmod 600 "$work/nginx.conf"
         "$NGINX" -c "$work/nginx.conf" -p "$work" -e "$work/nginx-error.log" &
@@ -355,11 +359,11 @@ hits() {
             (exec 3<>"/dev/tcp/127.0.0.1/$redis_port") 2>/dev/null && break
             sleep 0.05
         done
-        (umask 077; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$work/cache.key")
+        (umask 077; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$work/keys/cache.key")
         # A one-entry local tier: nearly every hit is a Redis GET and a decryption.
         SHARED_TOML="[cache.shared]
 url = \"redis://127.0.0.1:$redis_port\"
-encryption_key_file = \"$work/cache.key\""
+encryption_key_file = \"$work/keys/cache.key\""
         start_broker 1
         SHARED_TOML=
         prime broker-redis "$BROKER_URL/v1/tokens" "$(fake_calls)"
@@ -511,7 +515,7 @@ misses() {
     local c
     for c in 1 8; do
         run_wrk "direct-c$c" "$FAKE_URL/v1/api-keys" 1 "$c" "$duration" \
-            BENCH_KEY_FILE="$work/master.key" BENCH_PATH=/v1/api-keys BENCH_ORDER=unique BENCH_TAG="d$c"
+            BENCH_KEY_FILE="$work/keys/master.key" BENCH_PATH=/v1/api-keys BENCH_ORDER=unique BENCH_TAG="d$c"
         run_wrk "broker-c$c" "$BROKER_URL/v1/tokens" 1 "$c" "$duration" \
             BENCH_SECRET_FILE="$work/secret" BENCH_ORDER=unique BENCH_TAG="b$c"
         read -r _ drps dp50 dp99 derr < <(parse_wrk "$work/direct-c$c.wrk")
