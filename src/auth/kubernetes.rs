@@ -560,44 +560,66 @@ mod tests {
         assert_eq!(check(&v, &token), Err(AuthError::UnknownKey));
     }
 
-    /// One caller, `shop:checkout`, whose tokens `v` verifies; and a request with `token`.
-    fn on_a_connection(v: &Arc<ServiceAccounts>, token: &str) -> (Arc<Callers>, HeaderMap) {
-        let client = Caller::from_config(
-            0,
-            &ClientConfig {
-                id: "checkout".into(),
-                service_account: Some("shop:checkout".into()),
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        let callers = Callers::new(vec![client]).with_service_accounts(Some(Arc::clone(v)));
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            http::header::AUTHORIZATION,
-            format!("Bearer {token}").parse().unwrap(),
-        );
-        (Arc::new(callers), headers)
+    /// A connection of the caller `checkout` (service account `shop:checkout`), whose token
+    /// `signer` signed, to a verifier of `keys`.
+    struct Connection {
+        _dir: tempfile::TempDir,
+        verifier: Arc<ServiceAccounts>,
+        callers: Arc<Callers>,
+        headers: HeaderMap,
+        known: KnownToken,
+    }
+
+    impl Connection {
+        fn new(keys: &[&Ec], signer: &Ec) -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let verifier = Arc::new(verifier(dir.path(), keys));
+            let client = Caller::from_config(
+                0,
+                &ClientConfig {
+                    id: "checkout".into(),
+                    service_account: Some("shop:checkout".into()),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            let token = signer.token(claims("system:serviceaccount:shop:checkout"));
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                http::header::AUTHORIZATION,
+                format!("Bearer {token}").parse().unwrap(),
+            );
+            Self {
+                callers: Arc::new(
+                    Callers::new(vec![client]).with_service_accounts(Some(Arc::clone(&verifier))),
+                ),
+                _dir: dir,
+                verifier,
+                headers,
+                known: KnownToken::default(),
+            }
+        }
+
+        /// The next request, checked against `callers`: the caller's id.
+        fn ask(&mut self, callers: &Arc<Callers>) -> Result<Arc<str>, AuthError> {
+            Callers::authenticate_on(callers, &self.headers, &Peer::default(), &mut self.known)
+                .map(|c| Arc::clone(&c.id))
+        }
     }
 
     #[test]
     fn a_connection_checks_its_token_again_once_the_verifier_forgets() {
-        let dir = tempfile::tempdir().unwrap();
         let key = Ec::new("k1");
-        let v = Arc::new(verifier(dir.path(), &[&key]));
-        let token = key.token(claims("system:serviceaccount:shop:checkout"));
-        let (callers, headers) = on_a_connection(&v, &token);
-        let mut known = KnownToken::default();
-        let peer = Peer::default();
+        let mut c = Connection::new(&[&key], &key);
+        let callers = Arc::clone(&c.callers);
         for _ in 0..3 {
-            let caller = Callers::authenticate_on(&callers, &headers, &peer, &mut known).unwrap();
-            assert_eq!(&*caller.id, "checkout");
+            assert_eq!(c.ask(&callers).as_deref(), Ok("checkout"));
         }
-        assert_eq!(v.signature_checks(), 1);
-        v.forget_all();
-        Callers::authenticate_on(&callers, &headers, &peer, &mut known).unwrap();
+        assert_eq!(c.verifier.signature_checks(), 1);
+        c.verifier.forget_all();
+        c.ask(&callers).unwrap();
         assert_eq!(
-            v.signature_checks(),
+            c.verifier.signature_checks(),
             2,
             "a reload forgets on every connection too"
         );
@@ -605,42 +627,28 @@ mod tests {
 
     #[test]
     fn a_connection_whose_token_key_was_withdrawn_is_refused_on_its_next_request() {
-        let dir = tempfile::tempdir().unwrap();
         let (old, new) = (Ec::new("old"), Ec::new("new"));
-        let v = Arc::new(verifier(dir.path(), &[&old]));
-        let token = old.token(claims("system:serviceaccount:shop:checkout"));
-        let (callers, headers) = on_a_connection(&v, &token);
-        let mut known = KnownToken::default();
-        let peer = Peer::default();
-        Callers::authenticate_on(&callers, &headers, &peer, &mut known).unwrap();
+        let mut c = Connection::new(&[&old], &old);
+        let callers = Arc::clone(&c.callers);
+        c.ask(&callers).unwrap();
         let metrics = Metrics::new(prometheus::Registry::new()).unwrap();
-        v.set_keys(
+        c.verifier.set_keys(
             KeySet::parse(json!({"keys":[new.jwk()]}).to_string().as_bytes()).unwrap(),
             &metrics,
             "url",
         );
-        assert_eq!(
-            Callers::authenticate_on(&callers, &headers, &peer, &mut known).unwrap_err(),
-            AuthError::UnknownKey
-        );
+        assert_eq!(c.ask(&callers), Err(AuthError::UnknownKey));
     }
 
     #[test]
     fn a_connection_whose_caller_was_revoked_is_refused_on_its_next_request() {
-        let dir = tempfile::tempdir().unwrap();
         let key = Ec::new("k1");
-        let v = Arc::new(verifier(dir.path(), &[&key]));
-        let token = key.token(claims("system:serviceaccount:shop:checkout"));
-        let (callers, headers) = on_a_connection(&v, &token);
-        let mut known = KnownToken::default();
-        let peer = Peer::default();
-        Callers::authenticate_on(&callers, &headers, &peer, &mut known).unwrap();
+        let mut c = Connection::new(&[&key], &key);
+        let callers = Arc::clone(&c.callers);
+        c.ask(&callers).unwrap();
         let reloaded =
-            Arc::new(Callers::new(Vec::new()).with_service_accounts(Some(Arc::clone(&v))));
-        assert_eq!(
-            Callers::authenticate_on(&reloaded, &headers, &peer, &mut known).unwrap_err(),
-            AuthError::UnknownServiceAccount
-        );
+            Arc::new(Callers::new(Vec::new()).with_service_accounts(Some(Arc::clone(&c.verifier))));
+        assert_eq!(c.ask(&reloaded), Err(AuthError::UnknownServiceAccount));
     }
 
     #[test]
