@@ -211,7 +211,9 @@ impl Telemetry {
 /// called): how every span below the request one is made, so that nothing is spent on spans
 /// when tracing is off or outside a traced request.
 pub fn child(make: impl FnOnce() -> Span) -> Span {
-    if tracing::dispatcher::get_default(|d| d.current_span().is_known()) {
+    // A subscriber that tracks spans (the broker's log subscriber does) knows that there is no
+    // current span: only an actual one, the traced request's, gets children.
+    if tracing::dispatcher::get_default(|d| d.current_span().id().is_some()) {
         make()
     } else {
         Span::none()
@@ -318,8 +320,7 @@ pub type SharedTelemetry = Option<Arc<Telemetry>>;
 mod tests {
     use super::*;
 
-    #[test]
-    fn without_a_traced_request_no_span_is_made_and_futures_are_left_alone() {
+    fn no_span_is_made_and_futures_are_left_alone() {
         let made = std::cell::Cell::new(false);
         let span = child(|| {
             made.set(true);
@@ -329,6 +330,19 @@ mod tests {
         assert!(!made.get());
         assert!(matches!(traced(async {}), Traced::Plain { .. }));
         assert!(traceparent().is_none());
+    }
+
+    #[test]
+    fn without_a_traced_request_no_span_is_made_and_futures_are_left_alone() {
+        no_span_is_made_and_futures_are_left_alone();
+    }
+
+    #[test]
+    fn under_the_log_subscriber_without_a_traced_request_no_span_is_made_either() {
+        // The broker's log subscriber tracks spans, so it knows there is none: no request span
+        // is current when tracing is off, and a Redis call or a mint must not make one.
+        let subscriber = tracing_subscriber::fmt().with_writer(std::io::sink).finish();
+        tracing::subscriber::with_default(subscriber, no_span_is_made_and_futures_are_left_alone);
     }
 
     #[test]
