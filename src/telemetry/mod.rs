@@ -341,7 +341,9 @@ mod tests {
     fn under_the_log_subscriber_without_a_traced_request_no_span_is_made_either() {
         // The broker's log subscriber tracks spans, so it knows there is none: no request span
         // is current when tracing is off, and a Redis call or a mint must not make one.
-        let subscriber = tracing_subscriber::fmt().with_writer(std::io::sink).finish();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(std::io::sink)
+            .finish();
         tracing::subscriber::with_default(subscriber, no_span_is_made_and_futures_are_left_alone);
     }
 
