@@ -104,60 +104,31 @@ fn shown(kvs: &[KeyValue], key: &str) -> Option<String> {
         .map(|kv| value(kv.value.as_ref()))
 }
 
-/// A loopback OTLP/HTTP receiver: `POST /v1/traces` with a protobuf body, decoded and kept.
-struct Collector {
+/// An HTTP/1 server on a loopback port that answers each request with `answer`; stopped when
+/// dropped.
+struct Loopback {
     url: String,
-    spans: Arc<Mutex<Vec<Got>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
-impl Collector {
-    async fn start() -> Self {
+impl Loopback {
+    async fn serve<F, Fut>(answer: F) -> Self
+    where
+        F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Response<Full<Bytes>>> + Send + 'static,
+    {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
-        let spans = Arc::new(Mutex::new(Vec::new()));
-        let kept = Arc::clone(&spans);
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
-                let kept = Arc::clone(&kept);
+                let answer = answer.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                        let kept = Arc::clone(&kept);
-                        async move {
-                            let ok = req.method() == Method::POST
-                                && req.uri().path() == "/v1/traces"
-                                && req.headers()["content-type"] == "application/x-protobuf";
-                            let body = req.into_body().collect().await.unwrap().to_bytes();
-                            if !ok {
-                                return Ok::<_, Infallible>(
-                                    Response::builder()
-                                        .status(StatusCode::NOT_FOUND)
-                                        .body(Full::new(Bytes::new()))
-                                        .unwrap(),
-                                );
-                            }
-                            let export = ExportTraceServiceRequest::decode(body).unwrap();
-                            let mut kept = kept.lock().unwrap();
-                            for rs in export.resource_spans {
-                                let resource =
-                                    rs.resource.map(|r| r.attributes).unwrap_or_default();
-                                for ss in rs.scope_spans {
-                                    for span in ss.spans {
-                                        kept.push(Got {
-                                            resource: resource.clone(),
-                                            span,
-                                        });
-                                    }
-                                }
-                            }
-                            Ok(Response::builder()
-                                .header("content-type", "application/x-protobuf")
-                                .body(Full::new(Bytes::new()))
-                                .unwrap())
-                        }
+                        let answer = answer.clone();
+                        async move { Ok::<_, Infallible>(answer(req).await) }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
@@ -165,17 +136,64 @@ impl Collector {
                 });
             }
         });
-        Collector { url, spans, task }
+        Loopback { url, task }
+    }
+}
+
+impl Drop for Loopback {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A loopback OTLP/HTTP receiver: `POST /v1/traces` with a protobuf body, decoded and kept.
+struct Collector {
+    server: Loopback,
+    spans: Arc<Mutex<Vec<Got>>>,
+}
+
+impl Collector {
+    async fn start() -> Self {
+        let spans = Arc::new(Mutex::new(Vec::new()));
+        let kept = Arc::clone(&spans);
+        let server = Loopback::serve(move |req: Request<Incoming>| {
+            let kept = Arc::clone(&kept);
+            async move {
+                let ok = req.method() == Method::POST
+                    && req.uri().path() == "/v1/traces"
+                    && req.headers()["content-type"] == "application/x-protobuf";
+                let body = req.into_body().collect().await.unwrap().to_bytes();
+                if !ok {
+                    return Response::builder()
+                        .status(StatusCode::NOT_FOUND)
+                        .body(Full::new(Bytes::new()))
+                        .unwrap();
+                }
+                let export = ExportTraceServiceRequest::decode(body).unwrap();
+                let mut kept = kept.lock().unwrap();
+                for rs in export.resource_spans {
+                    let resource = rs.resource.map(|r| r.attributes).unwrap_or_default();
+                    for ss in rs.scope_spans {
+                        for span in ss.spans {
+                            kept.push(Got {
+                                resource: resource.clone(),
+                                span,
+                            });
+                        }
+                    }
+                }
+                Response::builder()
+                    .header("content-type", "application/x-protobuf")
+                    .body(Full::new(Bytes::new()))
+                    .unwrap()
+            }
+        })
+        .await;
+        Collector { server, spans }
     }
 
     fn spans(&self) -> Vec<Got> {
         self.spans.lock().unwrap().clone()
-    }
-}
-
-impl Drop for Collector {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 
@@ -224,7 +242,7 @@ async fn a_miss_is_a_request_span_with_the_mint_as_its_child_and_a_hit_has_none(
     tokio::time::timeout(TEST_BOUND, async {
         let collector = Collector::start().await;
         let b = Broker::start(|c, _| {
-            traced(c, &collector.url);
+            traced(c, &collector.server.url);
             c.clients[0].passthrough = vec![RESULT.into()];
         })
         .await;
@@ -339,7 +357,7 @@ async fn a_callers_traceparent_is_continued_and_its_sampling_decision_followed()
         let collector = Collector::start().await;
         // No trace of its own is ever started: only callers' sampled traces are recorded.
         let b = Broker::start(|c, _| {
-            traced(c, &collector.url);
+            traced(c, &collector.server.url);
             c.telemetry.sample_ratio = 0.0;
         })
         .await;
@@ -382,67 +400,48 @@ type Seen = Vec<(String, HashMap<String, String>)>;
 /// A fake Truora that records the trace headers of every request: it mints (a two-hour JWT)
 /// on `POST /v1/api-keys` and answers `{}` anywhere else.
 struct FakeTruora {
-    url: String,
+    server: Loopback,
     seen: Arc<Mutex<Seen>>,
-    task: tokio::task::JoinHandle<()>,
 }
 
 impl FakeTruora {
     async fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
         let seen = Arc::new(Mutex::new(Vec::new()));
         let kept = Arc::clone(&seen);
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    return;
-                };
-                let kept = Arc::clone(&kept);
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                        let kept = Arc::clone(&kept);
-                        async move {
-                            let trace: HashMap<String, String> =
-                                ["traceparent", "tracestate", "baggage"]
-                                    .into_iter()
-                                    .filter_map(|h| {
-                                        let v = req.headers().get(h)?.to_str().ok()?;
-                                        Some((h.to_owned(), v.to_owned()))
-                                    })
-                                    .collect();
-                            let path = req.uri().path().to_owned();
-                            kept.lock().unwrap().push((path.clone(), trace));
-                            let body = if path == "/v1/api-keys" {
-                                use base64::Engine;
-                                let e = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-                                let now = std::time::SystemTime::now()
-                                    .duration_since(std::time::UNIX_EPOCH)
-                                    .unwrap()
-                                    .as_secs();
-                                format!(
-                                    r#"{{"api_key":"{}.{}.sig"}}"#,
-                                    e.encode(r#"{"alg":"HS256"}"#),
-                                    e.encode(format!(r#"{{"iat":{now},"exp":{}}}"#, now + 7200))
-                                )
-                            } else {
-                                "{}".to_owned()
-                            };
-                            Ok::<_, Infallible>(
-                                Response::builder()
-                                    .header("content-type", "application/json")
-                                    .body(Full::new(Bytes::from(body)))
-                                    .unwrap(),
-                            )
-                        }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
-        FakeTruora { url, seen, task }
+        let server = Loopback::serve(move |req: Request<Incoming>| {
+            let trace: HashMap<String, String> = ["traceparent", "tracestate", "baggage"]
+                .into_iter()
+                .filter_map(|h| {
+                    let v = req.headers().get(h)?.to_str().ok()?;
+                    Some((h.to_owned(), v.to_owned()))
+                })
+                .collect();
+            let path = req.uri().path().to_owned();
+            kept.lock().unwrap().push((path.clone(), trace));
+            let body = if path == "/v1/api-keys" {
+                use base64::Engine;
+                let e = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_secs();
+                format!(
+                    r#"{{"api_key":"{}.{}.sig"}}"#,
+                    e.encode(r#"{"alg":"HS256"}"#),
+                    e.encode(format!(r#"{{"iat":{now},"exp":{}}}"#, now + 7200))
+                )
+            } else {
+                "{}".to_owned()
+            };
+            std::future::ready(
+                Response::builder()
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from(body)))
+                    .unwrap(),
+            )
+        })
+        .await;
+        FakeTruora { server, seen }
     }
 
     fn seen(&self) -> Seen {
@@ -450,16 +449,10 @@ impl FakeTruora {
     }
 }
 
-impl Drop for FakeTruora {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
 /// A broker in front of `truora` (mints and pass-through), with `tweak` applied.
 async fn in_front_of(truora: &FakeTruora, tweak: impl FnOnce(&mut Config)) -> Running {
-    let mut cfg = config(&truora.url);
-    cfg.upstream.identity_url = truora.url.clone();
+    let mut cfg = config(&truora.server.url);
+    cfg.upstream.identity_url = truora.server.url.clone();
     cfg.clients[0].passthrough = vec![RESULT.into()];
     tweak(&mut cfg);
     Running::start(&cfg).await
@@ -502,7 +495,7 @@ async fn propagate_upstream_sends_truora_the_brokers_traceparent_and_nothing_els
         let collector = Collector::start().await;
         let truora = FakeTruora::start().await;
         let running = in_front_of(&truora, |c| {
-            traced(c, &collector.url);
+            traced(c, &collector.server.url);
             c.telemetry.propagate_upstream = true;
         })
         .await;
@@ -544,7 +537,7 @@ async fn without_propagate_upstream_truora_sees_no_trace_context_not_even_the_ca
         for on in [false, true] {
             let running = in_front_of(&truora, |c| {
                 if on {
-                    traced(c, &collector.url);
+                    traced(c, &collector.server.url);
                 }
             })
             .await;
@@ -569,7 +562,7 @@ async fn no_span_holds_a_secret_a_token_or_a_users_data() {
     tokio::time::timeout(TEST_BOUND, async {
         let collector = Collector::start().await;
         let b = Broker::start(|c, _| {
-            traced(c, &collector.url);
+            traced(c, &collector.server.url);
             c.clients[0].passthrough = vec![RESULT.into()];
         })
         .await;
@@ -740,7 +733,7 @@ async fn each_redis_call_of_a_request_is_a_child_span_naming_its_operation_only(
         let redis = Redis::start().await;
         let collector = Collector::start().await;
         let b = Broker::start(|c, _| {
-            traced(c, &collector.url);
+            traced(c, &collector.server.url);
             c.cache.shared = Some(redis.section());
         })
         .await;
@@ -904,7 +897,7 @@ async fn log_events_inside_a_traced_request_still_reach_the_logs() {
         let logs = logs();
         let collector = Collector::start().await;
         let b = Broker::start(|c, _| {
-            traced(c, &collector.url);
+            traced(c, &collector.server.url);
             c.upstream.max_retries = 0;
         })
         .await;
