@@ -431,6 +431,17 @@ mod tests {
         }
     }
 
+    /// A trail writing to `file`, with a generated key and a registry of its own.
+    async fn started(file: PathBuf, on_failure: OnFailure) -> Arc<Audit> {
+        Audit::start(
+            &config(Some(file), on_failure),
+            TagKey::generate().unwrap(),
+            &Registry::new(),
+        )
+        .await
+        .unwrap()
+    }
+
     fn lines(path: &std::path::Path) -> Vec<serde_json::Value> {
         std::fs::read_to_string(path)
             .unwrap_or_default()
@@ -462,13 +473,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
         std::fs::write(&path, "{\"event\":\"earlier\"}\n").unwrap();
-        let audit = Audit::start(
-            &config(Some(path.clone()), OnFailure::Continue),
-            TagKey::generate().unwrap(),
-            &Registry::new(),
-        )
-        .await
-        .unwrap();
+        let audit = started(path.clone(), OnFailure::Continue).await;
         assert!(audit.writable());
         for n in 0..50 {
             audit.record(&revocation(&format!("c{n}")));
@@ -486,13 +491,7 @@ mod tests {
         {
             use std::os::unix::fs::PermissionsExt;
             let fresh = dir.path().join("fresh.jsonl");
-            let a = Audit::start(
-                &config(Some(fresh.clone()), OnFailure::Continue),
-                TagKey::generate().unwrap(),
-                &Registry::new(),
-            )
-            .await
-            .unwrap();
+            let a = started(fresh.clone(), OnFailure::Continue).await;
             a.close();
             let mode = std::fs::metadata(&fresh).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode & 0o007, 0, "{mode:o}");
@@ -526,13 +525,7 @@ mod tests {
     async fn continue_keeps_the_broker_available_while_the_file_cannot_be_written() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("missing-dir").join("audit.jsonl");
-        let audit = Audit::start(
-            &config(Some(path), OnFailure::Continue),
-            TagKey::generate().unwrap(),
-            &Registry::new(),
-        )
-        .await
-        .unwrap();
+        let audit = started(path, OnFailure::Continue).await;
         assert!(!audit.writable());
         assert!(audit.available("mint"));
         audit.close();
@@ -543,13 +536,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let sub = dir.path().join("later");
         let path = sub.join("audit.jsonl");
-        let audit = Audit::start(
-            &config(Some(path.clone()), OnFailure::Refuse),
-            TagKey::generate().unwrap(),
-            &Registry::new(),
-        )
-        .await
-        .unwrap();
+        let audit = started(path.clone(), OnFailure::Refuse).await;
         assert!(!audit.writable());
         audit.record(&revocation("lost"));
         let lost = || audit.metrics.lost.with_label_values(&["write_error"]).get();
@@ -570,13 +557,7 @@ mod tests {
     async fn a_rotated_file_is_followed_by_a_new_one_at_the_path() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
-        let audit = Audit::start(
-            &config(Some(path.clone()), OnFailure::Continue),
-            TagKey::generate().unwrap(),
-            &Registry::new(),
-        )
-        .await
-        .unwrap();
+        let audit = started(path.clone(), OnFailure::Continue).await;
         std::fs::rename(&path, dir.path().join("audit.jsonl.1")).unwrap();
         tokio::time::sleep(Duration::from_millis(1100)).await;
         audit.record_durable(&revocation("after")).await.unwrap();
