@@ -120,37 +120,30 @@ where
         let route = Route::of(req.method(), req.uri().path());
         let request_id = access::request_id(req.headers());
         let in_flight = InFlight::enter(Arc::clone(&self.metrics));
-        let Some(telemetry) = &self.telemetry else {
-            return ObserveFuture {
-                inner: Traced::plain(self.inner.call(Routed {
-                    route,
-                    req,
-                    request_id: request_id.clone(),
-                })),
-                route,
-                started,
-                request_id,
-                in_flight,
-                span: tracing::Span::none(),
-            };
+        let span = match &self.telemetry {
+            None => tracing::Span::none(),
+            Some(telemetry) => {
+                let (name, method, template) = span_name(route, req.method());
+                telemetry.request_span(
+                    &name,
+                    method,
+                    template,
+                    request_id.to_str().unwrap_or("-"),
+                    req.headers(),
+                )
+            }
         };
-        let (name, method, template) = span_name(route, req.method());
-        let span = telemetry.request_span(
-            &name,
-            method,
-            template,
-            request_id.to_str().unwrap_or("-"),
-            req.headers(),
-        );
+        let routed = Routed {
+            route,
+            req,
+            request_id: request_id.clone(),
+        };
+        let inner = match &self.telemetry {
+            None => Traced::plain(self.inner.call(routed)),
+            Some(telemetry) => telemetry.within(span.clone(), self.inner.call(routed)),
+        };
         ObserveFuture {
-            inner: telemetry.within(
-                span.clone(),
-                self.inner.call(Routed {
-                    route,
-                    req,
-                    request_id: request_id.clone(),
-                }),
-            ),
+            inner,
             route,
             started,
             request_id,
