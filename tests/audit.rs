@@ -76,13 +76,13 @@ impl Audited {
             .await
             .unwrap();
         server.reload_from(path.clone(), config.clone());
-        let url = format!("http://{}", server.caller_addr().unwrap());
-        let admin = format!("http://{}", server.admin_addr().unwrap());
-        let webhooks = server.webhook_addr().map(|a| format!("http://{a}"));
-        let (stop, stopped) = oneshot::channel();
-        let task = tokio::spawn(server.run(async {
-            let _ = stopped.await;
-        }));
+        let Running {
+            url,
+            admin,
+            webhooks,
+            stop,
+            task,
+        } = Running::run(server);
         Audited {
             url,
             admin,

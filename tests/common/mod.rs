@@ -115,6 +115,11 @@ impl Running {
         let server = Server::from_config(cfg, MasterKey::new(MASTER_KEY).unwrap())
             .await
             .unwrap();
+        Self::run(server)
+    }
+
+    /// Runs a broker already built, until `stop` is sent.
+    pub fn run(server: Server) -> Self {
         let url = format!("http://{}", server.caller_addr().unwrap());
         let admin = format!("http://{}", server.admin_addr().unwrap());
         let webhooks = server.webhook_addr().map(|a| format!("http://{a}"));
